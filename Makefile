@@ -1,0 +1,47 @@
+# One command to install and train, one to install and test:
+#   make train     sets up .venv, MNIST, then trains (ARGS="--model cnn ..." to pass flags)
+#   make test      sets up .venv, MNIST, then runs the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+TORCH_CPU_VERSION ?= 2.13.0
+ARGS ?= --model mlp --optimizer adam --optimizer-learning-rate 1e-4
+
+.PHONY: setup train test test-slow lint data clean
+
+setup: $(VENV)/.installed data
+
+# Torch first: on a machine without a GPU take the CPU build (never a multi-GB CUDA
+# wheel); where nvidia-smi answers, let pip resolve the normal CUDA build.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install -q torch; \
+	else \
+		$(PY) -m pip install -q "torch==$(TORCH_CPU_VERSION)" \
+		|| $(PY) -m pip install -q "torch==$(TORCH_CPU_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PY) -m pip install -q -e ".[mpi,test]"
+	@# An MPI library only where the machine has none (a cluster's own MPI is preferred).
+	@if command -v mpiexec >/dev/null 2>&1; then echo "using $$(command -v mpiexec)"; \
+	else $(PY) -m pip install -q mpich; fi
+	touch $@
+
+data: $(VENV)/.installed
+	$(PY) -m trainer.data fetch
+
+train: setup
+	$(PY) kfac.py $(ARGS)
+
+test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) experiments outputs multirun

@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Train LBANN's MNIST models, optionally with K-FAC.
+
+    python3 kfac.py --model mlp --optimizer adam --optimizer-learning-rate 1e-4
+    python3 kfac.py --model mlp --optimizer sgd --optimizer-learning-rate 1e-1 \
+        --kfac --kfac-damping-act 0.01 --kfac-damping-err 1
+    python3 kfac.py model=cnn optimizer=momentum optimizer.learning_rate=0.01   # Hydra overrides
+    python3 kfac.py --help
+
+LBANN's flags become Hydra overrides (launcher/flags.py); Hydra composes configs/ onto the
+schema (trainer/config.py); then this rank trains (trainer/run.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+# ruff: noqa: E402 (the path above must be set before the project's imports)
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from launcher.flags import FlagError, help_text, translate
+from trainer.config import Config, validate
+
+ConfigStore.instance().store(name="schema", node=Config)
+CONFIG_DIR = os.path.join(HERE, "configs")
+
+
+def fail(message: str) -> None:
+    """Ends the program with one clear line and exit status 2 (bad input)."""
+    print(f"kfac.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def precompose(overrides: list[str]) -> None:
+    """Composes the config once before Hydra runs, so bad input is one line, not a traceback."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as err:
+        fail(" ".join(str(err).split()))
+    errors = validate(cfg)
+    if errors:
+        fail("; ".join(errors))
+
+
+@hydra.main(config_path="configs", config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    """Runs one composed config: launches ranks, or trains in this process."""
+    errors = validate(cfg)
+    if errors:
+        fail("; ".join(errors))
+    lc = cfg.launcher
+    if lc.nodes * lc.procs_per_node > 1 or lc.setup_only or lc.batch_job:
+        fail("--nodes/--procs-per-node > 1, --setup-only and --batch-job are not supported yet")
+    from trainer.run import train
+
+    train(cfg, HydraConfig.get().runtime.output_dir)
+
+
+def cli(argv: list[str]) -> None:
+    """Translates LBANN flags, checks the config, then hands over to Hydra."""
+    try:
+        hydra_args = translate(argv)
+    except FlagError as err:
+        fail(str(err))
+    if "--help" in hydra_args or "-h" in hydra_args:
+        print(help_text())
+    else:
+        hydra_only = {"-m", "--multirun", "--cfg", "-c", "--info", "-i", "--hydra-help",
+                      "--version", "--shell-completion", "-sc", "-cp", "-cn", "-cd",
+                      "--config-path", "--config-name", "--config-dir", "--experimental-rerun"}
+        if not hydra_only.intersection(a.partition("=")[0] for a in hydra_args):
+            precompose(hydra_args)
+    sys.argv = [sys.argv[0], *hydra_args]
+    main()
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

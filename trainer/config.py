@@ -1,0 +1,94 @@
+"""The schema of the whole config, and its validation.
+
+Hydra composes ``configs/config.yaml`` onto this schema, so a wrong type or an unknown key is
+refused at compose time; ``validate`` then checks values and reports every problem at once,
+each message naming its key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+from kfac_callback.config import KFACConfig, validate_kfac
+from launcher.config import LauncherConfig, validate_launcher
+from models import MODELS
+from trainer.optimizers import OptimizerConfig, validate_optimizer
+
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class ModelConfig:
+    """The model group: which of LBANN's networks to train."""
+
+    name: str = "mlp"
+
+
+@dataclass
+class DataConfig:
+    """Where MNIST lives and how much of it to use."""
+
+    dir: Optional[str] = None  # None: $KFAC_DATA_DIR, else the per-user cache
+    max_train_samples: Optional[int] = None
+    max_test_samples: Optional[int] = None
+
+
+@dataclass
+class TrainerConfig:
+    """The training loop."""
+
+    epochs: int = 20
+    mini_batch_size: int = 100  # global: split evenly over ranks
+    test_every_epoch: bool = False
+    device: str = "auto"
+    flush_denormal: bool = True
+    dtype: str = "float32"
+
+
+@dataclass
+class Config:
+    """Everything a run needs; each builder sees only its own slice."""
+
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    kfac: KFACConfig = field(default_factory=KFACConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+def validate(cfg: Any) -> list[str]:
+    """Checks the values of a composed config; returns every problem, each naming its key."""
+    errors: list[str] = []
+    if cfg.model.name not in MODELS:
+        errors.append(f"model.name: {cfg.model.name!r} is not one of {', '.join(MODELS)}")
+    t = cfg.trainer
+    if t.epochs < 0:
+        errors.append(f"trainer.epochs: must be >= 0, got {t.epochs}")
+    if t.mini_batch_size < 1:
+        errors.append(f"trainer.mini_batch_size: must be >= 1, got {t.mini_batch_size}")
+    if t.device not in DEVICES:
+        errors.append(f"trainer.device: {t.device!r} is not one of {', '.join(DEVICES)}")
+    if t.dtype not in ("float32", "float64"):
+        errors.append(f"trainer.dtype: {t.dtype!r} is not one of float32, float64")
+    for key in ("max_train_samples", "max_test_samples"):
+        value = getattr(cfg.data, key)
+        if value is not None and value < 1:
+            errors.append(f"data.{key}: must be >= 1 (or null for all), got {value}")
+    errors += validate_optimizer(cfg.optimizer)
+    errors += validate_kfac(cfg.kfac)
+    errors += validate_launcher(cfg.launcher)
+    ranks = cfg.launcher.nodes * cfg.launcher.procs_per_node
+    if t.mini_batch_size >= 1 and t.mini_batch_size % ranks:
+        errors.append(f"trainer.mini_batch_size: {t.mini_batch_size} is not divisible by the "
+                      f"{ranks} ranks (nodes x procs_per_node)")
+    return errors
+
+
+def section(cfg: Any, schema: type) -> Any:
+    """Turns one slice of the composed config into its dataclass, for a builder to consume."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), cfg))

@@ -1,0 +1,49 @@
+"""LBANN's five optimizers with LBANN's hyperparameters."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+OPTIMIZERS = ("momentum", "sgd", "adam", "adagrad", "rmsprop")
+
+
+@dataclass
+class OptimizerConfig:
+    """The optimizer group of the config (``configs/optimizer/*.yaml``)."""
+
+    name: str = "adam"
+    learning_rate: float = 0.001
+    momentum: float = 0.9  # momentum
+    beta1: float = 0.9  # adam
+    beta2: float = 0.99  # adam
+    decay: float = 0.99  # rmsprop
+    eps: float = 1e-8  # adam, adagrad, rmsprop
+
+
+def validate_optimizer(cfg: OptimizerConfig) -> list[str]:
+    """Returns one message per invalid field, each naming its key."""
+    errors = []
+    if cfg.name not in OPTIMIZERS:
+        errors.append(f"optimizer.name: {cfg.name!r} is not one of {', '.join(OPTIMIZERS)}")
+    if not cfg.learning_rate > 0:
+        errors.append(f"optimizer.learning_rate: must be > 0, got {cfg.learning_rate}")
+    return errors
+
+
+def build_optimizer(cfg: OptimizerConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """Builds the optimizer named by ``cfg.name`` over ``params``."""
+    lr = cfg.learning_rate
+    if cfg.name == "momentum":
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if cfg.name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    if cfg.name == "adagrad":
+        return torch.optim.Adagrad(params, lr=lr, eps=cfg.eps)
+    if cfg.name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, alpha=cfg.decay, eps=cfg.eps)
+    raise ValueError(f"optimizer.name: {cfg.name!r} is not one of {', '.join(OPTIMIZERS)}")

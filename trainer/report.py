@@ -1,0 +1,106 @@
+"""LBANN's log lines and the per-epoch metrics file.
+
+LBANN users parse these lines, so the text follows LBANN byte for byte; numbers use C++
+iostream's default format, which is printf's ``%g`` (six significant digits).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+RULE = "-" * 80
+
+
+def g(value: float) -> str:
+    """Formats a number as LBANN (C++ ostream default) does."""
+    return "%g" % value
+
+
+@dataclass(frozen=True)
+class EpochShape:
+    """What LBANN's epoch header reports: iterations and mini-batch sizes per data set."""
+
+    train_iters: int
+    test_iters: int
+    global_mb: int
+    global_last_train: int
+    global_last_test: int
+    world_size: int
+
+    @property
+    def local_mb(self) -> int:
+        return self.global_mb // self.world_size
+
+
+def _last_local(last: int, world_size: int) -> str:
+    # LBANN writes a last local mini-batch as base + the samples left over for some ranks.
+    return f"{last // world_size:4d}+{last % world_size}"
+
+
+def epoch_block(epoch: int, shape: EpochShape) -> str:
+    """The framed header LBANN prints at the end of each training epoch."""
+    s = shape
+    return "\n".join([
+        RULE,
+        f"[{epoch}] Epoch : stats formated [tr/v/te] iter/epoch = [{s.train_iters}/0/{s.test_iters}]",
+        f"            global MB = [{s.global_mb:4d}/{0:4d}/{s.global_mb:4d}]"
+        f" global last MB = [{s.global_last_train:4d}  /{0:4d}  /{s.global_last_test:4d}  ]",
+        f"             local MB = [{s.local_mb:4d}/{0:4d}/{s.local_mb:4d}]"
+        f"  local last MB = [{_last_local(s.global_last_train, s.world_size)}/"
+        f"{_last_local(0, s.world_size)}/{_last_local(s.global_last_test, s.world_size)}]",
+        RULE,
+    ])
+
+
+def batch_time_stats(times: Sequence[float]) -> tuple[float, float, float, float]:
+    """Mean, max, min and (population) standard deviation of mini-batch times."""
+    if not times:
+        return 0.0, 0.0, 0.0, 0.0
+    mean = sum(times) / len(times)
+    var = sum((t - mean) ** 2 for t in times) / len(times)
+    return mean, max(times), min(times), math.sqrt(var)
+
+
+def training_lines(epoch: int, stats: Any) -> str:
+    """LBANN's training objective, accuracy, run time and mini-batch time lines."""
+    p = f"model0 (instance 0) training epoch {epoch}"
+    mean, mx, mn, sd = batch_time_stats(stats.batch_times)
+    return "\n".join([
+        f"{p} objective function : {g(stats.train_loss)}",
+        f"{p} accuracy : {g(stats.train_accuracy)}%",
+        f"{p} run time : {g(stats.epoch_time)}s",
+        f"{p} mini-batch time statistics : {g(mean)}s mean, {g(mx)}s max, {g(mn)}s min, {g(sd)}s stdev",
+    ])
+
+
+def test_lines(loss: float, accuracy: float) -> str:
+    """LBANN's test objective and accuracy lines."""
+    return "\n".join([
+        f"model0 (instance 0) test objective function : {g(loss)}",
+        f"model0 (instance 0) test accuracy : {g(accuracy)}%",
+    ])
+
+
+GIB = 1024.0**3
+
+
+def gpu_memory_line(allocated: int, peak: int, total: int) -> str:
+    """LBANN's GPU memory line, for this rank's device."""
+    return (f"Model 0 GPU memory usage statistics : {g(allocated / GIB)} GiB current, "
+            f"{g(peak / GIB)} GiB peak ({g(total / GIB)} GiB total)")
+
+
+def host_memory_line(peak_rss: int) -> str:
+    """The CPU counterpart of LBANN's GPU memory line: this process's peak resident set."""
+    return f"Model 0 host memory usage statistics : {g(peak_rss / GIB)} GiB peak RSS"
+
+
+def append_metrics(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
+    """Appends one JSON object (one epoch) as a line of ``metrics.jsonl``."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+        f.flush()

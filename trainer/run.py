@@ -1,0 +1,70 @@
+"""Builds a run from the composed config and trains it: the inside of one rank."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from models import build_model
+from trainer.callbacks import MemoryCallback, PrintCallback, TimerCallback, rank0_print
+from trainer.config import DataConfig, TrainerConfig, section
+from trainer.data import default_data_dir, ensure_mnist, load_mnist
+from trainer.distributed import SingleProcess
+from trainer.optimizers import OptimizerConfig, build_optimizer
+from trainer.trainer import Trainer
+
+
+def choose_device(name: str, local_rank: int) -> torch.device:
+    """``auto``: the GPU of this rank's local index where CUDA exists, else the CPU."""
+    if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError("trainer.device=cuda, but no CUDA device is available")
+    device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
+def build_trainer(cfg: Any, output_dir: Optional[str], comm: Any = None) -> Trainer:
+    """Builds data, model, optimizer and callbacks, each from its own slice of ``cfg``."""
+    comm = comm or SingleProcess()
+    tcfg: TrainerConfig = section(cfg.trainer, TrainerConfig)
+    dcfg: DataConfig = section(cfg.data, DataConfig)
+    ocfg: OptimizerConfig = section(cfg.optimizer, OptimizerConfig)
+    log = rank0_print(comm)
+
+    torch.set_flush_denormal(tcfg.flush_denormal)
+    device = choose_device(tcfg.device, comm.local_rank)
+    dtype = getattr(torch, tcfg.dtype)
+
+    data_dir = dcfg.dir or default_data_dir()
+    if comm.rank == 0:
+        ensure_mnist(data_dir)
+    comm.barrier()
+    data = load_mnist(data_dir, dcfg.max_train_samples, dcfg.max_test_samples)
+    data.train_x, data.test_x = data.train_x.to(dtype), data.test_x.to(dtype)
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model.name).to(device=device, dtype=dtype)
+    optimizer = build_optimizer(ocfg, model.parameters())
+
+    callbacks = [TimerCallback(), PrintCallback(), MemoryCallback()]
+    if cfg.kfac.enabled:
+        from kfac_callback import KFACCallback
+
+        options = OmegaConf.to_container(cfg.kfac, resolve=True)
+        options.pop("enabled")
+        callbacks.append(KFACCallback(model, comm=comm, printer=log, **options))
+
+    metrics_path = os.path.join(output_dir, "metrics.jsonl") if output_dir else None
+    return Trainer(model, optimizer, data, epochs=tcfg.epochs, mini_batch_size=tcfg.mini_batch_size,
+                   callbacks=callbacks, comm=comm, device=device, seed=cfg.seed,
+                   test_every_epoch=tcfg.test_every_epoch, metrics_path=metrics_path, log=log)
+
+
+def train(cfg: Any, output_dir: Optional[str], comm: Any = None) -> list[dict[str, Any]]:
+    """Trains one run and returns its per-epoch records."""
+    return build_trainer(cfg, output_dir, comm).fit()
