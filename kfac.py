@@ -49,7 +49,9 @@ def precompose(overrides: list[str]) -> None:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as err:
-        fail(" ".join(str(err).split()))
+        cause = err.__cause__
+        detail = f": {str(cause).splitlines()[0]}" if cause and str(cause) else ""
+        fail(" ".join(str(err).split()) + detail)
     errors = validate(cfg)
     if errors:
         fail("; ".join(errors))

@@ -8,8 +8,9 @@ arguments (``key=value`` overrides, ``-m``, ``--cfg job``, ``--help`` ...) throu
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 from models import MODELS
 from trainer.optimizers import OPTIMIZERS

@@ -10,7 +10,8 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -125,8 +126,10 @@ class MemoryCallback(Callback):
         device = trainer.device
         if device.type == "cuda":
             line = report.gpu_memory_line(
-                torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device),
-                torch.cuda.get_device_properties(device).total_memory)
+                torch.cuda.memory_allocated(device),
+                torch.cuda.max_memory_allocated(device),
+                torch.cuda.get_device_properties(device).total_memory,
+            )
         else:
             # ru_maxrss is in KiB on Linux.
             line = report.host_memory_line(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

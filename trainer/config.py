@@ -84,8 +84,10 @@ def validate(cfg: Any) -> list[str]:
     errors += validate_launcher(cfg.launcher)
     ranks = cfg.launcher.nodes * cfg.launcher.procs_per_node
     if t.mini_batch_size >= 1 and t.mini_batch_size % ranks:
-        errors.append(f"trainer.mini_batch_size: {t.mini_batch_size} is not divisible by the "
-                      f"{ranks} ranks (nodes x procs_per_node)")
+        errors.append(
+            f"trainer.mini_batch_size: {t.mini_batch_size} is not divisible by the "
+            f"{ranks} ranks (nodes x procs_per_node)"
+        )
     return errors
 
 

@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 RULE = "-" * 80
 
 
 def g(value: float) -> str:
     """Formats a number as LBANN (C++ ostream default) does."""
-    return "%g" % value
+    return format(value, "g")
 
 
 @dataclass(frozen=True)
@@ -44,16 +45,18 @@ def _last_local(last: int, world_size: int) -> str:
 def epoch_block(epoch: int, shape: EpochShape) -> str:
     """The framed header LBANN prints at the end of each training epoch."""
     s = shape
-    return "\n".join([
-        RULE,
-        f"[{epoch}] Epoch : stats formated [tr/v/te] iter/epoch = [{s.train_iters}/0/{s.test_iters}]",
-        f"            global MB = [{s.global_mb:4d}/{0:4d}/{s.global_mb:4d}]"
-        f" global last MB = [{s.global_last_train:4d}  /{0:4d}  /{s.global_last_test:4d}  ]",
-        f"             local MB = [{s.local_mb:4d}/{0:4d}/{s.local_mb:4d}]"
-        f"  local last MB = [{_last_local(s.global_last_train, s.world_size)}/"
-        f"{_last_local(0, s.world_size)}/{_last_local(s.global_last_test, s.world_size)}]",
-        RULE,
-    ])
+    return "\n".join(
+        [
+            RULE,
+            f"[{epoch}] Epoch : stats formated [tr/v/te] iter/epoch = [{s.train_iters}/0/{s.test_iters}]",
+            f"            global MB = [{s.global_mb:4d}/{0:4d}/{s.global_mb:4d}]"
+            f" global last MB = [{s.global_last_train:4d}  /{0:4d}  /{s.global_last_test:4d}  ]",
+            f"             local MB = [{s.local_mb:4d}/{0:4d}/{s.local_mb:4d}]"
+            f"  local last MB = [{_last_local(s.global_last_train, s.world_size)}/"
+            f"{_last_local(0, s.world_size)}/{_last_local(s.global_last_test, s.world_size)}]",
+            RULE,
+        ]
+    )
 
 
 def batch_time_stats(times: Sequence[float]) -> tuple[float, float, float, float]:
@@ -69,20 +72,24 @@ def training_lines(epoch: int, stats: Any) -> str:
     """LBANN's training objective, accuracy, run time and mini-batch time lines."""
     p = f"model0 (instance 0) training epoch {epoch}"
     mean, mx, mn, sd = batch_time_stats(stats.batch_times)
-    return "\n".join([
-        f"{p} objective function : {g(stats.train_loss)}",
-        f"{p} accuracy : {g(stats.train_accuracy)}%",
-        f"{p} run time : {g(stats.epoch_time)}s",
-        f"{p} mini-batch time statistics : {g(mean)}s mean, {g(mx)}s max, {g(mn)}s min, {g(sd)}s stdev",
-    ])
+    return "\n".join(
+        [
+            f"{p} objective function : {g(stats.train_loss)}",
+            f"{p} accuracy : {g(stats.train_accuracy)}%",
+            f"{p} run time : {g(stats.epoch_time)}s",
+            f"{p} mini-batch time statistics : {g(mean)}s mean, {g(mx)}s max, {g(mn)}s min, {g(sd)}s stdev",
+        ]
+    )
 
 
 def test_lines(loss: float, accuracy: float) -> str:
     """LBANN's test objective and accuracy lines."""
-    return "\n".join([
-        f"model0 (instance 0) test objective function : {g(loss)}",
-        f"model0 (instance 0) test accuracy : {g(accuracy)}%",
-    ])
+    return "\n".join(
+        [
+            f"model0 (instance 0) test objective function : {g(loss)}",
+            f"model0 (instance 0) test accuracy : {g(accuracy)}%",
+        ]
+    )
 
 
 GIB = 1024.0**3
@@ -90,8 +97,10 @@ GIB = 1024.0**3
 
 def gpu_memory_line(allocated: int, peak: int, total: int) -> str:
     """LBANN's GPU memory line, for this rank's device."""
-    return (f"Model 0 GPU memory usage statistics : {g(allocated / GIB)} GiB current, "
-            f"{g(peak / GIB)} GiB peak ({g(total / GIB)} GiB total)")
+    return (
+        f"Model 0 GPU memory usage statistics : {g(allocated / GIB)} GiB current, "
+        f"{g(peak / GIB)} GiB peak ({g(total / GIB)} GiB total)"
+    )
 
 
 def host_memory_line(peak_rss: int) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Optional
 
@@ -44,8 +45,9 @@ def build_trainer(cfg: Any, output_dir: Optional[str], comm: Any = None) -> Trai
     if comm.rank == 0:
         ensure_mnist(data_dir)
     comm.barrier()
-    data = load_mnist(data_dir, dcfg.max_train_samples, dcfg.max_test_samples)
-    data.train_x, data.test_x = data.train_x.to(dtype), data.test_x.to(dtype)
+    data = load_mnist(data_dir, dcfg.max_train_samples, dcfg.max_test_samples, fetch=False)
+    if dtype != data.train_x.dtype:
+        data = dataclasses.replace(data, train_x=data.train_x.to(dtype), test_x=data.test_x.to(dtype))
 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.name).to(device=device, dtype=dtype)
@@ -60,9 +62,20 @@ def build_trainer(cfg: Any, output_dir: Optional[str], comm: Any = None) -> Trai
         callbacks.append(KFACCallback(model, comm=comm, printer=log, **options))
 
     metrics_path = os.path.join(output_dir, "metrics.jsonl") if output_dir else None
-    return Trainer(model, optimizer, data, epochs=tcfg.epochs, mini_batch_size=tcfg.mini_batch_size,
-                   callbacks=callbacks, comm=comm, device=device, seed=cfg.seed,
-                   test_every_epoch=tcfg.test_every_epoch, metrics_path=metrics_path, log=log)
+    return Trainer(
+        model,
+        optimizer,
+        data,
+        epochs=tcfg.epochs,
+        mini_batch_size=tcfg.mini_batch_size,
+        callbacks=callbacks,
+        comm=comm,
+        device=device,
+        seed=cfg.seed,
+        test_every_epoch=tcfg.test_every_epoch,
+        metrics_path=metrics_path,
+        log=log,
+    )
 
 
 def train(cfg: Any, output_dir: Optional[str], comm: Any = None) -> list[dict[str, Any]]:

@@ -8,8 +8,9 @@ rank steps with the same gradient and keeps the same weights.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from torch.nn import functional as F
 
 from trainer import report
 from trainer.callbacks import Callback
-from trainer.data import epoch_batches
+from trainer.data import batch_plan, epoch_batches
 
 
 @dataclass
@@ -52,10 +53,22 @@ class Trainer:
         log: prints a line (on rank 0).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, data: Any, *,
-                 epochs: int, mini_batch_size: int, callbacks: Sequence[Callback], comm: Any,
-                 device: torch.device, seed: int, test_every_epoch: bool = False,
-                 metrics_path: Optional[str] = None, log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        data: Any,
+        *,
+        epochs: int,
+        mini_batch_size: int,
+        callbacks: Sequence[Callback],
+        comm: Any,
+        device: torch.device,
+        seed: int,
+        test_every_epoch: bool = False,
+        metrics_path: Optional[str] = None,
+        log: Callable[[str], None] = print,
+    ) -> None:
         self.model, self.optimizer, self.data = model, optimizer, data
         self.epochs, self.mini_batch_size = epochs, mini_batch_size
         self.callbacks = list(callbacks)
@@ -73,15 +86,11 @@ class Trainer:
         self._dispatch("on_setup_end")
 
     def _epoch_shape(self) -> report.EpochShape:
-        n_train, n_test = len(self.data.train_y), len(self.data.test_y)
-        mb = self.mini_batch_size
-
-        def last(n: int) -> int:
-            return n - (n - 1) // mb * mb if n else 0
-
+        train = batch_plan(len(self.data.train_y), self.mini_batch_size, self.comm.world_size)
+        test = batch_plan(len(self.data.test_y), self.mini_batch_size, self.comm.world_size)
         return report.EpochShape(
-            train_iters=-(-n_train // mb), test_iters=-(-n_test // mb), global_mb=mb,
-            global_last_train=last(n_train), global_last_test=last(n_test),
+            train_iters=train.iterations, test_iters=test.iterations, global_mb=self.mini_batch_size,
+            global_last_train=train.global_last_batch, global_last_test=test.global_last_batch,
             world_size=self.comm.world_size)
 
     def _dispatch(self, hook: str) -> None:
@@ -91,7 +100,8 @@ class Trainer:
     def fit(self) -> list[dict[str, Any]]:
         """Trains for ``epochs`` epochs, tests at the end; returns the per-epoch records."""
         self._dispatch("on_train_begin")
-        for self.epoch in range(self.epochs):
+        for epoch in range(self.epochs):
+            self.epoch = epoch
             self.train_epoch()
             last = self.epoch == self.epochs - 1
             if last:
@@ -110,8 +120,15 @@ class Trainer:
         self.stats.test_loss = self.stats.test_accuracy = None
         self._dispatch("on_epoch_begin")
         totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples
-        batches = epoch_batches(len(self.data.train_y), self.mini_batch_size, self.epoch, self.seed,
-                                self.comm.rank, self.comm.world_size, shuffle=True)
+        batches = epoch_batches(
+            len(self.data.train_y),
+            self.mini_batch_size,
+            self.epoch,
+            self.seed,
+            self.comm.rank,
+            self.comm.world_size,
+            shuffle=True,
+        )
         for index in batches:
             self._dispatch("on_batch_begin")
             x = self.data.train_x[index].to(self.device, non_blocking=True)
@@ -129,8 +146,9 @@ class Trainer:
             self.step += 1
             with torch.no_grad():
                 n = len(y)
-                totals += torch.tensor([self.loss.item() * n,
-                                        (logits.argmax(1) == y).sum().item(), n], dtype=torch.float64)
+                totals += torch.tensor(
+                    [self.loss.item() * n, (logits.argmax(1) == y).sum().item(), n], dtype=torch.float64
+                )
             self._dispatch("on_batch_end")
         self.comm.allreduce_sum_([totals])
         self.stats.train_loss = (totals[0] / totals[2]).item()
@@ -147,7 +165,7 @@ class Trainer:
         flat /= self.comm.world_size
         offset = 0
         for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
     @torch.no_grad()
@@ -156,14 +174,27 @@ class Trainer:
         self.model.eval()
         self._dispatch("on_test_begin")
         totals = torch.zeros(3, dtype=torch.float64)
-        batches = epoch_batches(len(self.data.test_y), self.mini_batch_size, 0, self.seed,
-                                self.comm.rank, self.comm.world_size, shuffle=False)
+        batches = epoch_batches(
+            len(self.data.test_y),
+            self.mini_batch_size,
+            0,
+            self.seed,
+            self.comm.rank,
+            self.comm.world_size,
+            shuffle=False,
+        )
         for index in batches:
             x = self.data.test_x[index].to(self.device, non_blocking=True)
             y = self.data.test_y[index].to(self.device, non_blocking=True)
             logits = self.model(x)
-            totals += torch.tensor([F.cross_entropy(logits, y, reduction="sum").item(),
-                                    (logits.argmax(1) == y).sum().item(), len(y)], dtype=torch.float64)
+            totals += torch.tensor(
+                [
+                    F.cross_entropy(logits, y, reduction="sum").item(),
+                    (logits.argmax(1) == y).sum().item(),
+                    len(y),
+                ],
+                dtype=torch.float64,
+            )
         self.comm.allreduce_sum_([totals])
         self.stats.test_loss = (totals[0] / totals[2]).item()
         self.stats.test_accuracy = (100.0 * totals[1] / totals[2]).item()
@@ -173,9 +204,12 @@ class Trainer:
     def _record(self) -> None:
         mean, mx, mn, sd = report.batch_time_stats(self.stats.batch_times)
         record: dict[str, Any] = {
-            "epoch": self.epoch, "step": self.step,
-            "train_objective": self.stats.train_loss, "train_accuracy": self.stats.train_accuracy,
-            "run_time": self.stats.epoch_time, "wall_time": time.time() - self._start,
+            "epoch": self.epoch,
+            "step": self.step,
+            "train_objective": self.stats.train_loss,
+            "train_accuracy": self.stats.train_accuracy,
+            "run_time": self.stats.epoch_time,
+            "wall_time": time.time() - self._start,
             "minibatch_time": {"mean": mean, "max": mx, "min": mn, "stdev": sd},
         }
         if self.stats.test_accuracy is not None:

@@ -1,0 +1,73 @@
+"""kfac.py end to end: bad input is one line and exit status 2; small real runs work."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = ["data.max_train_samples=300", "data.max_test_samples=200"]
+
+
+def kfac(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "kfac.py"), *args], capture_output=True,
+                          text=True, cwd=cwd, timeout=timeout)
+
+
+BAD = [
+    (["--bogus"], "--bogus: unknown flag"),
+    (["--model", "foo"], "--model: 'foo' is not one of mlp, cnn"),
+    (["--mini_batch_size", "0"], "--mini_batch_size: expected an integer >= 1, got 0"),
+    (["--optimizer-learning-rate", "abc"], "--optimizer-learning-rate: expected a number, got 'abc'"),
+    (["--num_epochs", "-1"], "--num_epochs: expected an integer >= 0, got -1"),
+    (["trainer.mini_batch_size=abc"], "trainer.mini_batch_size"),
+    (["trainer.nonexistent=1"], "trainer.nonexistent"),
+    (["optimizer=lbfgs"], "optimizer/lbfgs"),
+    (["trainer.epochs=-2", "trainer.device=tpu"], "trainer.epochs: must be >= 0, got -2; trainer.device"),
+    (["--procs-per-node", "3"], "trainer.mini_batch_size: 100 is not divisible by the 3 ranks"),
+    (["kfac.damping_act=[0.01,1]"], "kfac.damping_act"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD)
+def test_bad_input_is_one_line_and_status_2(args, message):
+    result = kfac(*args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_lists_lbann_flags_and_hydra_usage():
+    result = kfac("--help")
+    assert result.returncode == 0
+    assert "--kfac-damping-act" in result.stdout and "Powered by Hydra" in result.stdout
+
+
+def test_cfg_job_prints_the_composed_config():
+    result = kfac("--model", "cnn", "--kfac", "--kfac-damping-err", "10,1", "--cfg", "job")
+    assert result.returncode == 0, result.stderr
+    assert "name: cnn" in result.stdout and "enabled: true" in result.stdout
+    assert "damping_err:\n  - 10.0\n  - 1.0" in result.stdout
+
+
+def test_a_small_real_run_prints_lbann_lines_and_writes_metrics(tmp_path):
+    result = kfac("--num_epochs", "2", "--mini_batch_size", "50", *SMALL,
+                  f"launcher.experiment_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert "[1] Epoch : stats formated [tr/v/te] iter/epoch = [6/0/4]" in result.stdout
+    assert "model0 (instance 0) test accuracy : " in result.stdout
+    (work_dir,) = tmp_path.iterdir()
+    records = [json.loads(x) for x in (work_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+
+
+def test_multirun_runs_each_override(tmp_path):
+    result = kfac("-m", "--num_epochs", "1", *SMALL, "optimizer=sgd,adam",
+                  f"launcher.experiment_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("model0 (instance 0) test accuracy : ") == 2

