@@ -26,7 +26,9 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from launcher.env import LAUNCHED, rank_info
 from launcher.flags import FlagError, help_text, translate
+from launcher.launch import LaunchError, launch_argv, run_ranks
 from trainer.config import Config, validate
 
 ConfigStore.instance().store(name="schema", node=Config)
@@ -64,11 +66,25 @@ def main(cfg: DictConfig) -> None:
     if errors:
         fail("; ".join(errors))
     lc = cfg.launcher
-    if lc.nodes * lc.procs_per_node > 1 or lc.setup_only or lc.batch_job:
-        fail("--nodes/--procs-per-node > 1, --setup-only and --batch-job are not supported yet")
-    from trainer.run import train
+    output_dir = HydraConfig.get().runtime.output_dir
+    if lc.setup_only or lc.batch_job:
+        fail("--setup-only and --batch-job are not supported yet")
+    if os.environ.get(LAUNCHED) or lc.nodes * lc.procs_per_node == 1 or lc.scheduler == "local":
+        from trainer.run import train
 
-    train(cfg, HydraConfig.get().runtime.output_dir)
+        train(cfg, output_dir, rank_info(os.environ))
+        return
+    # Re-invoke kfac.py in every rank with the canonical overrides (never the LBANN flags),
+    # all writing into this run's directory.
+    overrides = [*HydraConfig.get().overrides.task, f"hydra.run.dir={output_dir}", "hydra.output_subdir=null"]
+    try:
+        argv = launch_argv(lc, os.path.abspath(__file__), overrides, os.environ)
+    except LaunchError as err:
+        fail(str(err))
+    status = run_ranks(argv)
+    if status:
+        print(f"kfac.py: the ranks ended with status {status}", file=sys.stderr)
+        sys.exit(status)
 
 
 def cli(argv: list[str]) -> None:

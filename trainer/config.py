@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from kfac_callback.config import KFACConfig, validate_kfac
 from launcher.config import LauncherConfig, validate_launcher
 from models import MODELS
+from trainer.distributed import BACKENDS
 from trainer.optimizers import OptimizerConfig, validate_optimizer
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -46,6 +47,8 @@ class TrainerConfig:
     device: str = "auto"
     flush_denormal: bool = True
     dtype: str = "float32"
+    backend: str = "auto"  # auto | mpi | gloo | nccl (collectives between ranks)
+    num_threads: Optional[int] = None  # None: cores / ranks on this node
 
 
 @dataclass
@@ -75,6 +78,10 @@ def validate(cfg: Any) -> list[str]:
         errors.append(f"trainer.device: {t.device!r} is not one of {', '.join(DEVICES)}")
     if t.dtype not in ("float32", "float64"):
         errors.append(f"trainer.dtype: {t.dtype!r} is not one of float32, float64")
+    if t.backend not in BACKENDS:
+        errors.append(f"trainer.backend: {t.backend!r} is not one of {', '.join(BACKENDS)}")
+    if t.num_threads is not None and t.num_threads < 1:
+        errors.append(f"trainer.num_threads: must be >= 1 (or null), got {t.num_threads}")
     for key in ("max_train_samples", "max_test_samples"):
         value = getattr(cfg.data, key)
         if value is not None and value < 1:

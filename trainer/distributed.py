@@ -3,15 +3,42 @@
 Every communicator offers the same small interface, so code above it never asks which
 backend runs underneath and tests can pass a single-process one:
 
-- ``rank``, ``world_size``, ``local_rank``
-- ``allreduce_sum_(tensors)``: sums a list of tensors over ranks, in place
+- ``rank``, ``world_size``, ``local_rank``, ``name``
+- ``allreduce_sum_(tensors)``: sums a list of tensors over ranks, in place, in ONE collective
 - ``broadcast_(tensors, src)``: copies a list of tensors from rank ``src`` to all, in place
 - ``barrier()``
+
+Backends: ``mpi`` (mpi4py on CPU tensors; on this project's CPUs several times faster than
+gloo, see benchmarks/collectives.py), ``gloo`` (torch.distributed on CPU), ``nccl`` (GPUs,
+one device per local rank). ``auto`` picks nccl for CUDA tensors, else mpi.
 """
 
 from __future__ import annotations
 
+import os
+import socket
+from collections.abc import Sequence
+
 import torch
+
+from launcher.env import RankInfo
+
+BACKENDS = ("auto", "mpi", "gloo", "nccl")
+
+
+def _flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    if len(tensors) == 1 and tensors[0].is_contiguous():
+        return tensors[0].detach().reshape(-1)
+    return torch.cat([t.detach().reshape(-1) for t in tensors])
+
+
+def _unflatten(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    if len(tensors) == 1 and flat.device == tensors[0].device and flat.data_ptr() == tensors[0].data_ptr():
+        return  # the collective worked on the tensor's own memory
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
 
 
 class SingleProcess:
@@ -20,6 +47,7 @@ class SingleProcess:
     rank = 0
     world_size = 1
     local_rank = 0
+    local_size = 1
     name = "single"
 
     def allreduce_sum_(self, tensors: list[torch.Tensor]) -> None:
@@ -30,3 +58,105 @@ class SingleProcess:
 
     def barrier(self) -> None:
         """Waits for every rank (nothing to wait for with one rank)."""
+
+
+class MPIComm:
+    """mpi4py collectives on CPU tensors, through numpy views (no copies for one tensor)."""
+
+    name = "mpi"
+
+    def __init__(self, info: RankInfo) -> None:
+        from mpi4py import MPI
+
+        self._mpi = MPI
+        self._comm = MPI.COMM_WORLD
+        self.rank, self.world_size = self._comm.Get_rank(), self._comm.Get_size()
+        self.local_rank, self.local_size = info.local_rank, info.local_size
+
+    def allreduce_sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Sums ``tensors`` over ranks in place, in one Allreduce."""
+        if not tensors:
+            return
+        flat = _flatten(tensors).cpu()
+        self._comm.Allreduce(self._mpi.IN_PLACE, flat.numpy(), op=self._mpi.SUM)
+        _unflatten(flat, tensors)
+
+    def broadcast_(self, tensors: list[torch.Tensor], src: int) -> None:
+        """Copies ``tensors`` from rank ``src`` to every rank, in one Bcast."""
+        if not tensors:
+            return
+        flat = _flatten(tensors).cpu()
+        self._comm.Bcast(flat.numpy(), root=src)
+        _unflatten(flat, tensors)
+
+    def barrier(self) -> None:
+        """Waits for every rank."""
+        self._comm.Barrier()
+
+
+class TorchDistComm:
+    """torch.distributed collectives: gloo on CPUs, NCCL on GPUs (one device per local rank)."""
+
+    def __init__(self, info: RankInfo, backend: str, multi_node: bool) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self.name = backend
+        self.rank, self.world_size = info.rank, info.world_size
+        self.local_rank, self.local_size = info.local_rank, info.local_size
+        if not dist.is_initialized():
+            addr, port = _rendezvous(info, multi_node)
+            dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank,
+                                    world_size=self.world_size)
+
+    def allreduce_sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Sums ``tensors`` over ranks in place, in one all_reduce."""
+        if not tensors:
+            return
+        flat = _flatten(tensors)
+        self._dist.all_reduce(flat)
+        _unflatten(flat, tensors)
+
+    def broadcast_(self, tensors: list[torch.Tensor], src: int) -> None:
+        """Copies ``tensors`` from rank ``src`` to every rank, in one broadcast."""
+        if not tensors:
+            return
+        flat = _flatten(tensors)
+        self._dist.broadcast(flat, src=src)
+        _unflatten(flat, tensors)
+
+    def barrier(self) -> None:
+        """Waits for every rank."""
+        self._dist.barrier()
+
+
+def _rendezvous(info: RankInfo, multi_node: bool) -> tuple[str, int]:
+    """Rank 0 picks an address and a free port and tells the others over MPI.
+
+    MASTER_ADDR/MASTER_PORT in the environment win, for launchers that set them.
+    """
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    from mpi4py import MPI
+
+    choice = None
+    if info.rank == 0:
+        addr = socket.gethostbyname(socket.gethostname()) if multi_node else "127.0.0.1"
+        with socket.socket() as s:
+            s.bind(("", 0))
+            choice = (addr, s.getsockname()[1])
+    return MPI.COMM_WORLD.bcast(choice, root=0)
+
+
+def make_communicator(info: RankInfo, backend: str = "auto", device_type: str = "cpu",
+                      multi_node: bool = False) -> object:
+    """The communicator for this rank: single-process, mpi, gloo or nccl."""
+    if info.world_size == 1:
+        return SingleProcess()
+    if backend == "auto":
+        backend = "nccl" if device_type == "cuda" else "mpi"
+    if backend == "nccl" and device_type != "cuda":
+        raise ValueError("trainer.backend=nccl needs GPUs (trainer.device=cuda)")
+    if backend == "mpi":
+        return MPIComm(info)
+    return TorchDistComm(info, backend, multi_node)

@@ -9,11 +9,12 @@ from typing import Any, Optional
 import torch
 from omegaconf import OmegaConf
 
+from launcher.env import RankInfo
 from models import build_model
 from trainer.callbacks import MemoryCallback, PrintCallback, TimerCallback, rank0_print
 from trainer.config import DataConfig, TrainerConfig, section
 from trainer.data import default_data_dir, ensure_mnist, load_mnist
-from trainer.distributed import SingleProcess
+from trainer.distributed import make_communicator
 from trainer.optimizers import OptimizerConfig, build_optimizer
 from trainer.trainer import Trainer
 
@@ -29,16 +30,24 @@ def choose_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
-def build_trainer(cfg: Any, output_dir: Optional[str], comm: Any = None) -> Trainer:
-    """Builds data, model, optimizer and callbacks, each from its own slice of ``cfg``."""
-    comm = comm or SingleProcess()
+def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] = None) -> Trainer:
+    """Builds communicator, data, model, optimizer and callbacks, each from its slice of ``cfg``."""
+    info = info or RankInfo()
     tcfg: TrainerConfig = section(cfg.trainer, TrainerConfig)
     dcfg: DataConfig = section(cfg.data, DataConfig)
     ocfg: OptimizerConfig = section(cfg.optimizer, OptimizerConfig)
-    log = rank0_print(comm)
+    expected = cfg.launcher.nodes * cfg.launcher.procs_per_node
+    if info.world_size != expected:
+        raise RuntimeError(f"this job has {info.world_size} ranks but the config asks for {expected} "
+                           "(launcher.nodes x launcher.procs_per_node)")
 
     torch.set_flush_denormal(tcfg.flush_denormal)
-    device = choose_device(tcfg.device, comm.local_rank)
+    if tcfg.num_threads or info.local_size > 1:
+        # One thread pool per rank, sized to its share of the cores: oversubscribed ranks thrash.
+        torch.set_num_threads(tcfg.num_threads or max(1, (os.cpu_count() or 1) // info.local_size))
+    device = choose_device(tcfg.device, info.local_rank)
+    comm = make_communicator(info, tcfg.backend, device.type, multi_node=cfg.launcher.nodes > 1)
+    log = rank0_print(comm)
     dtype = getattr(torch, tcfg.dtype)
 
     data_dir = dcfg.dir or default_data_dir()
@@ -78,6 +87,6 @@ def build_trainer(cfg: Any, output_dir: Optional[str], comm: Any = None) -> Trai
     )
 
 
-def train(cfg: Any, output_dir: Optional[str], comm: Any = None) -> list[dict[str, Any]]:
-    """Trains one run and returns its per-epoch records."""
-    return build_trainer(cfg, output_dir, comm).fit()
+def train(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] = None) -> list[dict[str, Any]]:
+    """Trains one run (this process's rank of it) and returns its per-epoch records."""
+    return build_trainer(cfg, output_dir, info).fit()

@@ -1,0 +1,32 @@
+"""The argv that starts the ranks: ``mpiexec`` locally, ``srun`` inside a SLURM allocation.
+
+Pure: the caller passes the config, the Python to run and the canonical overrides.
+Every rank runs ``python -m mpi4py kfac.py ...`` so that an exception in one rank aborts
+the whole job instead of leaving the others hanging in a collective.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from launcher.config import LauncherConfig
+
+
+def rank_command(python: str, script: str, overrides: Sequence[str]) -> list[str]:
+    """What each rank runs."""
+    return [python, "-m", "mpi4py", script, *overrides]
+
+
+def mpiexec_argv(cfg: LauncherConfig, python: str, script: str, overrides: Sequence[str],
+                 mpiexec: str = "mpiexec", flavor: str = "mpich") -> list[str]:
+    """``mpiexec -n N ...`` for one node (Open MPI also needs leave to oversubscribe cores)."""
+    ranks = cfg.nodes * cfg.procs_per_node
+    extra = ["--oversubscribe"] if flavor == "openmpi" else []
+    return [mpiexec, "-n", str(ranks), *extra, *rank_command(python, script, overrides)]
+
+
+def srun_argv(cfg: LauncherConfig, python: str, script: str, overrides: Sequence[str]) -> list[str]:
+    """``srun`` with the job's geometry, inside an allocation or a batch script."""
+    ranks = cfg.nodes * cfg.procs_per_node
+    return ["srun", f"--nodes={cfg.nodes}", f"--ntasks={ranks}", f"--ntasks-per-node={cfg.procs_per_node}",
+            *rank_command(python, script, overrides)]

@@ -1,0 +1,59 @@
+"""This process's rank, local rank and world size, read from the MPI launcher's environment.
+
+Pure: takes the environment as a mapping. MPI's own variables come first, because a
+``mpiexec`` inside a SLURM allocation leaves SLURM's per-task variables unset or stale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+# Set by our launcher in every rank's environment: "you are a rank, train; don't launch".
+LAUNCHED = "KFAC_LAUNCHED"
+
+# (rank, local rank, world size, local size) variables of each launcher, in priority order.
+SOURCES = (
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE", "MPI_LOCALNRANKS"),
+    ("PMIX_RANK", "PMIX_LOCAL_RANK", "PMIX_SIZE", "PMIX_LOCAL_SIZE"),
+    ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS", "SLURM_NTASKS_PER_NODE"),
+)
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this process sits among the ranks of a job."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    local_size: int = 1
+    source: str = "none"
+
+
+def _int(environ: Mapping[str, str], key: str, default: int) -> int:
+    value = environ.get(key, "")
+    # SLURM writes per-node counts such as "4(x2)"; the leading number is ours.
+    digits = value.split("(")[0].split(",")[0]
+    return int(digits) if digits.isdigit() else default
+
+
+def rank_info(environ: Mapping[str, str]) -> RankInfo:
+    """Reads rank, local rank and world size from OMPI_*, PMI_*, PMIX_* or SLURM_* variables.
+
+    With none of them set, this is a single process: rank 0 of 1.
+    """
+    for rank_key, local_key, size_key, local_size_key in SOURCES:
+        if rank_key in environ and size_key in environ:
+            rank = _int(environ, rank_key, 0)
+            world = _int(environ, size_key, 1)
+            local = _int(environ, local_key, rank)
+            local_size = _int(environ, local_size_key, world)
+            return RankInfo(rank, local, world, local_size, rank_key.split("_")[0])
+    return RankInfo()
+
+
+def inside_slurm_allocation(environ: Mapping[str, str]) -> bool:
+    """True inside ``salloc``/``sbatch``, where ranks are started with ``srun``."""
+    return "SLURM_JOB_ID" in environ
