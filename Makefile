@@ -45,3 +45,10 @@ lint: $(VENV)/.installed
 
 clean:
 	rm -rf $(VENV) experiments outputs multirun
+
+# A private SLURM on 127.0.0.1 for trying batch jobs on one machine (tests start their own).
+slurm-up: $(VENV)/.installed
+	.ci/install-slurm
+	$(PY) -m launcher.slurm_local start
+slurm-down:
+	$(PY) -m launcher.slurm_local stop

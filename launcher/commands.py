@@ -28,5 +28,7 @@ def mpiexec_argv(cfg: LauncherConfig, python: str, script: str, overrides: Seque
 def srun_argv(cfg: LauncherConfig, python: str, script: str, overrides: Sequence[str]) -> list[str]:
     """``srun`` with the job's geometry, inside an allocation or a batch script."""
     ranks = cfg.nodes * cfg.procs_per_node
-    return ["srun", f"--nodes={cfg.nodes}", f"--ntasks={ranks}", f"--ntasks-per-node={cfg.procs_per_node}",
+    # --mpi=pmi2: without it, SLURMs configured with MpiDefault=none start N separate
+    # one-rank MPI worlds (MPICH's PMI client needs SLURM's pmi2 plugin).
+    return ["srun", "--mpi=pmi2", f"--nodes={cfg.nodes}", f"--ntasks={ranks}", f"--ntasks-per-node={cfg.procs_per_node}",
             *rank_command(python, script, overrides)]

@@ -71,6 +71,10 @@ class MPIComm:
         self._mpi = MPI
         self._comm = MPI.COMM_WORLD
         self.rank, self.world_size = self._comm.Get_rank(), self._comm.Get_size()
+        if self.world_size != info.world_size:
+            raise RuntimeError(
+                f"the launcher started {info.world_size} ranks ({info.source}) but MPI sees a world of "
+                f"{self.world_size}: the ranks did not join one job (with srun, pass --mpi=pmi2)")
         self.local_rank, self.local_size = info.local_rank, info.local_size
 
     def allreduce_sum_(self, tensors: list[torch.Tensor]) -> None:

@@ -1,0 +1,408 @@
+"""Curvature blocks: per layer type, the tensor math of K-FAC (spec §3, §4, §5).
+
+A block holds one layer's running-average factors and inverses and knows how to turn the
+layer's captured input and output gradient into factor contributions, and its gradient into
+the preconditioned gradient. It decides nothing about *when*; that is the callback's job.
+
+Convention (spec §3): the loss is a mean over the LOCAL mini-batch of ``n`` samples and each
+of ``R`` ranks holds an equal share, so the global batch is ``N = n·R``. A captured
+``grad_output`` is the gradient of the local mean loss, so the per-sample gradient is
+``n·grad_output_i`` and the global ``e_i = grad_output_i·n/N``. Each rank's contribution uses
+the global ``N``; the sum of the contributions over ranks is the factor of the global batch.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kfac_callback.linalg import all_finite, damped_inverse, pi_factor
+
+
+class Dampings(NamedTuple):
+    """The four current damping values (spec §4)."""
+
+    act: float
+    err: float
+    bn_act: float
+    bn_err: float
+
+
+class Block:
+    """Base class: one preconditioned layer's factors, inverses and gradient transform.
+
+    Attributes:
+        name: The layer's name in ``model.named_modules()``.
+        module: The layer.
+        kind: ``"linear"``, ``"conv2d"`` or ``"batchnorm"``.
+        updates: How many times the running averages were updated.
+    """
+
+    kind = ""
+    factor_names: tuple[str, ...] = ()
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        self.name = name
+        self.module = module
+        self.updates = 0
+        self.inverse_notes: list[str] = []
+
+    # -- factors ---------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The layer's (and the factors') dtype."""
+        return self.module.weight.dtype
+
+    def factor_dims(self) -> list[int]:
+        """Sizes of the square factors, in ``factor_names`` order."""
+        raise NotImplementedError
+
+    def contributions(self, a: torch.Tensor, g: torch.Tensor, n_global: int) -> list[torch.Tensor]:
+        """This rank's factor contributions, in ``factor_names`` order.
+
+        Args:
+            a: The layer's input, batch first.
+            g: The gradient of the local mean loss with respect to the layer's output.
+            n_global: N, the global mini-batch size (local batch × ranks).
+        """
+        raise NotImplementedError
+
+    def factors(self) -> list[torch.Tensor | None]:
+        """The running-average factors, in ``factor_names`` order (``None`` before the first)."""
+        return [getattr(self, n) for n in self.factor_names]
+
+    def set_factors(self, mats: list[torch.Tensor | None]) -> None:
+        """Replaces the running-average factors (used by ``load_state_dict``)."""
+        for n, m in zip(self.factor_names, mats, strict=True):
+            setattr(self, n, None if m is None else m.to(self.module.weight.device, self.dtype))
+
+    def update_factors(self, mats: list[torch.Tensor], decay: float) -> bool:
+        """Folds new factors into the running averages (spec §3).
+
+        The first update takes the factors as they are; later ones compute
+        ``decay·old + (1-decay)·new``.
+
+        Returns:
+            ``False`` (and nothing changes) if a new factor is not finite.
+        """
+        if not all(all_finite(m) for m in mats):
+            return False
+        for n, m in zip(self.factor_names, mats, strict=True):
+            old = getattr(self, n)
+            if old is None or self.updates == 0:
+                setattr(self, n, m.to(self.dtype).clone())
+            else:
+                old.mul_(decay).add_(m.to(self.dtype), alpha=1.0 - decay)
+        self.updates += 1
+        return True
+
+    @property
+    def has_factors(self) -> bool:
+        """Whether every running average exists."""
+        return all(m is not None for m in self.factors())
+
+    # -- inverses --------------------------------------------------------------------
+
+    def inverse_dtype(self, requested: torch.dtype) -> torch.dtype:
+        """float64 layers keep float64 inverses; others use the requested dtype."""
+        return torch.float64 if self.dtype == torch.float64 else requested
+
+    def compute_inverses(self, damping: Dampings, use_pi: bool = False, use_eigen: bool = False,
+                         dtype: torch.dtype = torch.float32) -> bool:
+        """Computes the damped inverses; on failure drops them so the plain gradient is used.
+
+        Returns:
+            Whether every inverse exists now. ``inverse_notes`` says what the robustness
+            ladder had to do.
+        """
+        raise NotImplementedError
+
+    def clear_inverses(self) -> None:
+        """Forgets the inverses (they are rebuilt at the next compute step)."""
+        raise NotImplementedError
+
+    @property
+    def has_inverses(self) -> bool:
+        """Whether the layer can be preconditioned now."""
+        raise NotImplementedError
+
+    # -- gradients -------------------------------------------------------------------
+
+    def parameters(self) -> list[torch.Tensor]:
+        """The layer's preconditioned parameters (weight, then bias if any)."""
+        return [p for p in (self.module.weight, getattr(self.module, "bias", None))
+                if p is not None]
+
+    def grads(self) -> list[torch.Tensor] | None:
+        """The parameters' gradients, or ``None`` if any is missing."""
+        grads = [p.grad for p in self.parameters()]
+        return None if any(g is None for g in grads) else grads
+
+    def grads_finite(self) -> bool:
+        """Whether every gradient of the layer is finite (missing gradients count as finite)."""
+        grads = self.grads()
+        return grads is None or all(all_finite(g) for g in grads)
+
+    def zero_grads(self) -> None:
+        """Sets the gradients to zero, so a non-finite gradient cannot reach the weights."""
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+
+    def precondition(self, lr_factor: float = 1.0) -> bool:
+        """Replaces the gradients by the preconditioned gradients (spec §5).
+
+        Returns:
+            ``False`` (gradients untouched) when there are no inverses, no gradients, or the
+            result is not finite.
+        """
+        grads = self.grads()
+        if grads is None or not self.has_inverses:
+            return False
+        new = self._preconditioned(grads, lr_factor)
+        if not all(all_finite(t) for t in new):
+            return False
+        for g, t in zip(grads, new, strict=True):
+            g.copy_(t)
+        return True
+
+    def _preconditioned(self, grads: list[torch.Tensor], lr_factor: float) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+
+class KroneckerBlock(Block):
+    """A layer whose curvature is ``A ⊗ G`` (fully connected and convolution layers).
+
+    Attributes:
+        A: Running average of the activation factor (with the bias row/column last).
+        G: Running average of the output-gradient factor.
+        A_inv, G_inv: Inverses of the damped factors, or ``None``.
+    """
+
+    factor_names = ("A", "G")
+
+    def __init__(self, name: str, module: nn.Module) -> None:
+        super().__init__(name, module)
+        self.A: torch.Tensor | None = None
+        self.G: torch.Tensor | None = None
+        self.A_inv: torch.Tensor | None = None
+        self.G_inv: torch.Tensor | None = None
+        self.pi = 1.0
+
+    @property
+    def has_bias(self) -> bool:
+        """Whether the layer has a bias (an extra input of constant 1)."""
+        return getattr(self.module, "bias", None) is not None
+
+    def out_features(self) -> int:
+        """Rows of the weight viewed as a matrix."""
+        return self.module.weight.shape[0]
+
+    def in_features(self) -> int:
+        """Columns of the weight viewed as a matrix, without the bias column."""
+        return self.module.weight[0].numel()
+
+    def factor_dims(self) -> list[int]:
+        return [self.in_features() + int(self.has_bias), self.out_features()]
+
+    def _with_ones(self, rows: torch.Tensor) -> torch.Tensor:
+        if not self.has_bias:
+            return rows
+        return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+
+    def compute_inverses(self, damping: Dampings, use_pi: bool = False, use_eigen: bool = False,
+                         dtype: torch.dtype = torch.float32) -> bool:
+        self.clear_inverses()
+        self.inverse_notes = []
+        if not self.has_factors:
+            return False
+        self.pi = pi_factor(self.A, self.G) if use_pi else 1.0
+        dtype = self.inverse_dtype(dtype)
+        a = damped_inverse(self.A, damping.act * self.pi, dtype, use_eigen)
+        g = damped_inverse(self.G, damping.err / self.pi, dtype, use_eigen)
+        self.inverse_notes = [f"{n}: {r.note}" for n, r in (("A", a), ("G", g)) if r.note]
+        if a.inverse is None or g.inverse is None:
+            return False
+        self.A_inv, self.G_inv = a.inverse, g.inverse
+        return True
+
+    def clear_inverses(self) -> None:
+        self.A_inv = self.G_inv = None
+
+    @property
+    def has_inverses(self) -> bool:
+        return self.A_inv is not None and self.G_inv is not None
+
+    def _grad_matrix(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """``[∇W | ∇b]`` with ∇W viewed as out × in (conv: C_out × C_in·kh·kw)."""
+        gw = grads[0].reshape(self.out_features(), -1)
+        if self.has_bias:
+            gw = torch.cat([gw, grads[1].reshape(-1, 1)], dim=1)
+        return gw
+
+    def _preconditioned(self, grads: list[torch.Tensor], lr_factor: float) -> list[torch.Tensor]:
+        mat = self._grad_matrix(grads).to(self.G_inv.dtype)
+        p = (self.G_inv @ mat @ self.A_inv).mul_(lr_factor)
+        # Written back in each parameter's own layout (conv: not transposed, unlike LBANN).
+        weight = grads[0]
+        out = [p[:, :self.in_features()].reshape(weight.shape).to(weight.dtype)]
+        if self.has_bias:
+            out.append(p[:, -1].reshape(grads[1].shape).to(grads[1].dtype))
+        return out
+
+
+class LinearBlock(KroneckerBlock):
+    """``nn.Linear``: ``A = (1/N) Σ ā āᵀ``, ``G = N Σ e eᵀ`` (spec §3).
+
+    Inputs with more than two dimensions are flattened to rows (every leading index is a
+    sample position); ``n`` is the size of the first dimension.
+    """
+
+    kind = "linear"
+
+    def contributions(self, a: torch.Tensor, g: torch.Tensor, n_global: int) -> list[torch.Tensor]:
+        n = a.shape[0]
+        rows = self._with_ones(a.reshape(-1, a.shape[-1]).to(self.dtype))
+        gr = g.reshape(-1, g.shape[-1]).to(self.dtype)
+        big_a = (rows.mT @ rows).div_(n_global)
+        # N Σ e eᵀ with e = grad_output·n/N gives (n²/N) Σ grad_output grad_outputᵀ.
+        big_g = (gr.mT @ gr).mul_(n * n / n_global)
+        return [big_a, big_g]
+
+
+def _conv_padding(name: str, conv: nn.Conv2d) -> tuple[int, int]:
+    """The conv's padding as two ints, refusing what ``unfold`` cannot reproduce."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0)
+        if any(k % 2 == 0 for k in conv.kernel_size):
+            raise ValueError(f"K-FAC: layer {name!r}: padding='same' with an even kernel "
+                             "(asymmetric padding) is not supported")
+        return tuple((k - 1) // 2 for k in conv.kernel_size)
+    return tuple(conv.padding)
+
+
+class Conv2dBlock(KroneckerBlock):
+    """``nn.Conv2d`` (KFC): patches from ``unfold``, ``G`` scaled by N/|T| (spec §3).
+
+    Raises:
+        ValueError: For dilation or groups other than 1, or a padding mode other than zeros,
+            naming the layer.
+    """
+
+    kind = "conv2d"
+
+    def __init__(self, name: str, module: nn.Conv2d) -> None:
+        if tuple(module.dilation) != (1, 1) or module.groups != 1:
+            raise ValueError(f"K-FAC: layer {name!r}: convolution with dilation "
+                             f"{tuple(module.dilation)} and groups {module.groups} is not "
+                             "supported (both must be 1); disable it with kfac.disable_layers")
+        if module.padding_mode != "zeros":
+            raise ValueError(f"K-FAC: layer {name!r}: padding_mode {module.padding_mode!r} is not "
+                             "supported (only 'zeros'); disable it with kfac.disable_layers")
+        super().__init__(name, module)
+        self.padding = _conv_padding(name, module)
+
+    def contributions(self, a: torch.Tensor, g: torch.Tensor, n_global: int) -> list[torch.Tensor]:
+        conv = self.module
+        n = a.shape[0]
+        # (n, C_in·kh·kw, T): the channel-major patch layout matches weight.reshape(C_out, -1).
+        patches = F.unfold(a.to(self.dtype), conv.kernel_size, padding=self.padding,
+                           stride=conv.stride)
+        rows = self._with_ones(patches.transpose(1, 2).reshape(-1, patches.shape[1]))
+        positions = g.shape[2] * g.shape[3]
+        gr = g.to(self.dtype).permute(0, 2, 3, 1).reshape(-1, g.shape[1])
+        big_a = (rows.mT @ rows).div_(n_global)
+        # (N/|T|) Σ e eᵀ with e = grad_output·n/N.
+        big_g = (gr.mT @ gr).mul_(n * n / (n_global * positions))
+        return [big_a, big_g]
+
+
+class BatchNormBlock(Block):
+    """Affine ``nn.BatchNorm1d/2d``: one 2C×2C factor ``F`` over ``[γ; β]`` (spec §3).
+
+    The factor is built from the NORMALISED input x̂ (batch statistics, as in training mode),
+    not the raw input that LBANN's callback used.
+
+    Attributes:
+        F: Running average of the factor.
+        F_inv: Inverse of the damped factor, or ``None``.
+    """
+
+    kind = "batchnorm"
+    factor_names = ("F",)
+
+    def __init__(self, name: str, module: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__(name, module)
+        self.F: torch.Tensor | None = None
+        self.F_inv: torch.Tensor | None = None
+
+    def factor_dims(self) -> list[int]:
+        return [2 * self.module.num_features]
+
+    def normalised(self, a: torch.Tensor) -> torch.Tensor:
+        """x̂ of a training-mode forward, shaped (n, C, S)."""
+        x = a.to(self.dtype).reshape(a.shape[0], a.shape[1], -1)
+        mean = x.mean(dim=(0, 2), keepdim=True)
+        var = x.var(dim=(0, 2), unbiased=False, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + self.module.eps)
+
+    def contributions(self, a: torch.Tensor, g: torch.Tensor, n_global: int) -> list[torch.Tensor]:
+        n = a.shape[0]
+        xhat = self.normalised(a)
+        gr = g.to(self.dtype).reshape(xhat.shape)
+        u = torch.cat([(gr * xhat).sum(dim=2), gr.sum(dim=2)], dim=1)
+        # N Σ u uᵀ with u built from e = grad_output·n/N.
+        return [(u.mT @ u).mul_(n * n / n_global)]
+
+    def compute_inverses(self, damping: Dampings, use_pi: bool = False, use_eigen: bool = False,
+                         dtype: torch.dtype = torch.float32) -> bool:
+        self.clear_inverses()
+        self.inverse_notes = []
+        if not self.has_factors:
+            return False
+        c = self.module.num_features
+        diag = torch.cat([torch.full((c,), damping.bn_act, dtype=torch.float64),
+                          torch.full((c,), damping.bn_err, dtype=torch.float64)])
+        r = damped_inverse(self.F, diag, self.inverse_dtype(dtype), use_eigen)
+        self.inverse_notes = [f"F: {r.note}"] if r.note else []
+        self.F_inv = r.inverse
+        return r.inverse is not None
+
+    def clear_inverses(self) -> None:
+        self.F_inv = None
+
+    @property
+    def has_inverses(self) -> bool:
+        return self.F_inv is not None
+
+    def _preconditioned(self, grads: list[torch.Tensor], lr_factor: float) -> list[torch.Tensor]:
+        v = torch.cat([grads[0].reshape(-1), grads[1].reshape(-1)]).to(self.F_inv.dtype)
+        p = (self.F_inv @ v).mul_(lr_factor)
+        c = self.module.num_features
+        return [p[:c].to(grads[0].dtype), p[c:].to(grads[1].dtype)]
+
+
+def make_block(name: str, module: nn.Module) -> Block | None:
+    """The block for a supported layer, or ``None`` if the base optimizer keeps it.
+
+    Raises:
+        ValueError: For a supported type in a configuration K-FAC cannot precondition.
+    """
+    if isinstance(module, nn.Linear):
+        return LinearBlock(name, module)
+    if isinstance(module, nn.Conv2d):
+        return Conv2dBlock(name, module)
+    if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.affine:
+        return BatchNormBlock(name, module)
+    return None
+
+
+def is_preconditionable(module: nn.Module) -> bool:
+    """Whether K-FAC has a block for this layer type (configuration not checked)."""
+    return isinstance(module, (nn.Linear, nn.Conv2d)) or (
+        isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.affine)

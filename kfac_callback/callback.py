@@ -1,0 +1,412 @@
+"""The K-FAC callback: hooks, schedules, owners and communication (spec §3–§7).
+
+This file decides *when* things run and *who* runs them; the tensor math lives in
+``blocks.py`` and ``linalg.py``. It works with our trainer (through the LBANN hook names) and
+from a plain PyTorch loop::
+
+    kfac = KFACCallback(model, damping_act=0.01, damping_err=1.0)
+    for x, y in data:
+        optimizer.zero_grad()
+        loss = loss_fn(model(x), y)   # mean over the LOCAL mini-batch
+        loss.backward()               # (average gradients over ranks here)
+        kfac.step()
+        optimizer.step()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from kfac_callback.assignment import LayerInfo, assign_owners
+from kfac_callback.blocks import Block, Dampings, is_preconditionable, make_block
+from kfac_callback.config import DAMPING_KEYS, KFACConfig, as_damping_list, validate_kfac
+from kfac_callback.linalg import pack_triangles, unpack_triangles
+from kfac_callback.schedules import DampingSchedule, is_compute_step, is_update_step
+from trainer.callbacks import Callback, rank0_print
+from trainer.distributed import SingleProcess
+
+if TYPE_CHECKING:
+    from trainer.trainer import Trainer
+
+PREFIX = "K-FAC callback:"
+
+
+def make_config(**kwargs: Any) -> KFACConfig:
+    """Builds a validated ``KFACConfig`` from keyword arguments.
+
+    Dampings may be numbers, tuples/lists or ``"init,target"`` strings; ``disable_layers`` may
+    be a comma-separated string.
+
+    Raises:
+        TypeError: For an unknown option.
+        ValueError: Listing every invalid option, each naming its key.
+    """
+    names = {f.name for f in dataclasses.fields(KFACConfig)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise TypeError(f"KFACCallback: unknown option(s) {unknown}; known: {sorted(names)}")
+    for key in DAMPING_KEYS:
+        if key in kwargs:
+            kwargs[key] = as_damping_list(kwargs[key])
+    if isinstance(kwargs.get("disable_layers"), str):
+        kwargs["disable_layers"] = [s for s in kwargs["disable_layers"].split(",") if s.strip()]
+    if "disable_layers" in kwargs:
+        kwargs["disable_layers"] = [str(s).strip() for s in kwargs["disable_layers"]]
+    cfg = KFACConfig(**kwargs)
+    errors = validate_kfac(cfg)
+    if errors:
+        raise ValueError("invalid K-FAC options:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def _g(x: float) -> str:
+    return f"{x:g}"
+
+
+def _shape(n: int) -> str:
+    return f"{n}x{n}"
+
+
+class KFACCallback(Callback):
+    """Kronecker-factored preconditioning of Linear, Conv2d and affine BatchNorm layers.
+
+    Args:
+        model: The model; its supported layers not named in ``disable_layers`` are
+            preconditioned, every other parameter is left to the base optimizer.
+        comm: The communicator (``rank``, ``world_size``, ``allreduce_sum_``, ``broadcast_``).
+            ``None`` means one process, or the trainer's ``comm`` at ``on_setup_end``.
+        printer: Where lines go; by default printed on rank 0.
+        **kwargs: ``KFACConfig`` fields (see ``make_config`` for accepted spellings).
+
+    Attributes:
+        config: The validated options.
+        blocks: ``{layer name: block}`` in model order.
+        owners: ``{layer name: owner rank}``.
+        steps: s, the number of completed K-FAC steps.
+
+    Raises:
+        ValueError: For invalid options, unknown names in ``disable_layers`` (listing the
+            model's preconditionable layers), or a layer K-FAC cannot precondition.
+    """
+
+    def __init__(self, model: nn.Module, comm: Any = None,
+                 printer: Callable[[str], None] | None = None, **kwargs: Any) -> None:
+        self.config = make_config(**kwargs)
+        self.model = model
+        self._comm_given = comm is not None
+        self.comm = comm if comm is not None else SingleProcess()
+        self._printer = printer
+        self.blocks = self._build_blocks(model, self.config.disable_layers)
+        c = self.config
+        self.dampings = [DampingSchedule(getattr(c, k), c.damping_warmup_steps)
+                         for k in DAMPING_KEYS]
+        self.steps = 0
+        self.inverse_dtype = getattr(torch, c.inverse_dtype)
+        self.owners = self._assign()
+        self._captures: dict[str, dict[str, torch.Tensor]] = {}
+        self._warned: set[tuple[str, str]] = set()
+        self._need_inverses = True
+        self._handles = [block.module.register_forward_hook(self._forward_hook(name))
+                         for name, block in self.blocks.items()]
+
+    @classmethod
+    def from_config(cls, model: nn.Module, cfg: Any, comm: Any = None,
+                    printer: Callable[[str], None] | None = None) -> KFACCallback:
+        """Builds the callback from a ``KFACConfig``, a mapping, or an OmegaConf ``kfac`` node."""
+        if dataclasses.is_dataclass(cfg):
+            options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+        elif isinstance(cfg, Mapping) or hasattr(cfg, "keys"):
+            options = {k: cfg[k] for k in cfg.keys()}
+        else:
+            raise TypeError(f"from_config: expected a KFACConfig or a mapping, got {type(cfg)}")
+        return cls(model, comm=comm, printer=printer, **options)
+
+    # -- construction ----------------------------------------------------------------
+
+    @staticmethod
+    def _build_blocks(model: nn.Module, disable: list[str]) -> dict[str, Block]:
+        candidates = [name for name, m in model.named_modules() if is_preconditionable(m)]
+        unknown = [name for name in disable if name not in candidates]
+        if unknown:
+            raise ValueError(f"kfac.disable_layers: unknown layer(s) {unknown}; the model's "
+                             f"preconditionable layers are {candidates}")
+        blocks = {}
+        for name, module in model.named_modules():
+            if name in disable or not is_preconditionable(module):
+                continue
+            blocks[name] = make_block(name, module)
+        return blocks
+
+    def _assign(self) -> dict[str, int]:
+        infos = [LayerInfo(name, b.kind, tuple(b.factor_dims())) for name, b in self.blocks.items()]
+        return assign_owners(infos, self.comm.world_size, self.config.inverse_strategy)
+
+    def remove_hooks(self) -> None:
+        """Detaches the callback from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    # -- printing --------------------------------------------------------------------
+
+    def _print(self, line: str) -> None:
+        (self._printer or rank0_print(self.comm))(line)
+
+    def _warn_once(self, layer: str, what: str, line: str) -> None:
+        if (layer, what) not in self._warned:
+            self._warned.add((layer, what))
+            self._print(line)
+
+    def setup_lines(self) -> list[str]:
+        """The options line, then one line per preconditioned layer with its owner rank."""
+        c = self.config
+        damp = " ".join(f"{k}={','.join(_g(v) for v in getattr(c, k))}" for k in DAMPING_KEYS)
+        lines = [
+            f"{PREFIX} {damp} damping_warmup_steps={c.damping_warmup_steps} "
+            f"update_interval={c.update_interval_init}->{c.update_interval_target} over "
+            f"{c.update_interval_steps} steps compute_interval_steps={c.compute_interval_steps} "
+            f"kronecker_decay={_g(c.kronecker_decay)} use_pi={int(c.use_pi)} "
+            f"use_eigen={int(c.use_eigen)} inverse_strategy={c.inverse_strategy} "
+            f"inverse_dtype={c.inverse_dtype} learning_rate_factor={_g(c.learning_rate_factor)} "
+            f"disable_layers={','.join(c.disable_layers) or 'none'} "
+            f"ranks={self.comm.world_size}"]
+        for name, b in self.blocks.items():
+            shapes = ", ".join(f"{f} {_shape(n)}" for f, n in zip(b.factor_names, b.factor_dims(),
+                                                                  strict=True))
+            lines.append(f"{PREFIX} layer {name} ({b.kind}): {shapes}, owner rank "
+                         f"{self.owners[name]}")
+        return lines
+
+    def damping_line(self, epochs: int) -> str:
+        """LBANN's epoch-end line with the current dampings, after ``epochs`` epochs."""
+        d = self.current_dampings()
+        return (f"{PREFIX} changing damping value to {_g(d.act)} (act), {_g(d.err)} (err), "
+                f"{_g(d.bn_act)} (bn_act), {_g(d.bn_err)} (bn_err) at {epochs} epochs")
+
+    # -- trainer hooks ---------------------------------------------------------------
+
+    def on_setup_end(self, trainer: Trainer) -> None:
+        """Adopts the trainer's communicator (if none was given) and prints the setup lines."""
+        comm = getattr(trainer, "comm", None)
+        if not self._comm_given and comm is not None:
+            self.comm = comm
+            self._comm_given = True
+            self.owners = self._assign()
+        for line in self.setup_lines():
+            self._print(line)
+
+    def on_backward_prop_end(self, trainer: Trainer) -> None:
+        """Preconditions the (rank-averaged) gradients."""
+        self.step()
+
+    def on_epoch_end(self, trainer: Trainer) -> None:
+        """Prints LBANN's damping line; ``trainer.epoch`` is 0-based."""
+        self._print(self.damping_line(trainer.epoch + 1))
+
+    # -- schedules -------------------------------------------------------------------
+
+    def current_dampings(self) -> Dampings:
+        """The dampings the next step uses."""
+        return Dampings(*(d.value for d in self.dampings))
+
+    def is_update_step(self) -> bool:
+        """Whether the current step updates the factors (and so captures activations)."""
+        c = self.config
+        return is_update_step(self.steps, c.update_interval_init, c.update_interval_target,
+                              c.update_interval_steps)
+
+    def _forward_hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            # Test passes, no-grad evaluation and non-update steps capture nothing.
+            if not (module.training and torch.is_grad_enabled() and self.is_update_step()):
+                return
+            if not isinstance(output, torch.Tensor) or not output.requires_grad or not args:
+                return
+            capture = {"a": args[0].detach()}
+            self._captures[name] = capture
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                capture["g"] = grad.detach()
+
+            # A tensor hook (rather than a full backward hook) tolerates in-place ops such as
+            # ReLU(inplace=True) after the layer: it sees the gradient of the layer's output.
+            output.register_hook(grad_hook)
+
+        return hook
+
+    # -- the step --------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One K-FAC step; call it after backward (and gradient averaging), before the optimizer.
+
+        On factor-update steps the captured inputs and output gradients become factors
+        (summed over ranks in one collective) and are folded into the running averages; on
+        compute steps each owner recomputes its layers' inverses; every step every layer with
+        inverses is preconditioned by its owner and the result broadcast. Then the damping
+        schedule and the step counter advance.
+        """
+        s = self.steps
+        damping = self.current_dampings()
+        if self.is_update_step():
+            self._update_factors(s)
+        self._captures = {}
+        if is_compute_step(s, self.config.compute_interval_steps) or self._need_inverses:
+            self._compute_inverses(s, damping)
+        self._precondition(s)
+        for d in self.dampings:
+            d.advance()
+        self.steps += 1
+
+    def _update_factors(self, s: int) -> None:
+        world = self.comm.world_size
+        names = list(self.blocks)
+        dtype = torch.float32
+        for b in self.blocks.values():
+            dtype = torch.promote_types(dtype, b.dtype)
+        parts, dims = [], []
+        present = []
+        for name in names:
+            block, cap = self.blocks[name], self._captures.get(name)
+            layer_dims = block.factor_dims()
+            dims.extend(layer_dims)
+            if cap is not None and "g" in cap:
+                n_global = cap["a"].shape[0] * world
+                mats = block.contributions(cap["a"], cap["g"], n_global)
+                present.append(1.0)
+            else:
+                # Keeps the packed layout identical on every rank; the flag below says the
+                # layer is incomplete.
+                weight = block.module.weight
+                mats = [torch.zeros(n, n, dtype=weight.dtype, device=weight.device)
+                        for n in layer_dims]
+                present.append(0.0)
+            parts.extend(m.to(dtype) for m in mats)
+        if not parts:
+            return
+        device = self.blocks[names[0]].module.weight.device
+        flags = torch.tensor(present, dtype=dtype, device=device)
+        flat = torch.cat([pack_triangles(parts), flags])
+        if world > 1:
+            # All layers' triangles and the presence flags in one collective (spec §6).
+            self.comm.allreduce_sum_([flat])
+        counts = flat[-len(names):].tolist()
+        mats = unpack_triangles(flat[:-len(names)], dims)
+        i = 0
+        for name, count in zip(names, counts, strict=True):
+            block = self.blocks[name]
+            k = len(block.factor_names)
+            layer_mats, i = mats[i:i + k], i + k
+            if round(count) != world:
+                continue  # some rank saw no forward/backward of this layer this step
+            if not block.update_factors(layer_mats, self.config.kronecker_decay):
+                self._warn_once(name, "factor", f"{PREFIX} step {s}: layer {name}: non-finite "
+                                "Kronecker factor skipped (running average kept)")
+
+    def _compute_inverses(self, s: int, damping: Dampings) -> None:
+        c = self.config
+        for name, block in self.blocks.items():
+            if self.owners[name] != self.comm.rank:
+                block.clear_inverses()
+                continue
+            start = time.perf_counter()
+            ok = block.compute_inverses(damping, c.use_pi, c.use_eigen, self.inverse_dtype)
+            elapsed = time.perf_counter() - start
+            if c.print_time and block.has_factors:
+                self._print(f"{PREFIX} step {s}: inverses of {name} took {elapsed * 1e3:.3f} ms "
+                            f"on rank {self.comm.rank}")
+            for note in block.inverse_notes:
+                self._warn_once(name, "inverse " + note.split(":")[0],
+                                f"{PREFIX} step {s}: layer {name}: {note}")
+            if not ok and block.has_factors:
+                self._warn_once(name, "plain", f"{PREFIX} step {s}: layer {name}: no usable "
+                                "inverse; the layer keeps its plain gradient")
+            if c.print_matrix_summary or c.print_matrix:
+                self._print_matrices(s, name, block)
+        self._need_inverses = False
+
+    def _print_matrices(self, s: int, name: str, block: Block) -> None:
+        inverses = [f"{f}_inv" for f in block.factor_names]
+        for attr in (*block.factor_names, *inverses):
+            mat = getattr(block, attr, None)
+            if mat is None:
+                continue
+            if self.config.print_matrix_summary:
+                self._print(f"{PREFIX} step {s}: layer {name}: {attr} {_shape(mat.shape[0])} "
+                            f"norm {float(mat.norm()):g} min {float(mat.min()):g} "
+                            f"max {float(mat.max()):g} trace {float(mat.trace()):g}")
+            if self.config.print_matrix:
+                self._print(f"{PREFIX} step {s}: layer {name}: {attr} =\n{mat}")
+
+    def _precondition(self, s: int) -> None:
+        # Gradients are identical on all ranks here, so every rank takes the same decisions.
+        for name, block in self.blocks.items():
+            if not block.grads_finite():
+                self._print(f"{PREFIX} step {s}: layer {name}: non-finite gradient; "
+                            "zeroed for this step")
+                block.zero_grads()
+        f = self.config.learning_rate_factor
+        for name, block in self.blocks.items():
+            if self.owners[name] == self.comm.rank and block.has_inverses:
+                if not block.precondition(f):
+                    self._warn_once(name, "precond", f"{PREFIX} step {s}: layer {name}: "
+                                    "preconditioned gradient not finite; plain gradient kept")
+        if self.comm.world_size > 1:
+            self._broadcast_gradients()
+
+    def _broadcast_gradients(self) -> None:
+        """Sends each owner's (preconditioned) gradients to the other ranks, one per owner."""
+        for owner in range(self.comm.world_size):
+            grads = []
+            for name, block in self.blocks.items():
+                layer_grads = block.grads()
+                if self.owners[name] == owner and layer_grads is not None:
+                    grads.extend(layer_grads)
+            if not grads:
+                continue
+            dtype = grads[0].dtype
+            for g in grads:
+                dtype = torch.promote_types(dtype, g.dtype)
+            flat = torch.cat([g.reshape(-1).to(dtype) for g in grads])
+            self.comm.broadcast_([flat], owner)
+            if self.comm.rank != owner:
+                offset = 0
+                for g in grads:
+                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                    offset += g.numel()
+
+    # -- checkpoints -----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Running averages, update counts, current dampings and the step counter."""
+        return {
+            "steps": self.steps,
+            "dampings": [d.value for d in self.dampings],
+            "factors": {name: [None if m is None else m.detach().clone() for m in b.factors()]
+                        for name, b in self.blocks.items()},
+            "updates": {name: b.updates for name, b in self.blocks.items()},
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restores ``state_dict()``; the inverses are recomputed at the next step.
+
+        Raises:
+            ValueError: If the state's layers differ from this callback's.
+        """
+        if set(state["factors"]) != set(self.blocks):
+            raise ValueError(f"K-FAC state has layers {sorted(state['factors'])}, the callback "
+                             f"has {sorted(self.blocks)}")
+        self.steps = int(state["steps"])
+        for d, v in zip(self.dampings, state["dampings"], strict=True):
+            d.value = float(v)
+        for name, block in self.blocks.items():
+            block.set_factors(list(state["factors"][name]))
+            block.updates = int(state["updates"][name])
+            block.clear_inverses()
+        self._captures = {}
+        self._need_inverses = True

@@ -1,0 +1,139 @@
+"""The ``kfac`` config group: K-FAC options and their validation.
+
+``KFACConfig`` is a plain dataclass so that ``OmegaConf.structured(KFACConfig)`` gives the
+schema of the ``kfac`` group; ``validate_kfac`` finds every mistake at once and names the key,
+so a bad sweep fails at compose time instead of hours into a run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+STRATEGIES = ("all", "each", "root", "balanced")
+INVERSE_DTYPES = ("float32", "float64")
+DAMPING_KEYS = ("damping_act", "damping_err", "damping_bn_act", "damping_bn_err")
+
+
+@dataclass
+class KFACConfig:
+    """Options of the K-FAC callback (spec §1, §4, §5).
+
+    Each damping is a list: one value is a constant, two values are ``[init, target]`` and the
+    damping warms down from init to target over ``damping_warmup_steps`` steps.
+    """
+
+    enabled: bool = False
+    damping_act: list[float] = field(default_factory=lambda: [0.03])
+    damping_err: list[float] = field(default_factory=lambda: [0.03])
+    damping_bn_act: list[float] = field(default_factory=lambda: [0.03])
+    damping_bn_err: list[float] = field(default_factory=lambda: [0.03])
+    damping_warmup_steps: int = 100
+    update_interval_init: int = 1
+    update_interval_target: int = 1
+    update_interval_steps: int = 0
+    compute_interval_steps: int = 1
+    use_pi: bool = False
+    use_eigen: bool = False
+    kronecker_decay: float = 0.99
+    inverse_strategy: str = "all"
+    disable_layers: list[str] = field(default_factory=list)
+    learning_rate_factor: float = 1.0
+    print_time: bool = False
+    print_matrix: bool = False
+    print_matrix_summary: bool = False
+    inverse_dtype: str = "float32"
+
+
+def as_damping_list(value: Any) -> list[float]:
+    """Normalises a damping given as a number, a tuple/list, or a ``"init,target"`` string.
+
+    Args:
+        value: ``0.01``, ``(0.1, 0.01)``, ``[0.1, 0.01]``, ``"0.1,0.01"`` or ``"0.1 0.01"``.
+
+    Returns:
+        The damping as a list of floats (one or two values are valid; validation says so).
+    """
+    if isinstance(value, str):
+        return [float(v) for v in value.replace(",", " ").split()]
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    return [float(v) for v in value]
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def _damping_errors(key: str, values: list[float], warmup_steps: int) -> list[str]:
+    """Errors of one damping entry; see spec §4 for the warm-up rule."""
+    if len(values) not in (1, 2):
+        return [f"kfac.{key}: expected one value or [init, target], got {len(values)} values"]
+    errors = []
+    for v in values:
+        if not math.isfinite(v) or v < 0:
+            errors.append(f"kfac.{key}: damping {_fmt(v)} must be a finite value >= 0")
+    if errors or len(values) == 1:
+        return errors
+    d0, d1 = values
+    if d0 < d1:
+        return [f"kfac.{key}: init {_fmt(d0)} < target {_fmt(d1)} is not allowed "
+                "(damping warms DOWN from init to target)"]
+    if d0 == d1:
+        return []
+    if d1 <= 0:
+        return [f"kfac.{key}: a warm-up target must be > 0 (log10(init/target) is undefined), "
+                f"got {_fmt(d1)}"]
+    if warmup_steps < 1:
+        return [f"kfac.{key}: a warm-up from {_fmt(d0)} to {_fmt(d1)} needs "
+                f"kfac.damping_warmup_steps >= 1, got {warmup_steps}"]
+    alpha = 2.0 * math.log10(d0 / d1) / warmup_steps
+    if alpha > 1.0:
+        # (1 - alpha) < 0 makes the damping oscillate around the target and possibly turn
+        # negative, which would break the inverses.
+        need = math.ceil(2.0 * math.log10(d0 / d1))
+        return [f"kfac.{key}: warm-up from {_fmt(d0)} to {_fmt(d1)} over {warmup_steps} steps "
+                f"gives alpha {alpha:.3g} > 1; use kfac.damping_warmup_steps >= {need}"]
+    return []
+
+
+def validate_kfac(cfg: Any) -> list[str]:
+    """Checks a ``kfac`` config and returns every error found, each naming its key.
+
+    Args:
+        cfg: A ``KFACConfig``, an OmegaConf node of the ``kfac`` group, or any object with
+            the same attributes.
+
+    Returns:
+        Error messages; an empty list means the config is valid.
+    """
+    errors: list[str] = []
+    warmup = int(cfg.damping_warmup_steps)
+    if warmup < 0:
+        errors.append(f"kfac.damping_warmup_steps: must be >= 0, got {warmup}")
+    for key in DAMPING_KEYS:
+        try:
+            values = as_damping_list(getattr(cfg, key))
+        except (TypeError, ValueError):
+            errors.append(f"kfac.{key}: not a number or list of numbers: {getattr(cfg, key)!r}")
+            continue
+        errors += _damping_errors(key, values, warmup)
+    for key in ("update_interval_init", "update_interval_target", "compute_interval_steps"):
+        if int(getattr(cfg, key)) < 1:
+            errors.append(f"kfac.{key}: must be >= 1, got {getattr(cfg, key)}")
+    if int(cfg.update_interval_steps) < 0:
+        errors.append(f"kfac.update_interval_steps: must be >= 0, got {cfg.update_interval_steps}")
+    decay = float(cfg.kronecker_decay)
+    if not 0.0 <= decay < 1.0:
+        errors.append(f"kfac.kronecker_decay: must lie in [0, 1), got {_fmt(decay)}")
+    if cfg.inverse_strategy not in STRATEGIES:
+        errors.append(f"kfac.inverse_strategy: unknown strategy {cfg.inverse_strategy!r}; "
+                      f"choose one of {', '.join(STRATEGIES)}")
+    if cfg.inverse_dtype not in INVERSE_DTYPES:
+        errors.append(f"kfac.inverse_dtype: unknown dtype {cfg.inverse_dtype!r}; "
+                      f"choose one of {', '.join(INVERSE_DTYPES)}")
+    factor = float(cfg.learning_rate_factor)
+    if not math.isfinite(factor) or factor <= 0:
+        errors.append(f"kfac.learning_rate_factor: must be a finite value > 0, got {_fmt(factor)}")
+    return errors

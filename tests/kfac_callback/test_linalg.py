@@ -1,0 +1,105 @@
+"""Damped inverses (Cholesky and eigen), the robustness ladder, π and triangle packing."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kfac_callback.linalg import (
+    damped_inverse,
+    pack_triangles,
+    pi_factor,
+    triangle_size,
+    unpack_triangles,
+)
+
+D = torch.float64
+
+
+def spd(n: int, seed: int, rank: int | None = None) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    m = torch.randn(n, rank or n + 2, dtype=D, generator=gen)
+    return m @ m.T
+
+
+@pytest.mark.parametrize("use_eigen", [False, True])
+def test_damped_inverse_matches_dense_inverse(use_eigen: bool) -> None:
+    mat = spd(5, 0, rank=2)  # singular without damping
+    r = damped_inverse(mat, 0.3, D, use_eigen)
+    assert r.note == ""
+    torch.testing.assert_close(r.inverse, torch.linalg.inv(mat + 0.3 * torch.eye(5, dtype=D)))
+
+
+def test_cholesky_and_eigen_paths_agree_with_diagonal_damping() -> None:
+    mat = spd(6, 1)
+    diag = torch.tensor([0.1, 0.1, 0.1, 2.0, 2.0, 2.0], dtype=D)
+    chol = damped_inverse(mat, diag, D, use_eigen=False).inverse
+    eig = damped_inverse(mat, diag, D, use_eigen=True).inverse
+    torch.testing.assert_close(chol, eig)
+    torch.testing.assert_close(chol, torch.linalg.inv(mat + torch.diag(diag)))
+
+
+def test_float32_inverse_agrees_with_float64() -> None:
+    mat = spd(8, 2)
+    r32 = damped_inverse(mat.float(), 0.03, torch.float32)
+    r64 = damped_inverse(mat, 0.03, D)
+    assert r32.inverse.dtype == torch.float32
+    torch.testing.assert_close(r32.inverse.double(), r64.inverse, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("use_eigen", [False, True])
+def test_non_finite_factor_gives_no_inverse(bad: float, use_eigen: bool) -> None:
+    mat = spd(4, 3)
+    mat[1, 2] = bad
+    r = damped_inverse(mat, 0.1, D, use_eigen)
+    assert r.inverse is None
+    assert "not finite" in r.note
+
+
+@pytest.mark.parametrize("use_eigen", [False, True])
+def test_indefinite_factor_rescued_by_more_damping(use_eigen: bool) -> None:
+    # Smallest eigenvalue -0.5: damping 0.1 fails, 1.0 (×10) succeeds.
+    mat = torch.diag(torch.tensor([2.0, 1.0, -0.5], dtype=D))
+    r = damped_inverse(mat, 0.1, D, use_eigen)
+    assert "damping raised to 1" in r.note
+    torch.testing.assert_close(r.inverse, torch.linalg.inv(mat + torch.eye(3, dtype=D)))
+
+
+@pytest.mark.parametrize("use_eigen", [False, True])
+def test_hopeless_factor_gives_no_inverse(use_eigen: bool) -> None:
+    mat = -1e6 * torch.eye(3, dtype=D)
+    r = damped_inverse(mat, 0.03, torch.float32, use_eigen)
+    assert r.inverse is None
+    assert "failed" in r.note
+
+
+def test_float32_failure_is_retried_in_float64() -> None:
+    # Eigenvalues 2 - 1e-10 and 1e-10: positive definite, but singular once rounded to float32.
+    mat = torch.tensor([[1.0, 1.0 - 1e-10], [1.0 - 1e-10, 1.0]], dtype=D)
+    r = damped_inverse(mat, 0.0, torch.float32)
+    assert r.note == "decomposition failed; succeeded in float64"
+    assert r.inverse.dtype == torch.float32
+    torch.testing.assert_close(r.inverse.double(), torch.linalg.inv(mat), rtol=1e-5, atol=0)
+
+
+def test_pi_formula() -> None:
+    a = torch.diag(torch.tensor([1.0, 2.0, 3.0], dtype=D))  # tr/dim = 2
+    g = torch.diag(torch.tensor([0.5, 0.0], dtype=D))  # tr/dim = 0.25
+    assert pi_factor(a, g) == pytest.approx(math.sqrt(2 / 0.25))
+    assert pi_factor(a, torch.zeros(2, 2, dtype=D)) == 1.0
+
+
+def test_triangle_pack_unpack_round_trip() -> None:
+    mats = [(m + m.T) / 2 for m in (spd(n, n) for n in (1, 3, 5))]  # exactly symmetric
+    flat = pack_triangles(mats)
+    assert flat.numel() == sum(triangle_size(n) for n in (1, 3, 5)) == 1 + 6 + 15
+    for got, want in zip(unpack_triangles(flat, [1, 3, 5]), mats, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # Packing keeps the upper triangle: the entries on the wire are exactly those.
+    rows, cols = torch.triu_indices(3, 3)
+    torch.testing.assert_close(flat[1:7], mats[1][rows, cols], rtol=0, atol=0)
+    with pytest.raises(ValueError):
+        unpack_triangles(flat, [1, 3])
