@@ -228,7 +228,8 @@ class KFACCallback(Callback):
                 return
             if not isinstance(output, torch.Tensor) or not output.requires_grad or not args:
                 return
-            capture = {"a": args[0].detach()}
+            previous = self._captures.get(name)
+            capture = {"a": args[0].detach(), "calls": 1 + (previous["calls"] if previous else 0)}
             self._captures[name] = capture
 
             def grad_hook(grad: torch.Tensor) -> None:
@@ -253,11 +254,13 @@ class KFACCallback(Callback):
         """
         s = self.steps
         damping = self.current_dampings()
-        if self.is_update_step():
+        captures = self._captures if self.is_update_step() else {}
+        if captures is self._captures and self.is_update_step():
             self._update_factors(s)
         self._captures = {}
         if is_compute_step(s, self.config.compute_interval_steps) or self._need_inverses:
             self._compute_inverses(s, damping)
+        self._offer_batches(captures)
         self._precondition(s)
         for d in self.dampings:
             d.advance()
@@ -289,14 +292,16 @@ class KFACCallback(Callback):
             parts.extend(m.to(dtype) for m in mats)
         if not parts:
             return
-        device = self.blocks[names[0]].module.weight.device
-        flags = torch.tensor(present, dtype=dtype, device=device)
-        flat = torch.cat([pack_triangles(parts), flags])
         if world > 1:
             # All layers' triangles and the presence flags in one collective (spec §6).
+            device = self.blocks[names[0]].module.weight.device
+            flags = torch.tensor(present, dtype=dtype, device=device)
+            flat = torch.cat([pack_triangles(parts), flags])
             self.comm.allreduce_sum_([flat])
-        counts = flat[-len(names):].tolist()
-        mats = unpack_triangles(flat[:-len(names)], dims)
+            counts = flat[-len(names):].tolist()
+            mats = unpack_triangles(flat[:-len(names)], dims)
+        else:
+            counts, mats = present, parts  # nothing to send: skip the packing
         i = 0
         for name, count in zip(names, counts, strict=True):
             block = self.blocks[name]
@@ -307,6 +312,21 @@ class KFACCallback(Callback):
             if not block.update_factors(layer_mats, self.config.kronecker_decay):
                 self._warn_once(name, "factor", f"{PREFIX} step {s}: layer {name}: non-finite "
                                 "Kronecker factor skipped (running average kept)")
+
+    def _offer_batches(self, captures: dict[str, dict[str, Any]]) -> None:
+        """Lets fully connected layers precondition through this step's batch (cheaper).
+
+        Only with one rank (each rank's gradient is then exactly ``gᵀa`` of its own batch)
+        and only for a layer that ran forward exactly once since the last step (no weight
+        sharing, no gradient accumulation).
+        """
+        for name, block in self.blocks.items():
+            if not hasattr(block, "set_batch"):
+                continue
+            cap = captures.get(name, {})
+            usable = (self.comm.world_size == 1 and block.kind == "linear" and cap.get("calls") == 1
+                      and "g" in cap)
+            block.set_batch(cap["a"] if usable else None, cap["g"] if usable else None)
 
     def _compute_inverses(self, s: int, damping: Dampings) -> None:
         c = self.config
@@ -350,6 +370,8 @@ class KFACCallback(Callback):
                 self._print(f"{PREFIX} step {s}: layer {name}: non-finite gradient; "
                             "zeroed for this step")
                 block.zero_grads()
+                if hasattr(block, "set_batch"):
+                    block.set_batch(None, None)  # the batch route would bring the gradient back
         f = self.config.learning_rate_factor
         for name, block in self.blocks.items():
             if self.owners[name] == self.comm.rank and block.has_inverses:

@@ -56,9 +56,18 @@ def add_damping(mat: torch.Tensor, damping: Damping) -> torch.Tensor:
 
 
 def _inverse_once(mat: torch.Tensor, damping: Damping, dtype: torch.dtype,
-                  use_eigen: bool) -> torch.Tensor | None:
-    """One attempt: damp, decompose, invert in ``dtype``; ``None`` on any failure."""
+                  use_eigen: bool, cholesky_only: bool = False) -> torch.Tensor | None:
+    """One attempt: damp, decompose, invert in ``dtype``; ``None`` on any failure.
+
+    With ``cholesky_only`` the lower Cholesky factor L is returned instead of the inverse:
+    solving with L costs less than forming the inverse (see ``DampedInverse``).
+    """
     m = add_damping(mat.to(dtype), damping)
+    if cholesky_only and not use_eigen:
+        chol, info = torch.linalg.cholesky_ex(m)
+        if int(info) != 0 or not all_finite(chol):
+            return None
+        return chol
     if use_eigen:
         try:
             evals, evecs = torch.linalg.eigh(m)
@@ -102,7 +111,7 @@ def _describe(damping: Damping) -> str:
 
 
 def damped_inverse(mat: torch.Tensor, damping: Damping, dtype: torch.dtype = torch.float32,
-                   use_eigen: bool = False) -> InverseResult:
+                   use_eigen: bool = False, cholesky_only: bool = False) -> InverseResult:
     """Inverse of ``mat + diag(damping)`` with the robustness ladder of spec §5.
 
     Tries ``dtype``; on a failed decomposition or a non-finite result retries in float64,
@@ -113,28 +122,60 @@ def damped_inverse(mat: torch.Tensor, damping: Damping, dtype: torch.dtype = tor
         damping: A scalar (``damping·I``) or a length-n vector (``diag(damping)``).
         dtype: The dtype of the decomposition and of the returned inverse.
         use_eigen: Use ``eigh`` instead of Cholesky (same damping, same result up to rounding).
+        cholesky_only: Return the lower Cholesky factor of the damped matrix, not its inverse
+            (ignored with ``use_eigen``).
 
     Returns:
         The inverse (``None`` if every rung failed or ``mat`` is not finite) and a note.
     """
     if not all_finite(mat):
         return InverseResult(None, "factor is not finite")
-    inv = _inverse_once(mat, damping, dtype, use_eigen)
+    inv = _inverse_once(mat, damping, dtype, use_eigen, cholesky_only)
     if inv is not None:
         return InverseResult(inv)
     if dtype != torch.float64:
-        inv = _inverse_once(mat, damping, torch.float64, use_eigen)
+        inv = _inverse_once(mat, damping, torch.float64, use_eigen, cholesky_only)
         if inv is not None:
             return InverseResult(inv.to(dtype), "decomposition failed; succeeded in float64")
     grown = damping
     for _ in range(DAMPING_RETRIES):
         grown = _grow(grown, mat)
-        inv = _inverse_once(mat, grown, torch.float64, use_eigen)
+        inv = _inverse_once(mat, grown, torch.float64, use_eigen, cholesky_only)
         if inv is not None:
             return InverseResult(inv.to(dtype), "decomposition failed; succeeded in float64 "
                                  f"with damping raised to {_describe(grown)}")
     return InverseResult(None, "decomposition failed even in float64 with damping raised to "
                          f"{_describe(grown)}")
+
+
+class DampedInverse:
+    """M⁻¹ of a damped factor, held as its Cholesky factor L (M = L Lᵀ) or as M⁻¹ itself.
+
+    Preconditioning needs only products M⁻¹X. With L they are two triangular solves, which
+    cost as much as one product with an explicit inverse, so forming M⁻¹ (a further
+    ~n³ flops per factor at every compute step) is skipped.
+    """
+
+    def __init__(self, chol: torch.Tensor | None = None, inverse: torch.Tensor | None = None) -> None:
+        self.chol = chol
+        self._inverse = inverse
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return (self.chol if self.chol is not None else self._inverse).dtype
+
+    @property
+    def inverse(self) -> torch.Tensor:
+        """The explicit inverse (formed on first use when only L is held)."""
+        if self._inverse is None:
+            self._inverse = torch.cholesky_inverse(self.chol)
+        return self._inverse
+
+    def solve(self, x: torch.Tensor) -> torch.Tensor:
+        """M⁻¹ x for a matrix x with M's number of rows."""
+        if self.chol is not None:
+            return torch.cholesky_solve(x, self.chol)
+        return self._inverse @ x
 
 
 def pi_factor(a: torch.Tensor, g: torch.Tensor) -> float:

@@ -257,3 +257,34 @@ def test_no_inverses_means_plain_gradient() -> None:
     assert not block.compute_inverses(Dampings(0.1, 0.1, 0.1, 0.1))  # no factors yet
     assert not block.precondition(1.0)
     torch.testing.assert_close(layer.weight.grad, torch.ones(2, 3, dtype=D))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("use_eigen", [False, True])
+def test_preconditioning_through_the_batch_equals_the_dense_kron_solve(bias: bool, use_eigen: bool) -> None:
+    # N = 4 samples, 40 → 30: the batch route (G⁻¹gᵀ)([a|1]A⁻¹) is the cheaper one here.
+    torch.manual_seed(5)
+    layer = nn.Linear(40, 30, bias=bias, dtype=D)
+    block = LinearBlock("l", layer)
+    da, dg = block.factor_dims()
+    big_a, big_g = spd(da, 3), spd(dg, 4)
+    block.update_factors([big_a, big_g], 0.99)
+    x = torch.randn(4, 40, dtype=D)
+    out = layer(x)
+    g_out = torch.randn_like(out) / 4
+    out.backward(g_out)
+    gm = layer.weight.grad.clone()
+    if bias:
+        gm = torch.cat([gm, layer.bias.grad[:, None]], dim=1)
+    lam_a, lam_g = 0.05, 0.2
+    a_d = big_a + lam_a * torch.eye(da, dtype=D)
+    g_d = big_g + lam_g * torch.eye(dg, dtype=D)
+    expected = torch.linalg.solve(torch.kron(a_d, g_d), vec(gm)).reshape(da, dg).mT
+    assert block.compute_inverses(Dampings(lam_a, lam_g, 9.0, 9.0), False, use_eigen, D)
+    block.set_batch(x, g_out)
+    assert block._through_batch() is not None  # the batch route is the one taken
+    block.set_batch(x, g_out)
+    assert block.precondition(1.0)
+    torch.testing.assert_close(layer.weight.grad, expected[:, :40])
+    if bias:
+        torch.testing.assert_close(layer.bias.grad, expected[:, -1])
