@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 		$(PY) -m pip install -q "torch==$(TORCH_CPU_VERSION)" \
 		|| $(PY) -m pip install -q "torch==$(TORCH_CPU_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(PY) -m pip install -q -e ".[mpi,test]"
+	$(PY) -m pip install -q -e ".[mpi,test,tensorboard]"
 	@# An MPI library only where the machine has none (a cluster's own MPI is preferred).
 	@if command -v mpiexec >/dev/null 2>&1; then echo "using $$(command -v mpiexec)"; \
 	else $(PY) -m pip install -q mpich; fi

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from trainer import report
+from trainer import lbann_log
 
 if TYPE_CHECKING:
     from trainer.trainer import Trainer
@@ -112,11 +112,11 @@ class PrintCallback(Callback):
     """Prints LBANN's epoch block and objective/accuracy lines on rank 0."""
 
     def on_epoch_end(self, trainer: Trainer) -> None:
-        trainer.log(report.epoch_block(trainer.epoch, trainer.shape))
-        trainer.log(report.training_lines(trainer.epoch, trainer.stats))
+        trainer.log(lbann_log.epoch_block(trainer.epoch, trainer.shape))
+        trainer.log(lbann_log.training_lines(trainer.epoch, trainer.stats))
 
     def on_test_end(self, trainer: Trainer) -> None:
-        trainer.log(report.test_lines(trainer.stats.test_loss, trainer.stats.test_accuracy))
+        trainer.log(lbann_log.test_lines(trainer.stats.test_loss, trainer.stats.test_accuracy))
 
 
 class MemoryCallback(Callback):
@@ -125,12 +125,12 @@ class MemoryCallback(Callback):
     def on_epoch_end(self, trainer: Trainer) -> None:
         device = trainer.device
         if device.type == "cuda":
-            line = report.gpu_memory_line(
+            line = lbann_log.gpu_memory_line(
                 torch.cuda.memory_allocated(device),
                 torch.cuda.max_memory_allocated(device),
                 torch.cuda.get_device_properties(device).total_memory,
             )
         else:
             # ru_maxrss is in KiB on Linux.
-            line = report.host_memory_line(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+            line = lbann_log.host_memory_line(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
         trainer.log(line)

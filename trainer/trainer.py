@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from trainer import report
+from trainer import lbann_log
 from trainer.callbacks import Callback
 from trainer.data import batch_plan, epoch_batches
 
@@ -85,10 +85,10 @@ class Trainer:
         self._start = time.time()
         self._dispatch("on_setup_end")
 
-    def _epoch_shape(self) -> report.EpochShape:
+    def _epoch_shape(self) -> lbann_log.EpochShape:
         train = batch_plan(len(self.data.train_y), self.mini_batch_size, self.comm.world_size)
         test = batch_plan(len(self.data.test_y), self.mini_batch_size, self.comm.world_size)
-        return report.EpochShape(
+        return lbann_log.EpochShape(
             train_iters=train.iterations, test_iters=test.iterations, global_mb=self.mini_batch_size,
             global_last_train=train.global_last_batch, global_last_test=test.global_last_batch,
             world_size=self.comm.world_size)
@@ -202,7 +202,7 @@ class Trainer:
         self.model.train()
 
     def _record(self) -> None:
-        mean, mx, mn, sd = report.batch_time_stats(self.stats.batch_times)
+        mean, mx, mn, sd = lbann_log.batch_time_stats(self.stats.batch_times)
         record: dict[str, Any] = {
             "epoch": self.epoch,
             "step": self.step,
@@ -221,4 +221,4 @@ class Trainer:
                 record.update(extra())
         self.history.append(record)
         if self.metrics_path and self.comm.rank == 0:
-            report.append_metrics(self.metrics_path, record)
+            lbann_log.append_metrics(self.metrics_path, record)

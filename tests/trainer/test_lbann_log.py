@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from trainer import report
+from trainer import lbann_log
 
 GOLDEN_BLOCK = """\
 --------------------------------------------------------------------------------
@@ -19,20 +19,20 @@ model0 (instance 0) training epoch 19 mini-batch time statistics : 0.0125s mean,
 
 
 def test_epoch_block_is_lbanns_text_at_four_ranks():
-    shape = report.EpochShape(train_iters=600, test_iters=100, global_mb=100, global_last_train=100,
+    shape = lbann_log.EpochShape(train_iters=600, test_iters=100, global_mb=100, global_last_train=100,
                               global_last_test=100, world_size=4)
-    assert report.epoch_block(19, shape) == GOLDEN_BLOCK
+    assert lbann_log.epoch_block(19, shape) == GOLDEN_BLOCK
 
 
 def test_training_and_test_lines_use_lbanns_number_format():
     stats = SimpleNamespace(train_loss=0.000145131, train_accuracy=100.0, epoch_time=7.60849,
                             batch_times=[0.01, 0.015, 0.0125, 0.0125])
-    assert report.training_lines(19, stats) == GOLDEN_LINES
-    assert report.test_lines(0.070923, 98.2) == (
+    assert lbann_log.training_lines(19, stats) == GOLDEN_LINES
+    assert lbann_log.test_lines(0.070923, 98.2) == (
         "model0 (instance 0) test objective function : 0.070923\n"
         "model0 (instance 0) test accuracy : 98.2%")
 
 
 def test_number_format_is_printf_g():
-    assert [report.g(x) for x in (100.0, 98.23, 1e-5, 123456789.0, 0.1 + 0.2)] == [
+    assert [lbann_log.g(x) for x in (100.0, 98.23, 1e-5, 123456789.0, 0.1 + 0.2)] == [
         "100", "98.23", "1e-05", "1.23457e+08", "0.3"]
