@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import datetime
+from pathlib import Path
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -24,12 +26,15 @@ if HERE not in sys.path:
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
+from launcher.batch import SubmitError, choose_work_dir
+from launcher.config import LauncherConfig
 from launcher.env import LAUNCHED, rank_info
 from launcher.flags import FlagError, help_text, translate
-from launcher.launch import LaunchError, launch_argv, run_ranks
-from trainer.config import Config, validate
+from launcher.launch import LaunchError, Run, start
+from trainer.config import Config, section, validate
 
 ConfigStore.instance().store(name="schema", node=Config)
 CONFIG_DIR = os.path.join(HERE, "configs")
@@ -61,29 +66,29 @@ def precompose(overrides: list[str]) -> None:
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    """Runs one composed config: launches ranks, or trains in this process."""
+    """Runs one composed config: as one rank of a job, or by starting the run's ranks."""
     errors = validate(cfg)
     if errors:
         fail("; ".join(errors))
-    lc = cfg.launcher
-    output_dir = HydraConfig.get().runtime.output_dir
-    if lc.setup_only or lc.batch_job:
-        fail("--setup-only and --batch-job are not supported yet")
-    if os.environ.get(LAUNCHED) or lc.nodes * lc.procs_per_node == 1 or lc.scheduler == "local":
-        from trainer.run import train
+    from trainer.run import train
 
-        train(cfg, output_dir, rank_info(os.environ))
+    hydra_cfg = HydraConfig.get()
+    if os.environ.get(LAUNCHED):  # this process is one rank of a started job
+        train(cfg, hydra_cfg.runtime.output_dir, rank_info(os.environ))
         return
-    # Re-invoke kfac.py in every rank with the canonical overrides (never the LBANN flags),
-    # all writing into this run's directory.
-    overrides = [*HydraConfig.get().overrides.task, f"hydra.run.dir={output_dir}", "hydra.output_subdir=null"]
+    launcher = section(cfg.launcher, LauncherConfig)
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        work_dir = Path(hydra_cfg.runtime.output_dir).resolve()  # <sweep dir>/<job number>
+    else:
+        work_dir = choose_work_dir(Path(launcher.experiment_dir).resolve(), launcher.job_name, datetime.now())
+    run = Run(launcher=launcher, work_dir=work_dir, overrides=list(hydra_cfg.overrides.task),
+              config_yaml=OmegaConf.to_yaml(cfg, resolve=True), script=os.path.abspath(__file__))
     try:
-        argv = launch_argv(lc, os.path.abspath(__file__), overrides, os.environ)
-    except LaunchError as err:
+        status = start(run, lambda out: train(cfg, str(out)))
+    except (LaunchError, SubmitError) as err:
         fail(str(err))
-    status = run_ranks(argv)
     if status:
-        print(f"kfac.py: the ranks ended with status {status}", file=sys.stderr)
+        print(f"kfac.py: the run ended with status {status}; see {work_dir / 'err.log'}", file=sys.stderr)
         sys.exit(status)
 
 

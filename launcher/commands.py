@@ -12,8 +12,10 @@ from collections.abc import Sequence
 from launcher.config import LauncherConfig
 
 
-def rank_command(python: str, script: str, overrides: Sequence[str]) -> list[str]:
-    """What each rank runs."""
+def rank_command(python: str, script: str, overrides: Sequence[str], ranks: int = 2) -> list[str]:
+    """What each rank runs; a single rank needs no MPI at all."""
+    if ranks == 1:
+        return [python, script, *overrides]
     return [python, "-m", "mpi4py", script, *overrides]
 
 
@@ -31,4 +33,15 @@ def srun_argv(cfg: LauncherConfig, python: str, script: str, overrides: Sequence
     # --mpi=pmi2: without it, SLURMs configured with MpiDefault=none start N separate
     # one-rank MPI worlds (MPICH's PMI client needs SLURM's pmi2 plugin).
     return ["srun", "--mpi=pmi2", f"--nodes={cfg.nodes}", f"--ntasks={ranks}", f"--ntasks-per-node={cfg.procs_per_node}",
-            *rank_command(python, script, overrides)]
+            *rank_command(python, script, overrides, ranks)]
+
+
+def script_argv(cfg: LauncherConfig, scheduler: str, python: str, script: str, overrides: Sequence[str],
+                mpiexec: str = "mpiexec", flavor: str = "mpich") -> list[str]:
+    """The command a run's batch.sh executes: srun, mpiexec, or plain python for one rank."""
+    ranks = cfg.nodes * cfg.procs_per_node
+    if scheduler == "slurm":
+        return srun_argv(cfg, python, script, overrides)
+    if ranks == 1:
+        return rank_command(python, script, overrides, 1)
+    return mpiexec_argv(cfg, python, script, overrides, mpiexec, flavor)

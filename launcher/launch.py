@@ -1,7 +1,14 @@
-"""Starting the ranks of a run from outside a job: the I/O edge of the launcher.
+"""Starting a run from outside a job: the I/O edge of the launcher.
 
-Decides (once, here, not while rendering) whether ``srun`` or ``mpiexec`` starts the ranks,
-runs them with the canonical overrides, and returns their exit status.
+Every run gets a work dir holding ``batch.sh``, ``config.yaml``, ``out.log``, ``err.log`` and
+``metrics.jsonl``. Then, by the config:
+
+- ``--setup-only``: stop there;
+- ``--batch-job``: submit ``batch.sh`` with sbatch and print the job id;
+- otherwise: one rank trains in this process (its output tee'd to the logs), several ranks
+  run ``batch.sh`` (mpiexec or srun) with their output tee'd to the logs.
+
+What starts the ranks is decided once, here, before anything is rendered.
 """
 
 from __future__ import annotations
@@ -10,22 +17,43 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, TextIO
 
-from launcher.commands import mpiexec_argv, srun_argv
+from launcher.batch import ERR_LOG, OUT_LOG, BatchSpec, render_batch_script, run_batch_script, submit, write_work_dir
+from launcher.commands import script_argv
 from launcher.config import LauncherConfig
 from launcher.env import LAUNCHED, inside_slurm_allocation
 
+JOB_ID_FILE = "job_id"
+
 
 class LaunchError(RuntimeError):
-    """The ranks could not be started; the message says what to install or change."""
+    """The run cannot be started as configured; the message says what to change."""
 
 
 def choose_scheduler(cfg: LauncherConfig, environ: Mapping[str, str]) -> str:
-    """``auto``: srun inside a SLURM allocation, else mpiexec (``local``: this process)."""
-    if cfg.scheduler != "auto":
-        return cfg.scheduler
-    return "slurm" if inside_slurm_allocation(environ) else "mpiexec"
+    """``auto``: SLURM for batch jobs and inside an allocation, else mpiexec.
+
+    Raises:
+        LaunchError: for combinations that cannot work (several nodes without SLURM, ...).
+    """
+    scheduler = cfg.scheduler
+    if scheduler == "auto":
+        scheduler = "slurm" if cfg.batch_job or inside_slurm_allocation(environ) else "mpiexec"
+    ranks = cfg.nodes * cfg.procs_per_node
+    if cfg.batch_job and scheduler != "slurm":
+        raise LaunchError(f"--batch-job submits with sbatch, but launcher.scheduler={scheduler}: "
+                          "use launcher=slurm or launcher=auto")
+    if scheduler == "local" and ranks > 1:
+        raise LaunchError(f"launcher.scheduler=local runs one rank in this process, but {ranks} ranks were "
+                          "asked for: use launcher=mpiexec or launcher=slurm")
+    if scheduler in ("mpiexec", "local") and cfg.nodes > 1:
+        raise LaunchError(f"--nodes {cfg.nodes} needs SLURM: run inside an allocation (salloc) or add --batch-job")
+    return scheduler
 
 
 def mpi_flavor(mpiexec: str) -> str:
@@ -38,37 +66,99 @@ def mpi_flavor(mpiexec: str) -> str:
 
 
 def find_mpiexec() -> str:
-    """The mpiexec beside this Python (the venv's MPI wheel) or on PATH."""
+    """The mpiexec beside this Python (the venv's MPI wheel), else the one on PATH."""
     beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     found = beside if os.access(beside, os.X_OK) else shutil.which("mpiexec")
     if not found:
         raise LaunchError("several ranks need mpiexec, and none is on PATH: install an MPI "
-                          "(pip install mpich, or your cluster's module) or run with --procs-per-node 1")
+                          "(pip install mpich, or load your cluster's module) or use --procs-per-node 1")
     return found
 
 
-def launch_argv(cfg: LauncherConfig, script: str, overrides: Sequence[str],
-                environ: Mapping[str, str]) -> list[str]:
-    """The argv that starts every rank of this run."""
+@dataclass(frozen=True)
+class Run:
+    """One run to start: its config slice, work dir and the overrides every rank gets."""
+
+    launcher: LauncherConfig
+    work_dir: Path
+    overrides: Sequence[str]
+    config_yaml: str
+    script: str  # absolute path of kfac.py
+
+
+def batch_spec(run: Run, scheduler: str, python: str, mpiexec: str = "mpiexec", flavor: str = "mpich") -> BatchSpec:
+    """The batch script of a run (pure)."""
+    cfg = run.launcher
+    # Every rank writes into this run's work dir and makes no Hydra dir of its own.
+    # --setup-only and --batch-job were for this process; the ranks just train.
+    kept = [o for o in run.overrides if not o.lstrip("+").startswith(("launcher.setup_only=", "launcher.batch_job="))]
+    overrides = [*kept, f"hydra.run.dir={run.work_dir}", "hydra.output_subdir=null"]
+    argv = script_argv(cfg, scheduler, python, run.script, overrides, mpiexec, flavor)
+    return BatchSpec(
+        scheduler="slurm" if scheduler == "slurm" else "mpiexec", nodes=cfg.nodes, ntasks_per_node=cfg.procs_per_node,
+        job_name=cfg.job_name, work_dir=str(run.work_dir), launch_argv=argv, time_limit_minutes=cfg.time_limit,
+        partition=cfg.partition, account=cfg.account, reservation=cfg.reservation,
+        env={LAUNCHED: "1", "PYTHONUNBUFFERED": "1"})
+
+
+@contextmanager
+def tee_output(work_dir: Path) -> Iterator[None]:
+    """Copies this process's stdout and stderr into the work dir's out.log and err.log."""
+
+    class Tee:
+        def __init__(self, stream: TextIO, log: TextIO) -> None:
+            self.stream, self.log = stream, log
+
+        def write(self, text: str) -> int:
+            self.log.write(text)
+            return self.stream.write(text)
+
+        def flush(self) -> None:
+            self.log.flush()
+            self.stream.flush()
+
+        def isatty(self) -> bool:
+            return self.stream.isatty()
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.stream, name)
+
+    with open(work_dir / OUT_LOG, "a", encoding="utf-8") as out, open(work_dir / ERR_LOG, "a", encoding="utf-8") as err:
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = Tee(sys.stdout, out), Tee(sys.stderr, err)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            sys.stdout, sys.stderr = saved
+
+
+def start(run: Run, train_here: Callable[[Path], None], environ: Optional[Mapping[str, str]] = None) -> int:
+    """Writes the work dir, then stops, submits, trains here, or runs the ranks; returns a status."""
+    environ = os.environ if environ is None else environ
+    cfg = run.launcher
     scheduler = choose_scheduler(cfg, environ)
-    if scheduler == "slurm":
-        if not shutil.which("srun"):
-            raise LaunchError("launcher.scheduler=slurm, but srun is not on PATH")
-        return srun_argv(cfg, sys.executable, script, overrides)
-    if cfg.nodes > 1:
-        raise LaunchError(f"--nodes {cfg.nodes} needs a scheduler: run inside a SLURM allocation "
-                          "or submit with --batch-job")
-    mpiexec = find_mpiexec()
-    return mpiexec_argv(cfg, sys.executable, script, overrides, mpiexec, mpi_flavor(mpiexec))
-
-
-def run_ranks(argv: Sequence[str]) -> int:
-    """Runs the ranks in the foreground; their output is this process's output."""
-    env = dict(os.environ, **{LAUNCHED: "1"})
-    env.pop("MASTER_ADDR", None)
-    env.pop("MASTER_PORT", None)
-    print("$ " + " ".join(argv), flush=True)
-    try:
-        return subprocess.run(list(argv), env=env).returncode
-    except KeyboardInterrupt:
-        return 130
+    ranks = cfg.nodes * cfg.procs_per_node
+    mpiexec, flavor = "mpiexec", "mpich"
+    if scheduler == "mpiexec" and ranks > 1:
+        mpiexec = find_mpiexec()
+        flavor = mpi_flavor(mpiexec)
+    if scheduler == "slurm" and not cfg.batch_job and not shutil.which("srun"):
+        raise LaunchError("launcher.scheduler=slurm, but srun is not on PATH")
+    spec = batch_spec(run, scheduler, sys.executable, mpiexec, flavor)
+    write_work_dir(run.work_dir, render_batch_script(spec), run.config_yaml)
+    print(f"work dir: {run.work_dir}", flush=True)
+    if cfg.setup_only:
+        print(f"setup only: run it with  bash {run.work_dir / 'batch.sh'}", flush=True)
+        return 0
+    if cfg.batch_job:
+        job_id = submit(run.work_dir)
+        (run.work_dir / JOB_ID_FILE).write_text(job_id + "\n")
+        print(f"submitted batch job {job_id}", flush=True)
+        return 0
+    if ranks == 1 and scheduler != "slurm":
+        with tee_output(run.work_dir):
+            train_here(run.work_dir)
+        return 0
+    return run_batch_script(run.work_dir)

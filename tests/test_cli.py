@@ -71,3 +71,30 @@ def test_multirun_runs_each_override(tmp_path):
                   f"launcher.experiment_dir={tmp_path}")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("model0 (instance 0) test accuracy : ") == 2
+
+
+def test_setup_only_writes_the_work_dir_and_runs_nothing(tmp_path):
+    result = kfac("--setup-only", "--procs-per-node", "4", "--kfac", "--job-name", "mnist",
+                  f"launcher.experiment_dir={tmp_path}", "launcher.scheduler=mpiexec")
+    assert result.returncode == 0, result.stderr
+    (work_dir,) = tmp_path.iterdir()
+    assert f"work dir: {work_dir}" in result.stdout
+    assert sorted(p.name for p in work_dir.iterdir()) == ["batch.sh", "config.yaml"]
+    mpiexec = str(Path(sys.executable).parent / "mpiexec")
+    assert (work_dir / "batch.sh").read_text() == f"""\
+#!/bin/bash
+
+cd {work_dir} || exit 1
+export KFAC_LAUNCHED=1
+export PYTHONUNBUFFERED=1
+echo "Started at $(date)"
+{mpiexec} -n 4 {sys.executable} -m mpi4py {ROOT / 'kfac.py'} launcher.procs_per_node=4\
+ kfac.enabled=true launcher.job_name=mnist launcher.experiment_dir={tmp_path} launcher.scheduler=mpiexec\
+ hydra.run.dir={work_dir} hydra.output_subdir=null
+status=$?
+echo "Finished at $(date) with status $status"
+exit $status
+"""
+    config = (work_dir / "config.yaml").read_text()
+    assert "procs_per_node: 4" in config and "enabled: true" in config
+
