@@ -268,6 +268,11 @@ class KroneckerBlock(Block):
             gw = torch.cat([gw, grads[1].reshape(-1, 1)], dim=1)
         return gw
 
+    def batch_route_cheaper(self, n: int) -> bool:
+        """Whether preconditioning through ``n`` samples costs fewer flops than the direct route."""
+        d_out, d_in = self.out_features(), self.in_features() + int(self.has_bias)
+        return n * (d_out * d_out + d_in * d_in + d_out * d_in) < d_out * d_in * (d_out + d_in)
+
     def _through_batch(self) -> torch.Tensor | None:
         """``(G⁻¹gᵀ)([a|1]A⁻¹)`` when this step's batch was offered and that route is cheaper."""
         batch, self._batch = self._batch, None
@@ -276,8 +281,7 @@ class KroneckerBlock(Block):
         a, g = batch
         rows = self._with_ones(a.reshape(-1, a.shape[-1]))
         g = g.reshape(-1, g.shape[-1])
-        n, (d_out, d_in) = rows.shape[0], (g.shape[1], rows.shape[1])
-        if n * (d_out * d_out + d_in * d_in + d_out * d_in) >= d_out * d_in * (d_out + d_in):
+        if not self.batch_route_cheaper(rows.shape[0]):
             return None
         dtype = self._g_inv.dtype
         left = self._g_inv.solve(g.mT.to(dtype))  # out × N
