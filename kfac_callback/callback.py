@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     from trainer.trainer import Trainer
 
 PREFIX = "K-FAC callback:"
+# From this compute interval on, explicit inverses (formed once, then GEMMs) beat Cholesky
+# solves at every step (benchmarks/step_time.py).
+EXPLICIT_INVERSE_INTERVAL = 5
 
 
 def make_config(**kwargs: Any) -> KFACConfig:
@@ -240,8 +243,10 @@ class KFACCallback(Callback):
 
     def _forward_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            # Test passes, no-grad evaluation and non-update steps capture nothing.
-            if not (module.training and torch.is_grad_enabled() and self.is_update_step()):
+            # Test passes and no-grad evaluation capture nothing. Every training step does:
+            # keeping references costs nothing, factors are computed only on update steps,
+            # and the captures let fully connected layers precondition through the batch.
+            if not (module.training and torch.is_grad_enabled()):
                 return
             if not isinstance(output, torch.Tensor) or not output.requires_grad or not args:
                 return
@@ -271,8 +276,8 @@ class KFACCallback(Callback):
         """
         s = self.steps
         damping = self.current_dampings()
-        captures = self._captures if self.is_update_step() else {}
-        if captures:
+        captures = self._captures
+        if captures and self.is_update_step():
             with self._phase("factors"):
                 self._update_factors(s)
         self._captures = {}
@@ -414,7 +419,8 @@ class KFACCallback(Callback):
                 block.clear_inverses()
                 continue
             start = time.perf_counter()
-            ok = block.compute_inverses(damping, c.use_pi, c.use_eigen, self.inverse_dtype)
+            ok = block.compute_inverses(damping, c.use_pi, c.use_eigen, self.inverse_dtype,
+                                        explicit=c.compute_interval_steps >= EXPLICIT_INVERSE_INTERVAL)
             elapsed = time.perf_counter() - start
             if c.print_time and block.has_factors:
                 self._print(f"{PREFIX} step {s}: inverses of {name} took {elapsed * 1e3:.3f} ms "

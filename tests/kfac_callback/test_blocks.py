@@ -183,11 +183,12 @@ def spd(n: int, seed: int) -> torch.Tensor:
     return m @ m.T / n
 
 
+@pytest.mark.parametrize("explicit", [False, True])
 @pytest.mark.parametrize("use_pi", [False, True])
 @pytest.mark.parametrize("use_eigen", [False, True])
 @pytest.mark.parametrize("kind", ["linear", "linear_nobias", "conv"])
 def test_preconditioned_gradient_equals_dense_kron_solve(kind: str, use_pi: bool,
-                                                         use_eigen: bool) -> None:
+                                                         use_eigen: bool, explicit: bool) -> None:
     torch.manual_seed(3)
     if kind == "conv":
         layer = nn.Conv2d(2, 3, 2, bias=True, dtype=D)
@@ -211,7 +212,7 @@ def test_preconditioned_gradient_equals_dense_kron_solve(kind: str, use_pi: bool
     g_d = big_g + lam_g / pi * torch.eye(dg, dtype=D)
     expected = f * torch.linalg.solve(torch.kron(a_d, g_d), vec(gm))
     expected = expected.reshape(da, dg).mT  # un-vec (column-major) to C_out × in
-    assert block.compute_inverses(Dampings(lam_a, lam_g, 9.0, 9.0), use_pi, use_eigen, D)
+    assert block.compute_inverses(Dampings(lam_a, lam_g, 9.0, 9.0), use_pi, use_eigen, D, explicit=explicit)
     assert block.precondition(f)
     got = layer.weight.grad.reshape(dg, -1)
     if layer.bias is not None:

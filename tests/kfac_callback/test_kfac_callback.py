@@ -126,7 +126,7 @@ def test_conv_with_dilation_refused_naming_the_layer_unless_disabled() -> None:
 # -- hooks and schedules -----------------------------------------------------------------
 
 
-def test_captures_only_on_update_steps_in_training_with_grad() -> None:
+def test_captures_in_training_with_grad_and_factors_only_on_update_steps() -> None:
     model = cnn()
     cb = KFACCallback(model, update_interval_init=2, update_interval_target=2,
                       printer=lambda s: None)
@@ -140,8 +140,9 @@ def test_captures_only_on_update_steps_in_training_with_grad() -> None:
     model.train()
     for s in range(4):
         backward(model, x, y)
-        assert bool(cb._captures) == (s % 2 == 0)
+        assert set(cb._captures) == set(cb.blocks)  # every step: the batch route needs them
         cb.step()
+        assert [b.updates for b in cb.blocks.values()] == [s // 2 + 1] * 4  # updates at s = 0, 2
     assert [b.updates for b in cb.blocks.values()] == [2, 2, 2, 2]
     assert cb.steps == 4
 
