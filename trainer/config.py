@@ -19,6 +19,7 @@ from trainer.distributed import BACKENDS
 from trainer.optimizers import OptimizerConfig, validate_optimizer
 
 DEVICES = ("auto", "cpu", "cuda")
+PROGRESS = ("auto", "true", "false")
 
 
 @dataclass
@@ -49,6 +50,8 @@ class TrainerConfig:
     dtype: str = "float32"
     backend: str = "auto"  # auto | mpi | gloo | nccl (collectives between ranks)
     num_threads: Optional[int] = None  # None: cores / ranks on this node
+    progress: str = "auto"  # auto | true | false: tqdm bars (auto: rank 0 on a terminal, not in batch jobs)
+    tensorboard: bool = False  # also write TensorBoard scalars to <output_dir>/tensorboard (rank 0)
 
 
 @dataclass
@@ -82,6 +85,8 @@ def validate(cfg: Any) -> list[str]:
         errors.append(f"trainer.backend: {t.backend!r} is not one of {', '.join(BACKENDS)}")
     if t.num_threads is not None and t.num_threads < 1:
         errors.append(f"trainer.num_threads: must be >= 1 (or null), got {t.num_threads}")
+    if str(t.progress).lower() not in PROGRESS:
+        errors.append(f"trainer.progress: {t.progress!r} is not one of {', '.join(PROGRESS)}")
     for key in ("max_train_samples", "max_test_samples"):
         value = getattr(cfg.data, key)
         if value is not None and value < 1:

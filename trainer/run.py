@@ -16,6 +16,7 @@ from trainer.config import DataConfig, TrainerConfig, section
 from trainer.data import default_data_dir, ensure_mnist, load_mnist
 from trainer.distributed import make_communicator
 from trainer.optimizers import OptimizerConfig, build_optimizer
+from trainer.progress import ProgressCallback
 from trainer.trainer import Trainer
 
 
@@ -47,7 +48,8 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
         torch.set_num_threads(tcfg.num_threads or max(1, (os.cpu_count() or 1) // info.local_size))
     device = choose_device(tcfg.device, info.local_rank)
     comm = make_communicator(info, tcfg.backend, device.type, multi_node=cfg.launcher.nodes > 1)
-    log = rank0_print(comm)
+    progress = ProgressCallback.from_setting(tcfg.progress, comm.rank)
+    log = progress.wrap(rank0_print(comm))  # bar-safe: bars are cleared around each line
     dtype = getattr(torch, tcfg.dtype)
 
     data_dir = dcfg.dir or default_data_dir()
@@ -69,6 +71,12 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
         options = OmegaConf.to_container(cfg.kfac, resolve=True)
         options.pop("enabled")
         callbacks.append(KFACCallback(model, comm=comm, printer=log, **options))
+    # Last, so the timer's batch times leave out drawing the bars.
+    callbacks.append(progress)
+    if tcfg.tensorboard and output_dir:
+        from trainer.tensorboard_log import TensorBoardCallback
+
+        callbacks.append(TensorBoardCallback(os.path.join(output_dir, "tensorboard"), comm.rank))
 
     metrics_path = os.path.join(output_dir, "metrics.jsonl") if output_dir else None
     return Trainer(

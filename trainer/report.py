@@ -1,0 +1,371 @@
+"""Compare runs: a table (printed and CSV) and plots from their metrics.jsonl files.
+
+    python3 -m trainer.report experiments/20250101_120000_kfac experiments/20250101_121500_kfac
+    python3 -m trainer.report experiments/20250101_130000_kfac_sweep --out report/
+
+A work dir holds ``metrics.jsonl`` and its config (``.hydra/config.yaml``, or the launcher's
+``config.yaml``, or only ``.hydra/overrides.yaml``); a sweep dir holds numbered work dirs. Any
+directory is searched for ``metrics.jsonl`` files below it. Runs are named by the config values
+that differ between them. Written to ``--out``: ``runs.csv``, ``curves_by_epoch.png`` and
+``curves_by_time.png`` (test accuracy and training objective), and, for a 2-D sweep (exactly
+two numeric keys vary), ``heatmap_test_accuracy.png``.
+
+Everything but ``main`` and the ``write_``/``plot_`` functions is pure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+METRICS = "metrics.jsonl"
+# Keys that differ between runs without making them different experiments.
+IGNORED = {"launcher.experiment_dir", "data.dir", "trainer.progress", "trainer.tensorboard",
+           "kfac.print_time", "kfac.print_matrix", "kfac.print_matrix_summary"}
+ALIASES = {"optimizer.name": "optimizer", "optimizer.learning_rate": "lr", "kfac.enabled": "kfac",
+           "model.name": "model", "trainer.epochs": "epochs", "trainer.mini_batch_size": "mb"}
+COLUMNS = ("run", "final test acc %", "best test acc %", "final train obj", "epochs", "total time s")
+CSV_FIELDS = ("final_test_accuracy", "best_test_accuracy", "final_train_objective", "epochs", "total_time")
+
+
+class ReportError(Exception):
+    """Bad input to the report: one line for the user."""
+
+
+@dataclass
+class Run:
+    """One run: its work dir, per-epoch records and (flattened) config."""
+
+    path: Path
+    records: list[dict[str, Any]]
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+# -- reading (thin I/O) ------------------------------------------------------------------
+
+
+def _natural(path: Path) -> list[Any]:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", str(path))]
+
+
+def find_metrics(paths: Sequence[str | Path]) -> list[Path]:
+    """The metrics.jsonl files of the given work dirs, sweep dirs or files, in natural order.
+
+    Raises:
+        ReportError: For a path that does not exist.
+    """
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise ReportError(f"no such file or directory: {p}")
+        if p.is_file():
+            candidates = [p]
+        elif (p / METRICS).is_file():
+            candidates = [p / METRICS]
+        else:
+            candidates = sorted(p.rglob(METRICS), key=_natural)
+        found += [c for c in candidates if c not in found]
+    return found
+
+
+def parse_records(text: str) -> list[dict[str, Any]]:
+    """The JSON objects of a metrics.jsonl text; blank and unfinished (partial) lines are skipped."""
+    records = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; one-element lists (dampings) become their element."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, list):
+            flat[name] = value[0] if len(value) == 1 else tuple(value)
+        else:
+            flat[name] = value
+    return flat
+
+
+def overrides_config(overrides: Sequence[str]) -> dict[str, Any]:
+    """Hydra overrides as a flat config: ``optimizer=sgd`` is the group choice ``optimizer.name``."""
+    config: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.lstrip("+~").partition("=")
+        if not sep:
+            continue
+        value = yaml.safe_load(text) if text else None
+        if "." not in key and isinstance(value, str):
+            key = f"{key}.name"
+        config.update(flatten({key: value}))
+    return config
+
+
+def read_config(work_dir: Path) -> dict[str, Any]:
+    """The flattened config of a work dir: .hydra/config.yaml, config.yaml, or the overrides."""
+    for name in (".hydra/config.yaml", "config.yaml"):
+        path = work_dir / name
+        if path.is_file():
+            tree = yaml.safe_load(path.read_text()) or {}
+            if isinstance(tree, Mapping):
+                return flatten(tree)
+    path = work_dir / ".hydra" / "overrides.yaml"
+    if path.is_file():
+        return overrides_config(yaml.safe_load(path.read_text()) or [])
+    return {}
+
+
+def load_runs(paths: Sequence[str | Path]) -> list[Run]:
+    """Reads every run under ``paths``; runs with no complete record are skipped.
+
+    Raises:
+        ReportError: For a missing path, or when no metrics are found.
+    """
+    runs = []
+    for metrics in find_metrics(paths):
+        records = parse_records(metrics.read_text())
+        if records:
+            runs.append(Run(metrics.parent, records, read_config(metrics.parent)))
+    if not runs:
+        raise ReportError(f"no {METRICS} with records found in {', '.join(map(str, paths))}")
+    return runs
+
+
+# -- naming and the table (pure) ---------------------------------------------------------
+
+
+def _relevant(run: Run, key: str) -> bool:
+    # With K-FAC off, its options don't describe the run.
+    return not (key.startswith("kfac.") and key != "kfac.enabled" and run.config.get("kfac.enabled") is False)
+
+
+def varying_keys(runs: Sequence[Run]) -> list[str]:
+    """Config keys whose values differ between runs, in config order."""
+    keys: list[str] = []
+    for run in runs:
+        keys += [k for k in run.config if k not in keys and k not in IGNORED]
+    return [k for k in keys if len({repr(r.config.get(k)) for r in runs}) > 1]
+
+
+def format_value(key: str, value: Any) -> str:
+    """A config value as it appears in a run name."""
+    if key == "kfac.enabled":
+        return "on" if value else "off"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(format_value(key, v) for v in value)
+    return str(value)
+
+
+def short_names(keys: Sequence[str]) -> dict[str, str]:
+    """Short, unambiguous names: ``optimizer.learning_rate`` -> ``lr``, ``kfac.damping_act`` -> ``damping_act``."""
+    names = {k: ALIASES.get(k, k.rsplit(".", 1)[-1]) for k in keys}
+    clash = {n for n in names.values() if list(names.values()).count(n) > 1}
+    return {k: (k if n in clash else n) for k, n in names.items()}
+
+
+def run_labels(runs: Sequence[Run]) -> list[str]:
+    """One name per run, from the config values that differ (else the directory name)."""
+    keys = varying_keys(runs)
+    names = short_names(keys)
+    labels = []
+    for run in runs:
+        parts = [f"{names[k]}={format_value(k, run.config.get(k))}" for k in keys
+                 if k in run.config and _relevant(run, k)]
+        labels.append(" ".join(parts) or run.path.name)
+    for i, label in enumerate(labels):
+        if labels.count(label) > 1:
+            labels[i] = f"{label} ({runs[i].path.name})"
+    return labels
+
+
+def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Optional[float]]:
+    """Final and best test accuracy, final training objective, epochs and total time of a run."""
+    tested = [r["test_accuracy"] for r in records if r.get("test_accuracy") is not None]
+    last = records[-1]
+    return {
+        "final_test_accuracy": tested[-1] if tested else None,
+        "best_test_accuracy": max(tested) if tested else None,
+        "final_train_objective": last.get("train_objective"),
+        "epochs": last.get("epoch", len(records) - 1) + 1,
+        "total_time": last.get("wall_time"),
+    }
+
+
+def table_rows(runs: Sequence[Run]) -> list[dict[str, Any]]:
+    """One row per run: name, path, the differing config values (blank where they don't apply) and the summary."""
+    keys = varying_keys(runs)
+    rows = []
+    for run, label in zip(runs, run_labels(runs), strict=True):
+        row: dict[str, Any] = {"run": label, "path": str(run.path)}
+        row.update({k: format_value(k, run.config[k]) if k in run.config and _relevant(run, k) else "" for k in keys})
+        row.update(summarize(run.records))
+        rows.append(row)
+    return rows
+
+
+def _cell(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """The rows as an aligned text table (accuracies in %, objective to 4 digits, time in s)."""
+    body = [[r["run"], _cell(r["final_test_accuracy"], ".2f"), _cell(r["best_test_accuracy"], ".2f"),
+             _cell(r["final_train_objective"], ".4g"), str(r["epochs"]), _cell(r["total_time"], ".1f")]
+            for r in rows]
+    widths = [max(len(line[i]) for line in [list(COLUMNS), *body]) for i in range(len(COLUMNS))]
+    lines = []
+    for line in [list(COLUMNS), *body]:
+        cells = [line[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(line[1:], widths[1:], strict=True)]
+        lines.append("  ".join(cells).rstrip())
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def sweep_grid(runs: Sequence[Run]) -> Optional[tuple[str, str, list[float], list[float], list[list[float]]]]:
+    """For a 2-D sweep, ``(row key, column key, row values, column values, final test accuracy)``.
+
+    A 2-D sweep is exactly two varying keys, both numeric in every run; missing cells are NaN.
+    Returns None for anything else.
+    """
+    keys = varying_keys(runs)
+    numeric = all(isinstance(r.config.get(k), (int, float)) and not isinstance(r.config.get(k), bool)
+                  for r in runs for k in keys)
+    if len(keys) != 2 or not numeric:
+        return None
+    rk, ck = keys
+    rows = sorted({float(r.config[rk]) for r in runs})
+    cols = sorted({float(r.config[ck]) for r in runs})
+    grid = [[math.nan] * len(cols) for _ in rows]
+    for run in runs:
+        acc = summarize(run.records)["final_test_accuracy"]
+        grid[rows.index(float(run.config[rk]))][cols.index(float(run.config[ck]))] = math.nan if acc is None else acc
+    return rk, ck, rows, cols, grid
+
+
+# -- writing (thin I/O) ------------------------------------------------------------------
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Writes the rows with full-precision numbers; empty cells for missing values."""
+    fields = list(rows[0]) if rows else ["run", "path", *CSV_FIELDS]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in fields})
+
+
+def _points(records: Sequence[Mapping[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
+    pts = [(r[x] + (1 if x == "epoch" else 0), r[y]) for r in records if r.get(y) is not None and x in r]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_curves(runs: Sequence[Run], labels: Sequence[str], out: Path) -> list[Path]:
+    """Writes test accuracy and training objective against epochs and against wall-clock time."""
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    from matplotlib.ticker import MaxNLocator
+
+    paths = []
+    for x, xlabel, name in (("epoch", "epochs completed", "curves_by_epoch.png"),
+                            ("wall_time", "wall-clock time since start (s)", "curves_by_time.png")):
+        fig = Figure(figsize=(11, 4.2), layout="constrained")
+        acc_ax, obj_ax = fig.subplots(1, 2)
+        objectives = []
+        for run, label in zip(runs, labels, strict=True):
+            xs, ys = _points(run.records, x, "test_accuracy")
+            acc_ax.plot(xs, ys, marker="o", label=label)
+            xs, ys = _points(run.records, x, "train_objective")
+            obj_ax.plot(xs, ys, marker=".", label=label)
+            objectives += ys
+        if objectives and min(objectives) > 0 and max(objectives) / min(objectives) > 10:
+            obj_ax.set_yscale("log")
+        acc_ax.set(xlabel=xlabel, ylabel="test accuracy (%)", title="Test accuracy")
+        obj_ax.set(xlabel=xlabel, ylabel="training objective", title="Training objective")
+        for ax in (acc_ax, obj_ax):
+            ax.grid(True, alpha=0.3)
+            if x == "epoch":
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        acc_ax.legend(fontsize="small")
+        paths.append(out / name)
+        fig.savefig(paths[-1], dpi=100)
+    return paths
+
+
+def plot_heatmap(grid: tuple[str, str, list[float], list[float], list[list[float]]], out: Path) -> Path:
+    """Writes the final test accuracy of a 2-D sweep as an annotated heat map."""
+    from matplotlib.figure import Figure
+
+    rk, ck, rows, cols, values = grid
+    fig = Figure(figsize=(1.3 * len(cols) + 3, 1.0 * len(rows) + 2.5), layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(values, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(cols)), [f"{c:g}" for c in cols])
+    ax.set_yticks(range(len(rows)), [f"{r:g}" for r in rows])
+    ax.set(xlabel=ck, ylabel=rk, title="Final test accuracy (%)")
+    finite = [v for line in values for v in line if not math.isnan(v)]
+    middle = (min(finite) + max(finite)) / 2 if finite else 0.0
+    for i, line in enumerate(values):
+        for j, v in enumerate(line):
+            text = "-" if math.isnan(v) else f"{v:.2f}"
+            ax.text(j, i, text, ha="center", va="center", color="black" if v > middle else "white")
+    fig.colorbar(image, ax=ax)
+    path = out / "heatmap_test_accuracy.png"
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def report(paths: Sequence[str | Path], out: Path) -> tuple[str, list[Path]]:
+    """Reads the runs, writes the CSV and plots into ``out``; returns the table and the files."""
+    runs = load_runs(paths)
+    rows = table_rows(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out / "runs.csv")
+    files = [out / "runs.csv", *plot_curves(runs, [r["run"] for r in rows], out)]
+    grid = sweep_grid(runs)
+    if grid is not None:
+        files.append(plot_heatmap(grid, out))
+    return format_table(rows), files
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python3 -m trainer.report``: prints the table and where the files went."""
+    parser = argparse.ArgumentParser(prog="python3 -m trainer.report", description=__doc__.split("\n")[0])
+    parser.add_argument("paths", nargs="+", help="work dirs, sweep dirs or metrics.jsonl files")
+    parser.add_argument("--out", help="where runs.csv and the plots go (default: the one directory "
+                        "given, else the current directory)")
+    args = parser.parse_args(argv)
+    default = Path(args.paths[0]) if len(args.paths) == 1 and Path(args.paths[0]).is_dir() else Path(".")
+    try:
+        table, files = report(args.paths, Path(args.out) if args.out else default)
+    except ReportError as err:
+        print(f"trainer.report: error: {err}", file=sys.stderr)
+        return 2
+    print(table)
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
