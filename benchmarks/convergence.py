@@ -6,6 +6,7 @@ a summary, and writes them to ``--out``.
 
     python benchmarks/convergence.py --recipes adam_mlp momentum_cnn
     python benchmarks/convergence.py --recipes kfac_mlp kfac_cnn adam_mlp sgd_mlp --out results/
+    python benchmarks/convergence.py --recipes adam_mlp --out results/ --tables-only   # tables again
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ def run(name: str, extra: list[str], out: Path) -> list[dict]:
     with open(out / f"{name}.log", "w") as log:
         subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     print(f"  {name}: {time.time() - start:.0f}s", flush=True)
+    return read_records(exp_dir)
+
+
+def read_records(exp_dir: Path) -> list[dict]:
+    """The metrics of the newest run under ``exp_dir``."""
     newest = max(exp_dir.iterdir(), key=os.path.getmtime)
     return [json.loads(line) for line in (newest / "metrics.jsonl").read_text().splitlines()]
 
@@ -60,6 +66,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--out", default="benchmarks/results/convergence")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="run nothing: build the tables from the runs already under --out")
     parser.add_argument("extra", nargs="*", help="more kfac.py flags or overrides for every recipe")
     args = parser.parse_args()
     out = Path(args.out)
@@ -67,7 +75,7 @@ def main() -> None:
     sections, summary = [], ["| recipe | final train objective | final test acc % | best test acc % | "
                              "mean epoch time s |", "|---|---:|---:|---:|---:|"]
     for name in args.recipes:
-        records = run(name, args.extra, out)
+        records = read_records(out / name) if args.tables_only else run(name, args.extra, out)
         sections.append(table(name, records))
         final = records[-1]
         summary.append(f"| {name} | {final['train_objective']:.6g} | {final['test_accuracy']:.2f} | "
