@@ -1,0 +1,27 @@
+from __future__ import annotations
+
+import pytest
+
+from launcher.env import RankInfo, inside_slurm_allocation, rank_info
+
+
+@pytest.mark.parametrize("environ,expected", [
+    ({}, RankInfo(0, 0, 1, 1, "none")),
+    ({"OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_LOCAL_RANK": "1", "OMPI_COMM_WORLD_SIZE": "8",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "4"}, RankInfo(5, 1, 8, 4, "OMPI")),
+    ({"PMI_RANK": "3", "PMI_SIZE": "4", "MPI_LOCALRANKID": "3", "MPI_LOCALNRANKS": "4"}, RankInfo(3, 3, 4, 4, "PMI")),
+    ({"SLURM_PROCID": "6", "SLURM_LOCALID": "2", "SLURM_NTASKS": "8", "SLURM_NTASKS_PER_NODE": "4(x2)"},
+     RankInfo(6, 2, 8, 4, "SLURM")),
+    # mpiexec inside an allocation: MPI's own variables win over SLURM's batch-step ones.
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1", "MPI_LOCALNRANKS": "2",
+      "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, RankInfo(1, 1, 2, 2, "PMI")),
+    # No local variables: local rank = rank, one node.
+    ({"PMI_RANK": "2", "PMI_SIZE": "4"}, RankInfo(2, 2, 4, 4, "PMI")),
+])
+def test_rank_info_reads_each_launchers_variables(environ, expected):
+    assert rank_info(environ) == expected
+
+
+def test_slurm_allocation_is_recognised_by_its_job_id():
+    assert inside_slurm_allocation({"SLURM_JOB_ID": "12"})
+    assert not inside_slurm_allocation({"PMI_RANK": "0"})
