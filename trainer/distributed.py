@@ -15,6 +15,7 @@ one device per local rank). ``auto`` picks nccl for CUDA tensors, else mpi.
 
 from __future__ import annotations
 
+import atexit
 import os
 import socket
 from collections.abc import Sequence
@@ -112,6 +113,9 @@ class TorchDistComm:
             addr, port = _rendezvous(info, multi_node)
             dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank,
                                     world_size=self.world_size)
+            # Tear the group down before MPI finalizes (atexit runs last-registered first):
+            # a gloo group still alive at interpreter exit aborts the process.
+            atexit.register(self.close)
 
     def allreduce_sum_(self, tensors: list[torch.Tensor]) -> None:
         """Sums ``tensors`` over ranks in place, in one all_reduce."""
@@ -132,6 +136,11 @@ class TorchDistComm:
     def barrier(self) -> None:
         """Waits for every rank."""
         self._dist.barrier()
+
+    def close(self) -> None:
+        """Destroys the process group (idempotent)."""
+        if self._dist.is_initialized():
+            self._dist.destroy_process_group()
 
 
 def _rendezvous(info: RankInfo, multi_node: bool) -> tuple[str, int]:

@@ -59,11 +59,12 @@ def test_four_and_two_ranks_give_one_ranks_weights_for_every_owner_strategy(mode
     assert max_relative_difference(initial, reference) > 1e-3
 
 
-def test_adam_two_ranks_equal_one_rank(tmp_path):
+@pytest.mark.parametrize("backend", ["mpi", "gloo"])
+def test_adam_two_ranks_equal_one_rank_with_each_cpu_backend(backend, tmp_path):
     overrides = ["model=mlp", "optimizer=adam", "trainer.epochs=1", "data.max_train_samples=1000",
                  "data.max_test_samples=100", "trainer.dtype=float64"]
     run_job(1, tmp_path / "r1", overrides, ["all"])
-    run_job(2, tmp_path / "r2", overrides, ["all"])
+    run_job(2, tmp_path / "r2", [*overrides, f"trainer.backend={backend}"], ["all"])
     a, b = torch.load(tmp_path / "r1" / "all.pt"), torch.load(tmp_path / "r2" / "all.pt")
     assert max_relative_difference(b, a) < 1e-9
 
