@@ -13,7 +13,9 @@ schema (trainer/config.py); then this rank trains (trainer/run.py).
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -34,7 +36,9 @@ from launcher.config import LauncherConfig
 from launcher.env import LAUNCHED, rank_info
 from launcher.flags import FlagError, help_text, translate
 from launcher.launch import LaunchError, Run, start
+from trainer.checkpoint import CheckpointError
 from trainer.config import Config, section, validate
+from trainer.data import DataError
 
 ConfigStore.instance().store(name="schema", node=Config)
 CONFIG_DIR = os.path.join(HERE, "configs")
@@ -46,42 +50,145 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def precompose(overrides: list[str]) -> None:
-    """Composes the config once before Hydra runs, so bad input is one line, not a traceback."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
+GROUPS_CHECKED = ("sweep", "experiment")  # optional groups: Hydra silently skips a misspelt name
 
+
+def sweep_points(overrides: list[str], limit: int = 16) -> list[list[str]]:
+    """The sweep's first point, then one point per other value of each swept key (up to ``limit``).
+
+    Composing these finds every bad value without composing the whole grid.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    choices = []
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.is_sweep_override():
+            values = itertools.islice(override.sweep_string_iterator(), limit)
+            choices.append([f"{override.get_key_element()}={v}" for v in values])
+        else:
+            choices.append([override.input_line])
+    first = [c[0] for c in choices]
+    return [first] + [[*first[:i], alt, *first[i + 1:]] for i, c in enumerate(choices) for alt in c[1:]]
+
+
+def check_group_options(overrides: list[str], config_dirs: list[str]) -> None:
+    """Refuses ``sweep=nope`` / ``experiment=nope``, which Hydra would silently ignore."""
+    for override in overrides:
+        key, _, value = override.lstrip("+").partition("=")
+        if key not in GROUPS_CHECKED or not value or value == "null":
+            continue
+        folders = [os.path.join(d, key) for d in (CONFIG_DIR, *config_dirs)]
+        known = sorted({f[:-5] for d in folders if os.path.isdir(d) for f in os.listdir(d) if f.endswith(".yaml")})
+        for name in value.split(","):
+            if name not in known:
+                fail(f"{key}={name}: no such {key} config (known: {', '.join(known) or 'none'})")
+
+
+def unparsable(overrides: list[str]) -> str:
+    """``"<override>: "`` for the first override Hydra cannot parse (its own message names none)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for override in overrides:
+        try:
+            parser.parse_overrides([override])
+        except Exception:
+            return f"{override}: "
+    return ""
+
+
+def precompose(overrides: list[str], config_dirs: list[str] = (), multirun: bool = False) -> None:
+    """Composes the config once before Hydra runs, so bad input is one line, not a traceback.
+
+    For a sweep (``-m``) it composes the first point, then that point with the first value of
+    each parameter of the sweep file, so a bad key in a sweep file is found here too.
+    """
+    from hydra import compose, initialize_config_dir
+
+    check_group_options(overrides, list(config_dirs))
+    search = [f"hydra.searchpath=[{','.join('file://' + os.path.abspath(d) for d in config_dirs)}]"] if config_dirs else []
     try:
+        points = sweep_points(overrides) if multirun else [overrides]
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException, ValueError) as err:
+            cfg = compose(config_name="config", overrides=[*search, *points[0]], return_hydra_config=multirun)
+            params = cfg.hydra.sweeper.get("params") or {} if multirun else {}
+            if params:  # the sweep file's own parameters
+                swept = sweep_points([f"{k}={v}" for k, v in params.items()])
+                points = [[*p, *swept[0]] for p in points] + [[*points[0], *p] for p in swept[1:]]
+            configs = [compose(config_name="config", overrides=[*search, *p]) for p in points]
+    except Exception as err:  # Hydra, OmegaConf, YAML in a config file ...: all bad input
         cause = err.__cause__
         detail = f": {str(cause).splitlines()[0]}" if cause and str(cause) else ""
-        fail(" ".join(str(err).split()) + detail)
-    errors = validate(cfg)
-    if errors:
-        fail("; ".join(errors))
+        fail(unparsable(overrides) + " ".join(str(err).split()) + detail)
+    for cfg in configs:
+        errors = validate(cfg)
+        if errors:
+            fail("; ".join(errors))
+
+
+def hydra_value(text: str) -> str:
+    """``text`` as a Hydra override value: bare when safe, else quoted."""
+    if re.fullmatch(r"[\w/.\-+:@%]+", text):
+        return text
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def resume_source(cfg: DictConfig, overrides: list[str]) -> list[str]:
+    """Resolves ``trainer.resume`` to one checkpoint file and checks it against this run.
+
+    Runs before any work dir is made, so a bad checkpoint costs nothing; the returned overrides
+    name the file, so every rank (and a requeued job) resumes from the same one. ``auto`` stays
+    as it is: it means the (new) work dir's own checkpoints, found by the ranks.
+    """
+    from models import build_model
+    from trainer.checkpoint import check_compatible, load_checkpoint, model_shapes, resolve_resume, run_identity
+
+    value = cfg.trainer.resume
+    if value in (None, "", "auto"):
+        return overrides
+    path = resolve_resume(value, experiment_dir=cfg.launcher.experiment_dir, job_name=cfg.launcher.job_name)
+    check_compatible(load_checkpoint(path), run_identity(cfg, model_shapes(build_model(cfg.model.name))), path)
+    cfg.trainer.resume = str(path)
+    kept = [o for o in overrides if o.lstrip("+~").partition("=")[0] != "trainer.resume"]
+    return [*kept, f"trainer.resume={hydra_value(str(path))}"]
 
 
 @hydra.main(config_path="configs", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    """Runs one composed config: as one rank of a job, or by starting the run's ranks."""
+    """Runs one composed config: as one rank of a job, or by starting the run's ranks.
+
+    Bad data, a bad checkpoint or a numerical stop end in one line (Hydra would print a
+    traceback for an exception that leaves this function).
+    """
     errors = validate(cfg)
     if errors:
         fail("; ".join(errors))
+    from trainer.trainer import NonFiniteError
+
+    try:
+        launch(cfg)
+    except (DataError, CheckpointError) as err:
+        fail(str(err))
+    except NonFiniteError as err:
+        print(f"kfac.py: stopped: {err}", file=sys.stderr)
+        sys.exit(3)
+
+
+def launch(cfg: DictConfig) -> None:
+    """Trains here as one rank of a started job, or starts the run's ranks."""
     from trainer.run import train
 
     hydra_cfg = HydraConfig.get()
     if os.environ.get(LAUNCHED):  # this process is one rank of a started job
         train(cfg, hydra_cfg.runtime.output_dir, rank_info(os.environ))
         return
+    overrides = resume_source(cfg, list(hydra_cfg.overrides.task))
     launcher = section(cfg.launcher, LauncherConfig)
     if hydra_cfg.mode == RunMode.MULTIRUN:
         work_dir = Path(hydra_cfg.runtime.output_dir).resolve()  # <sweep dir>/<job number>
     else:
         work_dir = choose_work_dir(Path(launcher.experiment_dir).resolve(), launcher.job_name, datetime.now())
-    run = Run(launcher=launcher, work_dir=work_dir, overrides=list(hydra_cfg.overrides.task),
+    run = Run(launcher=launcher, work_dir=work_dir, overrides=overrides,
               config_yaml=OmegaConf.to_yaml(cfg, resolve=True), script=os.path.abspath(__file__))
     try:
         status = start(run, lambda out: train(cfg, str(out)))
@@ -90,6 +197,21 @@ def main(cfg: DictConfig) -> None:
     if status:
         print(f"kfac.py: the run ended with status {status}; see {work_dir / 'err.log'}", file=sys.stderr)
         sys.exit(status)
+
+
+def split_hydra_args(args: list[str]) -> tuple[list[str], list[str], bool]:
+    """(overrides, ``--config-dir`` folders, whether ``-m``) from Hydra's command line."""
+    overrides, config_dirs, multirun = [], [], False
+    it = iter(args)
+    for arg in it:
+        flag, eq, value = arg.partition("=")
+        if arg in ("-m", "--multirun"):
+            multirun = True
+        elif flag in ("-cd", "--config-dir"):
+            config_dirs.append(value if eq else next(it, ""))
+        elif not arg.startswith("-"):
+            overrides.append(arg)
+    return overrides, config_dirs, multirun
 
 
 def cli(argv: list[str]) -> None:
@@ -101,11 +223,11 @@ def cli(argv: list[str]) -> None:
     if "--help" in hydra_args or "-h" in hydra_args:
         print(help_text())
     else:
-        hydra_only = {"-m", "--multirun", "--cfg", "-c", "--info", "-i", "--hydra-help",
-                      "--version", "--shell-completion", "-sc", "-cp", "-cn", "-cd",
-                      "--config-path", "--config-name", "--config-dir", "--experimental-rerun"}
-        if not hydra_only.intersection(a.partition("=")[0] for a in hydra_args):
-            precompose(hydra_args)
+        informational = {"--cfg", "-c", "--info", "-i", "--hydra-help", "--version", "--shell-completion", "-sc",
+                         "-cp", "-cn", "--config-path", "--config-name", "--experimental-rerun"}
+        if not informational.intersection(a.partition("=")[0] for a in hydra_args):
+            overrides, config_dirs, multirun = split_hydra_args(hydra_args)
+            precompose(overrides, config_dirs, multirun)
     sys.argv = [sys.argv[0], *hydra_args]
     main()
 

@@ -134,6 +134,17 @@ class Block:
         """Whether the layer can be preconditioned now."""
         raise NotImplementedError
 
+    def export_inverses(self) -> dict[str, torch.Tensor | float]:
+        """The layer's inverse state for a checkpoint; empty when it has no inverses.
+
+        Keys: ``"<factor>.chol"`` and ``"<factor>.inverse"`` for the tensors held, and ``"pi"``.
+        """
+        raise NotImplementedError
+
+    def import_inverses(self, state: dict[str, torch.Tensor | float]) -> None:
+        """Restores ``export_inverses()`` exactly (an empty dict clears the inverses)."""
+        raise NotImplementedError
+
     # -- gradients -------------------------------------------------------------------
 
     def parameters(self) -> list[torch.Tensor]:
@@ -269,6 +280,31 @@ class KroneckerBlock(Block):
     @property
     def has_inverses(self) -> bool:
         return self._a_inv is not None and self._g_inv is not None
+
+    def export_inverses(self) -> dict[str, torch.Tensor | float]:
+        if not self.has_inverses:
+            return {}
+        state: dict[str, torch.Tensor | float] = {"pi": self.pi}
+        for factor, inv in (("A", self._a_inv), ("G", self._g_inv)):
+            # Both forms as held: the lazily formed explicit inverse is kept too, so a resumed
+            # run multiplies by exactly the same tensors.
+            for key, tensor in (("chol", inv.chol), ("inverse", inv._inverse)):
+                if tensor is not None:
+                    state[f"{factor}.{key}"] = tensor.detach().clone()
+        return state
+
+    def import_inverses(self, state: dict[str, torch.Tensor | float]) -> None:
+        device = self.module.weight.device
+        held = []
+        for factor in ("A", "G"):
+            chol, inverse = state.get(f"{factor}.chol"), state.get(f"{factor}.inverse")
+            held.append(None if chol is None and inverse is None else DampedInverse(
+                chol=None if chol is None else chol.to(device),
+                inverse=None if inverse is None else inverse.to(device)))
+        self._a_inv, self._g_inv = held
+        if not self.has_inverses:
+            self._a_inv = self._g_inv = None
+        self.pi = float(state.get("pi", 1.0))
 
     def _grad_matrix(self, grads: list[torch.Tensor]) -> torch.Tensor:
         """``[∇W | ∇b]`` with ∇W viewed as out × in (conv: C_out × C_in·kh·kw)."""
@@ -436,6 +472,13 @@ class BatchNormBlock(Block):
     @property
     def has_inverses(self) -> bool:
         return self.F_inv is not None
+
+    def export_inverses(self) -> dict[str, torch.Tensor | float]:
+        return {} if self.F_inv is None else {"F.inverse": self.F_inv.detach().clone()}
+
+    def import_inverses(self, state: dict[str, torch.Tensor | float]) -> None:
+        inverse = state.get("F.inverse")
+        self.F_inv = None if inverse is None else inverse.to(self.module.weight.device)
 
     def _preconditioned(self, grads: list[torch.Tensor], lr_factor: float) -> list[torch.Tensor]:
         v = torch.cat([grads[0].reshape(-1), grads[1].reshape(-1)]).to(self.F_inv.dtype)

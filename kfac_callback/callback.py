@@ -494,17 +494,64 @@ class KFACCallback(Callback):
     # -- checkpoints -----------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        """Running averages, update counts, current dampings and the step counter."""
+        """Running averages, update counts, dampings, the step counter and the inverses.
+
+        With several ranks this is a collective that every rank must call: a layer's inverses
+        live on its owner only, so they are gathered here. A resumed run (with any number of
+        ranks) then preconditions with exactly the same inverses until the next compute step.
+        """
+        inverses = {name: b.export_inverses() if self.owners[name] == self.comm.rank else {}
+                    for name, b in self.blocks.items()}
+        if self.comm.world_size > 1 and self.blocks:
+            codes = {torch.float32: 1, torch.float64: 2}
+            slots = [(name, f"{f}.{kind}", n) for name, b in self.blocks.items()
+                     for f, n in zip(b.factor_names, b.factor_dims(), strict=True)
+                     for kind in ("chol", "inverse")]
+            device = next(iter(self.blocks.values())).module.weight.device
+            # What each owner holds (dtype codes) and its π, summed so every rank knows.
+            header = torch.zeros(len(slots) + len(self.blocks), dtype=torch.float64, device=device)
+            for i, (name, key, _) in enumerate(slots):
+                if key in inverses[name]:
+                    header[i] = codes[inverses[name][key].dtype]
+            for j, name in enumerate(self.blocks):
+                header[len(slots) + j] = float(inverses[name].get("pi", 0.0))
+            self.comm.allreduce_sum_([header])
+            held = header.tolist()
+            dtypes = {code: dtype for dtype, code in codes.items()}
+            gathered: dict[str, dict[str, Any]] = {name: {} for name in self.blocks}
+            for owner in range(self.comm.world_size):
+                mine = [(i, name, key, n) for i, (name, key, n) in enumerate(slots)
+                        if self.owners[name] == owner and held[i]]
+                if not mine:
+                    continue
+                if self.comm.rank == owner:  # float64 carries float32 values exactly
+                    flat = torch.cat([inverses[name][key].reshape(-1).to(torch.float64)
+                                      for _, name, key, _ in mine])
+                else:
+                    flat = torch.empty(sum(n * n for *_, n in mine), dtype=torch.float64, device=device)
+                self.comm.broadcast_([flat], owner)
+                offset = 0
+                for i, name, key, n in mine:
+                    gathered[name][key] = flat[offset:offset + n * n].view(n, n).to(dtypes[round(held[i])]).clone()
+                    offset += n * n
+            for j, name in enumerate(self.blocks):
+                if gathered[name]:
+                    gathered[name]["pi"] = held[len(slots) + j]
+            inverses = gathered
         return {
             "steps": self.steps,
             "dampings": [d.value for d in self.dampings],
             "factors": {name: [None if m is None else m.detach().clone() for m in b.factors()]
                         for name, b in self.blocks.items()},
             "updates": {name: b.updates for name, b in self.blocks.items()},
+            "inverses": inverses,
+            "need_inverses": self._need_inverses,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restores ``state_dict()``; the inverses are recomputed at the next step.
+        """Restores ``state_dict()``, the inverses too (each rank keeps those it owns now).
+
+        A state without inverses (an older one) has them recomputed at the next step.
 
         Raises:
             ValueError: If the state's layers differ from this callback's.
@@ -515,9 +562,12 @@ class KFACCallback(Callback):
         self.steps = int(state["steps"])
         for d, v in zip(self.dampings, state["dampings"], strict=True):
             d.value = float(v)
+        inverses = state.get("inverses")
         for name, block in self.blocks.items():
             block.set_factors(list(state["factors"][name]))
             block.updates = int(state["updates"][name])
             block.clear_inverses()
+            if inverses is not None and self.owners[name] == self.comm.rank:
+                block.import_inverses(dict(inverses.get(name, {})))
         self._captures = {}
-        self._need_inverses = True
+        self._need_inverses = inverses is None or bool(state.get("need_inverses", False))

@@ -37,6 +37,7 @@ SCRIPT_NAME = "batch.sh"
 CONFIG_NAME = "config.yaml"
 OUT_LOG = "out.log"
 ERR_LOG = "err.log"
+PREEMPTED_FILE = "preempted"  # rank 0 writes it after a signal made the run checkpoint and stop
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
@@ -104,6 +105,8 @@ class BatchSpec:
         reservation: SLURM reservation, or ``None``.
         env: Variables the script exports before launching, in this order.
         signal: ``--signal`` for sbatch (``USR1@120``: USR1 two minutes before the time limit), or ``None``.
+        requeue: SLURM only: after ranks stopped by a signal (they leave the ``preempted`` file),
+            the script requeues its job, which then resumes from the work dir's newest checkpoint.
     """
 
     scheduler: str
@@ -118,9 +121,12 @@ class BatchSpec:
     reservation: Optional[str] = None
     env: Mapping[str, str] = field(default_factory=dict)
     signal: Optional[str] = None
+    requeue: bool = False
 
     def __post_init__(self) -> None:
         errors = []
+        if self.requeue and self.scheduler != "slurm":
+            errors.append("requeue: needs the slurm scheduler")
         if self.scheduler not in SCHEDULERS:
             errors.append(f"scheduler: {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
         for key in ("nodes", "ntasks_per_node"):
@@ -187,6 +193,9 @@ def header_lines(spec: BatchSpec) -> list[str]:
     ]
     if spec.signal is not None:
         options.append(f"--signal={spec.signal}")
+    if spec.requeue:
+        # A requeued job writes to the same logs: append rather than start them afresh.
+        options += ["--requeue", "--open-mode=append"]
     return [f"#SBATCH {option}" for option in options]
 
 
@@ -201,8 +210,15 @@ def body_lines(spec: BatchSpec) -> list[str]:
         shlex.join(spec.launch_argv),
         "status=$?",
         'echo "Finished at $(date) with status $status"',
-        "exit $status",
     ]
+    if spec.requeue:
+        lines += [
+            f'if [ "$status" -eq 0 ] && [ -e {PREEMPTED_FILE} ] && [ -n "${{SLURM_JOB_ID:-}}" ]; then',
+            '  echo "Stopped by a signal with a checkpoint: requeueing job $SLURM_JOB_ID"',
+            '  scontrol requeue "$SLURM_JOB_ID"',
+            "fi",
+        ]
+    lines.append("exit $status")
     return lines
 
 

@@ -23,6 +23,8 @@ class LauncherConfig:
     setup_only: bool = False
     batch_job: bool = False
     experiment_dir: str = "experiments"
+    requeue: bool = False  # SLURM: a job stopped by a signal requeues itself and resumes
+    signal_seconds: int = 120  # SLURM: USR1 this long before the time limit (0: none)
 
 
 def validate_launcher(cfg: LauncherConfig) -> list[str]:
@@ -35,6 +37,11 @@ def validate_launcher(cfg: LauncherConfig) -> list[str]:
             errors.append(f"launcher.{key}: must be >= 1, got {getattr(cfg, key)}")
     if cfg.time_limit is not None and cfg.time_limit < 1:
         errors.append(f"launcher.time_limit: must be >= 1 minute, got {cfg.time_limit}")
+    if cfg.signal_seconds < 0:
+        errors.append(f"launcher.signal_seconds: must be >= 0 (0: no signal), got {cfg.signal_seconds}")
+    if cfg.requeue and cfg.scheduler in ("local", "mpiexec"):
+        errors.append(f"launcher.requeue: needs SLURM, but launcher.scheduler={cfg.scheduler} "
+                      "(use launcher=slurm or --batch-job)")
     if not cfg.job_name or "/" in cfg.job_name:
         errors.append(f"launcher.job_name: must be a non-empty name without '/', got {cfg.job_name!r}")
     return errors

@@ -94,11 +94,15 @@ def batch_spec(run: Run, scheduler: str, python: str, mpiexec: str = "mpiexec", 
     kept = [o for o in run.overrides if not o.lstrip("+").startswith(("launcher.setup_only=", "launcher.batch_job="))]
     overrides = [*kept, f"hydra.run.dir={run.work_dir}", "hydra.output_subdir=null"]
     argv = script_argv(cfg, scheduler, python, run.script, overrides, mpiexec, flavor)
+    signal = None
+    if scheduler == "slurm" and cfg.time_limit is not None and cfg.signal_seconds > 0:
+        # Never more than half the limit, so a short job is not signalled as it starts.
+        signal = f"USR1@{min(cfg.signal_seconds, cfg.time_limit * 30)}"
     return BatchSpec(
         scheduler="slurm" if scheduler == "slurm" else "mpiexec", nodes=cfg.nodes, ntasks_per_node=cfg.procs_per_node,
         job_name=cfg.job_name, work_dir=str(run.work_dir), launch_argv=argv, time_limit_minutes=cfg.time_limit,
         partition=cfg.partition, account=cfg.account, reservation=cfg.reservation,
-        env={LAUNCHED: "1", "PYTHONUNBUFFERED": "1"})
+        env={LAUNCHED: "1", "PYTHONUNBUFFERED": "1"}, signal=signal, requeue=cfg.requeue and scheduler == "slurm")
 
 
 @contextmanager
@@ -144,6 +148,9 @@ def start(run: Run, train_here: Callable[[Path], None], environ: Optional[Mappin
     if scheduler == "mpiexec" and ranks > 1:
         mpiexec = find_mpiexec()
         flavor = mpi_flavor(mpiexec)
+    if cfg.requeue and scheduler != "slurm":
+        raise LaunchError(f"launcher.requeue needs SLURM, but this run uses {scheduler}: add --batch-job "
+                          "or use launcher=slurm")
     if scheduler == "slurm" and not cfg.batch_job and not shutil.which("srun"):
         raise LaunchError("launcher.scheduler=slurm, but srun is not on PATH")
     spec = batch_spec(run, scheduler, sys.executable, mpiexec, flavor)

@@ -17,6 +17,7 @@ from launcher.config import LauncherConfig, validate_launcher
 from models import MODELS
 from trainer.distributed import BACKENDS
 from trainer.optimizers import OptimizerConfig, validate_optimizer
+from trainer.trainer import ON_NONFINITE
 
 DEVICES = ("auto", "cpu", "cuda")
 PROGRESS = ("auto", "true", "false")
@@ -52,6 +53,11 @@ class TrainerConfig:
     num_threads: Optional[int] = None  # None: cores / ranks on this node
     progress: str = "auto"  # auto | true | false: tqdm bars (auto: rank 0 on a terminal, not in batch jobs)
     tensorboard: bool = False  # also write TensorBoard scalars to <output_dir>/tensorboard (rank 0)
+    checkpoint_every_steps: int = 0  # 0: off; checkpoints go to <work dir>/checkpoints
+    checkpoint_every_epoch: bool = False
+    keep_checkpoints: int = 3
+    resume: Optional[str] = None  # a checkpoint file or work dir | latest | auto (this work dir's newest)
+    on_nonfinite: str = "skip"  # skip | stop: what a step with a NaN/Inf loss or gradient does
 
 
 @dataclass
@@ -87,6 +93,14 @@ def validate(cfg: Any) -> list[str]:
         errors.append(f"trainer.num_threads: must be >= 1 (or null), got {t.num_threads}")
     if str(t.progress).lower() not in PROGRESS:
         errors.append(f"trainer.progress: {t.progress!r} is not one of {', '.join(PROGRESS)}")
+    if t.checkpoint_every_steps < 0:
+        errors.append(f"trainer.checkpoint_every_steps: must be >= 0 (0: off), got {t.checkpoint_every_steps}")
+    if t.keep_checkpoints < 1:
+        errors.append(f"trainer.keep_checkpoints: must be >= 1, got {t.keep_checkpoints}")
+    if t.on_nonfinite not in ON_NONFINITE:
+        errors.append(f"trainer.on_nonfinite: {t.on_nonfinite!r} is not one of {', '.join(ON_NONFINITE)}")
+    if t.resume is not None and not str(t.resume).strip():
+        errors.append("trainer.resume: must be a checkpoint file, a work dir, latest or auto (or null)")
     for key in ("max_train_samples", "max_test_samples"):
         value = getattr(cfg.data, key)
         if value is not None and value < 1:

@@ -4,20 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from omegaconf import OmegaConf
 
+from launcher.batch import PREEMPTED_FILE
 from launcher.env import RankInfo
 from models import build_model
 from trainer.callbacks import MemoryCallback, PrintCallback, TimerCallback, rank0_print
+from trainer.checkpoint import (
+    CHECKPOINT_DIR,
+    check_compatible,
+    load_checkpoint,
+    model_shapes,
+    resolve_resume,
+    run_identity,
+)
 from trainer.config import DataConfig, TrainerConfig, section
 from trainer.data import default_data_dir, ensure_mnist, load_mnist
 from trainer.distributed import make_communicator
 from trainer.optimizers import OptimizerConfig, build_optimizer
 from trainer.progress import ProgressCallback
-from trainer.trainer import Trainer
+from trainer.trainer import CheckpointPolicy, Trainer
 
 
 def choose_device(name: str, local_rank: int) -> torch.device:
@@ -48,6 +58,10 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
         torch.set_num_threads(tcfg.num_threads or max(1, (os.cpu_count() or 1) // info.local_size))
     device = choose_device(tcfg.device, info.local_rank)
     comm = make_communicator(info, tcfg.backend, device.type, multi_node=cfg.launcher.nodes > 1)
+    # Before the data: a bad checkpoint is refused at once. A requeued job prefers its own newest.
+    resume = resolve_resume(tcfg.resume, work_dir=output_dir, experiment_dir=cfg.launcher.experiment_dir,
+                            job_name=cfg.launcher.job_name, prefer_work_dir=cfg.launcher.requeue)
+    state = load_checkpoint(resume, device) if resume is not None else None
     progress = ProgressCallback.from_setting(tcfg.progress, comm.rank)
     log = progress.wrap(rank0_print(comm))  # bar-safe: bars are cleared around each line
     dtype = getattr(torch, tcfg.dtype)
@@ -79,7 +93,17 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
         callbacks.append(TensorBoardCallback(os.path.join(output_dir, "tensorboard"), comm.rank))
 
     metrics_path = os.path.join(output_dir, "metrics.jsonl") if output_dir else None
-    return Trainer(
+    identity = run_identity(cfg, model_shapes(model))
+    policy = None
+    if output_dir:
+        policy = CheckpointPolicy(os.path.join(output_dir, CHECKPOINT_DIR), tcfg.checkpoint_every_steps,
+                                  tcfg.checkpoint_every_epoch, tcfg.keep_checkpoints, identity, output_dir)
+    if state is not None:
+        check_compatible(state, identity, resume)
+    if output_dir and comm.rank == 0:  # a new start: the marker of an earlier stop is stale
+        os.makedirs(output_dir, exist_ok=True)
+        Path(output_dir, PREEMPTED_FILE).unlink(missing_ok=True)
+    trainer = Trainer(
         model,
         optimizer,
         data,
@@ -92,7 +116,14 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
         test_every_epoch=tcfg.test_every_epoch,
         metrics_path=metrics_path,
         log=log,
+        checkpoint=policy,
+        on_nonfinite=tcfg.on_nonfinite,
     )
+    if state is not None:
+        trainer.load_state_dict(state)
+        log(f"resumed from {resume}: step {trainer.step}, epoch {trainer.epoch}, batch {trainer.batch} "
+            f"(written by {state['world_size']} rank(s))")
+    return trainer
 
 
 def train(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] = None) -> list[dict[str, Any]]:

@@ -7,18 +7,54 @@ rank steps with the same gradient and keeps the same weights.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
+import os
+import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from launcher.batch import PREEMPTED_FILE
 from trainer import lbann_log
 from trainer.callbacks import Callback
+from trainer.checkpoint import FORMAT, VERSION, StopSignals, nonfinite_parameters, save_checkpoint
 from trainer.data import batch_plan, epoch_batches
+
+ON_NONFINITE = ("skip", "stop")
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped on NaN/Inf (``on_nonfinite=stop``); the message is one line with the step."""
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """When and where the trainer writes checkpoints (``every_steps=0``: not by step count).
+
+    Attributes:
+        directory: The run's checkpoint folder.
+        every_steps: Write every this many steps (0: off).
+        every_epoch: Also write at every epoch end.
+        keep: Keep the newest this many.
+        identity: ``checkpoint.run_identity`` of the run, stored in every checkpoint.
+        work_dir: Where the ``preempted`` marker goes (``None``: nowhere).
+    """
+
+    directory: str
+    every_steps: int = 0
+    every_epoch: bool = False
+    keep: int = 3
+    identity: Mapping[str, Any] = field(default_factory=dict)
+    work_dir: Optional[str] = None
 
 
 @dataclass
@@ -51,6 +87,9 @@ class Trainer:
         test_every_epoch: also evaluate the test set after every epoch, not only at the end.
         metrics_path: where one JSON line per epoch goes (None: nowhere).
         log: prints a line (on rank 0).
+        checkpoint: when and where to write checkpoints (None: never; also no stop on signals).
+        on_nonfinite: ``skip`` a step whose loss or gradients hold NaN/Inf, or ``stop`` with a
+            checkpoint of the state before it.
     """
 
     def __init__(
@@ -68,6 +107,8 @@ class Trainer:
         test_every_epoch: bool = False,
         metrics_path: Optional[str] = None,
         log: Callable[[str], None] = print,
+        checkpoint: Optional[CheckpointPolicy] = None,
+        on_nonfinite: str = "skip",
     ) -> None:
         self.model, self.optimizer, self.data = model, optimizer, data
         self.epochs, self.mini_batch_size = epochs, mini_batch_size
@@ -76,8 +117,14 @@ class Trainer:
         self.test_every_epoch = test_every_epoch
         self.metrics_path = metrics_path
         self.log = log
+        self.checkpoint, self.on_nonfinite = checkpoint, on_nonfinite
         self.epoch = 0
         self.step = 0
+        self.batch = 0  # batches of the current epoch already done (a resumed run skips them)
+        self.totals = torch.zeros(3, dtype=torch.float64)  # this epoch: loss sum, correct, samples
+        self.signals = StopSignals()
+        self.stopped: Optional[str] = None  # why fit() ended early (a signal), if it did
+        self.last_checkpoint: Optional[Path] = None
         self.stats = Stats()
         self.history: list[dict[str, Any]] = []
         self.loss: Optional[torch.Tensor] = None
@@ -98,28 +145,49 @@ class Trainer:
             getattr(callback, hook)(self)
 
     def fit(self) -> list[dict[str, Any]]:
-        """Trains for ``epochs`` epochs, tests at the end; returns the per-epoch records."""
+        """Trains up to ``epochs`` epochs (from where a loaded state left off), tests at the end.
+
+        Returns:
+            The per-epoch records (those of a loaded checkpoint first). On SIGTERM/SIGUSR1 it
+            returns early with a checkpoint written and ``stopped`` set.
+        """
         self._dispatch("on_train_begin")
-        for epoch in range(self.epochs):
-            self.epoch = epoch
-            self.train_epoch()
-            last = self.epoch == self.epochs - 1
-            if last:
-                self._dispatch("on_train_end")
-            if last or self.test_every_epoch:
-                self.test()
-            self._record()
+        first = self.epoch
+        # Without a place for checkpoints a signal keeps its usual meaning (it ends the process).
+        with self.signals.installed() if self.checkpoint else contextlib.nullcontext():
+            for epoch in range(first, self.epochs):
+                self.epoch = epoch
+                if not self.train_epoch():
+                    return self.history
+                last = self.epoch == self.epochs - 1
+                if last:
+                    self._dispatch("on_train_end")
+                if last or self.test_every_epoch:
+                    self.test()
+                self._record()
+                if self.checkpoint and (last or self.checkpoint.every_epoch):
+                    self.save(epoch_done=True)
+                self.batch = 0
         if self.epochs == 0:
             self._dispatch("on_train_end")
             self.test()
+        elif first >= self.epochs:
+            self.log(f"nothing to train: the checkpoint is at epoch {first}, trainer.epochs is {self.epochs}")
         return self.history
 
-    def train_epoch(self) -> None:
-        """One pass over the training set, each rank on its share of every global batch."""
+    def train_epoch(self) -> bool:
+        """One pass over the training set, each rank on its share of every global batch.
+
+        Returns:
+            ``False`` when a stop signal ended the epoch early (after a checkpoint).
+        """
         self.model.train()
         self.stats.test_loss = self.stats.test_accuracy = None
+        resumed_times = self.stats.batch_times if self.batch else []
         self._dispatch("on_epoch_begin")
-        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, samples
+        self.stats.batch_times = resumed_times + self.stats.batch_times
+        if not self.batch:
+            self.totals = torch.zeros(3, dtype=torch.float64)
         batches = epoch_batches(
             len(self.data.train_y),
             self.mini_batch_size,
@@ -129,7 +197,8 @@ class Trainer:
             self.comm.world_size,
             shuffle=True,
         )
-        for index in batches:
+        # The order is a pure function of (seed, epoch): a resumed epoch skips what was done.
+        for index in itertools.islice(batches, self.batch, None):
             self._dispatch("on_batch_begin")
             x = self.data.train_x[index].to(self.device, non_blocking=True)
             y = self.data.train_y[index].to(self.device, non_blocking=True)
@@ -139,21 +208,170 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.loss.backward()
             self.average_gradients()
-            self._dispatch("on_backward_prop_end")
-            self._dispatch("on_optimize_begin")
-            self.optimizer.step()
-            self._dispatch("on_optimize_end")
+            stop, bad_loss = self._step_flags(not bool(torch.isfinite(self.loss)))
+            bad = self._nonfinite_gradients()
+            if bad_loss or bad:
+                self._nonfinite(bad_loss, bad, x)  # raises for on_nonfinite=stop
+            else:
+                self._dispatch("on_backward_prop_end")
+                self._dispatch("on_optimize_begin")
+                self.optimizer.step()
+                self._dispatch("on_optimize_end")
+                with torch.no_grad():
+                    n = len(y)
+                    self.totals += torch.tensor(
+                        [self.loss.item() * n, (logits.argmax(1) == y).sum().item(), n], dtype=torch.float64
+                    )
             self.step += 1
-            with torch.no_grad():
-                n = len(y)
-                totals += torch.tensor(
-                    [self.loss.item() * n, (logits.argmax(1) == y).sum().item(), n], dtype=torch.float64
-                )
+            self.batch += 1
             self._dispatch("on_batch_end")
+            if stop:
+                self._stop()
+                return False
+            if self.checkpoint and self.checkpoint.every_steps and self.step % self.checkpoint.every_steps == 0:
+                self.save()
+        totals = self.totals.clone()
         self.comm.allreduce_sum_([totals])
         self.stats.train_loss = (totals[0] / totals[2]).item()
         self.stats.train_accuracy = (100.0 * totals[1] / totals[2]).item()
         self._dispatch("on_epoch_end")
+        return True
+
+    # -- stopping, faults and checkpoints -------------------------------------------------
+
+    def _step_flags(self, loss_bad: bool) -> tuple[bool, bool]:
+        """(stop requested, loss not finite), the same on every rank.
+
+        A signal may reach one rank only, and each rank sees only its own loss: one small
+        sum per step makes every rank take the same decision at the same step.
+        """
+        stop = self.checkpoint is not None and self.signals.received is not None
+        if self.comm.world_size == 1:
+            return stop, loss_bad
+        flags = torch.tensor([float(stop), float(loss_bad)], dtype=torch.float64)
+        self.comm.allreduce_sum_([flags])
+        return flags[0].item() > 0, flags[1].item() > 0
+
+    def _nonfinite_gradients(self) -> list[str]:
+        """Parameters whose (rank-averaged, so identical everywhere) gradient holds NaN/Inf."""
+        named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
+        if not named or bool(torch.stack([torch.isfinite(g).all() for _, g in named]).all()):
+            return []
+        return [n for n, g in named if not bool(torch.isfinite(g).all())]
+
+    def _nonfinite(self, bad_loss: bool, bad: list[str], x: torch.Tensor) -> None:
+        """Reports a NaN/Inf step, then skips it (no optimizer step) or stops with a checkpoint."""
+        what = []
+        if bad_loss:
+            inputs = "" if bool(torch.isfinite(x).all()) else " (this rank's batch holds non-finite inputs)"
+            what.append(f"non-finite loss{inputs}")
+        if bad:
+            what.append("non-finite gradient in " + ", ".join(bad))
+        where = f"step {self.step} (epoch {self.epoch}, batch {self.batch})"
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.on_nonfinite == "skip":
+            self.log(f"trainer: {where}: {'; '.join(what)}; step skipped")
+            return
+        saved = ""
+        if self.checkpoint:
+            # The weights are still those before this step: resuming retries (or, with
+            # trainer.on_nonfinite=skip, skips) this very batch.
+            saved = f"; checkpoint {self.save() or 'written by rank 0'}"
+        raise NonFiniteError(f"{where}: {'; '.join(what)}; stopped (trainer.on_nonfinite=stop){saved}")
+
+    def _stop(self) -> None:
+        """Checkpoints on every rank's agreed step and leaves the ``preempted`` marker."""
+        path = self.save()
+        self.stopped = self.signals.received or "a signal to another rank"
+        if self.comm.rank == 0 and self.checkpoint.work_dir:
+            Path(self.checkpoint.work_dir, PREEMPTED_FILE).write_text(f"{path}\n")
+        self.comm.barrier()  # no rank leaves before rank 0's checkpoint is on disk
+        self.log(f"trainer: stopped by {self.stopped} at step {self.step} (epoch {self.epoch}, batch "
+                 f"{self.batch}); checkpoint {path}; resume with trainer.resume={self.checkpoint.work_dir or path}")
+
+    def save(self, epoch_done: bool = False) -> Optional[Path]:
+        """Writes a checkpoint (rank 0; every rank must call it, K-FAC gathers its inverses).
+
+        Returns:
+            The path (on rank 0), or the last good checkpoint if the weights are not finite.
+
+        Raises:
+            NonFiniteError: The weights hold NaN/Inf: nothing is written, the run stops.
+        """
+        state = self.state_dict(epoch_done)
+        if self.comm.rank != 0:
+            return None
+        bad = nonfinite_parameters(self.model)
+        if bad:
+            raise NonFiniteError(f"step {self.step}: weights of {', '.join(bad)} are not finite; no checkpoint "
+                                 f"written (the last good one is {self.last_checkpoint})")
+        self.last_checkpoint = save_checkpoint(state, self.checkpoint.directory, self.step, self.checkpoint.keep)
+        return self.last_checkpoint
+
+    def state_dict(self, epoch_done: bool = False) -> dict[str, Any]:
+        """Everything a resumed run needs to continue bit for bit (a collective with several ranks).
+
+        Args:
+            epoch_done: Called after the epoch's record: the position is the next epoch's start.
+        """
+        totals = self.totals.clone()
+        self.comm.allreduce_sum_([totals])  # the whole epoch so far; rank 0 resumes with it
+        callbacks = {type(cb).__name__: cb.state_dict() for cb in self.callbacks if hasattr(cb, "load_state_dict")}
+        np_state = np.random.get_state()
+        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
+               "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+               "numpy_rest": [int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "format": FORMAT, "version": VERSION,
+            "identity": dict(self.checkpoint.identity) if self.checkpoint else {},
+            "step": self.step,
+            "epoch": self.epoch + 1 if epoch_done else self.epoch,
+            "batch": 0 if epoch_done else self.batch,
+            "world_size": self.comm.world_size,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "callbacks": callbacks,
+            "rng": rng,
+            "epoch_totals": torch.zeros(3, dtype=torch.float64) if epoch_done else totals,
+            "batch_times": [] if epoch_done else list(self.stats.batch_times),
+            "history": json.loads(json.dumps(self.history)),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continues from ``state_dict()``: weights, optimizer, callbacks, RNGs, position, metrics.
+
+        The optimizer's hyperparameters stay those of this run's config (a resumed run may
+        change the learning rate); its state comes from the checkpoint.
+        """
+        self.model.load_state_dict(state["model"])
+        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, hyper in zip(self.optimizer.param_groups, fresh, strict=True):
+            group.update(hyper)
+        for cb in self.callbacks:
+            if hasattr(cb, "load_state_dict") and type(cb).__name__ in state["callbacks"]:
+                cb.load_state_dict(state["callbacks"][type(cb).__name__])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        random.setstate(_as_tuple(rng["python"]))
+        pos, has_gauss, cached = rng["numpy_rest"]
+        np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.step, self.epoch, self.batch = int(state["step"]), int(state["epoch"]), int(state["batch"])
+        # The saved totals are the sum over the old ranks: rank 0 carries them, the others start at 0.
+        self.totals = state["epoch_totals"].clone().cpu() if self.comm.rank == 0 else torch.zeros(3, dtype=torch.float64)
+        self.stats.batch_times = list(state["batch_times"])
+        self.history = list(state["history"])
+        if self.metrics_path and self.comm.rank == 0:
+            # The metrics file says what the checkpoint says: records written after it are dropped.
+            tmp = f"{self.metrics_path}.tmp"
+            os.makedirs(os.path.dirname(os.path.abspath(tmp)), exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in self.history)
+            os.replace(tmp, self.metrics_path)
 
     def average_gradients(self) -> None:
         """Averages the gradients over ranks in one collective on a flat buffer."""
@@ -222,3 +440,8 @@ class Trainer:
         self.history.append(record)
         if self.metrics_path and self.comm.rank == 0:
             lbann_log.append_metrics(self.metrics_path, record)
+
+
+def _as_tuple(value: Any) -> Any:
+    """``random.setstate`` wants tuples; a loaded checkpoint may hand back lists."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
