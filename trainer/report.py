@@ -158,10 +158,15 @@ def _relevant(run: Run, key: str) -> bool:
 
 
 def varying_keys(runs: Sequence[Run]) -> list[str]:
-    """Config keys whose values differ between runs, in config order."""
+    """Config keys whose values differ between runs, in config order.
+
+    A key that some runs lack (their config predates it) says nothing about how the runs
+    differ, so only keys every run has are compared.
+    """
     keys: list[str] = []
     for run in runs:
         keys += [k for k in run.config if k not in keys and k not in IGNORED]
+    keys = [k for k in keys if all(k in r.config for r in runs)]
     return [k for k in keys if len({repr(r.config.get(k)) for r in runs}) > 1]
 
 
