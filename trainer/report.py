@@ -49,6 +49,7 @@ class Run:
     path: Path
     records: list[dict[str, Any]]
     config: dict[str, Any] = field(default_factory=dict)
+    complete: bool = False  # the config is a whole composed config, not just overrides
 
 
 # -- reading (thin I/O) ------------------------------------------------------------------
@@ -143,7 +144,8 @@ def load_runs(paths: Sequence[str | Path]) -> list[Run]:
     for metrics in find_metrics(paths):
         records = parse_records(metrics.read_text())
         if records:
-            runs.append(Run(metrics.parent, records, read_config(metrics.parent)))
+            complete = any((metrics.parent / n).is_file() for n in (".hydra/config.yaml", "config.yaml"))
+            runs.append(Run(metrics.parent, records, read_config(metrics.parent), complete))
     if not runs:
         raise ReportError(f"no {METRICS} with records found in {', '.join(map(str, paths))}")
     return runs
@@ -160,13 +162,14 @@ def _relevant(run: Run, key: str) -> bool:
 def varying_keys(runs: Sequence[Run]) -> list[str]:
     """Config keys whose values differ between runs, in config order.
 
-    A key that some runs lack (their config predates it) says nothing about how the runs
-    differ, so only keys every run has are compared.
+    A key missing from a run's whole composed config (that config predates the key) says
+    nothing about how the runs differ, so it is left out; a run known only by its overrides
+    lacks every key it did not override, and those still count.
     """
     keys: list[str] = []
     for run in runs:
         keys += [k for k in run.config if k not in keys and k not in IGNORED]
-    keys = [k for k in keys if all(k in r.config for r in runs)]
+    keys = [k for k in keys if all(k in r.config for r in runs if r.complete)]
     return [k for k in keys if len({repr(r.config.get(k)) for r in runs}) > 1]
 
 

@@ -310,3 +310,9 @@ def test_kfac_metrics_follow_the_damping_and_update_interval_schedules():
     expected.advance()
     assert kfac.metrics()["kfac_damping_act"] == expected.value < 1.0
     assert kfac.metrics()["kfac_update_interval"] == 3  # floor(1 + (5 - 1) * 5/10)
+
+
+def test_a_key_missing_from_an_older_whole_config_does_not_name_runs():
+    runs = [Run(Path("/x/old"), [{}], {"optimizer.name": "adam"}, complete=True),
+            Run(Path("/x/new"), [{}], {"optimizer.name": "sgd", "trainer.keep_checkpoints": 3}, complete=True)]
+    assert run_labels(runs) == ["optimizer=adam", "optimizer=sgd"]
