@@ -191,29 +191,21 @@ def pi_factor(a: torch.Tensor, g: torch.Tensor) -> float:
     return math.sqrt(ta / tg)
 
 
-_TRIU_CACHE: dict[tuple[int, str], torch.Tensor] = {}
+_TRIU_CACHE: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _triu_flat_index(n: int, device: torch.device) -> torch.Tensor:
-    """Flat indices of the upper triangle of an n×n matrix (cached: built once per size)."""
+def _triangle_indices(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices of an n×n matrix's upper triangle and of its mirror image, entry for entry.
+
+    Cached: built once per size and device.
+    """
     key = (n, str(device))
-    idx = _TRIU_CACHE.get(key)
-    if idx is None:
+    pair = _TRIU_CACHE.get(key)
+    if pair is None:
         rows, cols = torch.triu_indices(n, n, device=device)
-        idx = rows * n + cols
-        _TRIU_CACHE[key] = idx
-    return idx
-
-
-def _tril_flat_index(n: int, device: torch.device) -> torch.Tensor:
-    """Flat indices of the transposed upper triangle, in the same entry order."""
-    key = (-n, str(device))
-    idx = _TRIU_CACHE.get(key)
-    if idx is None:
-        rows, cols = torch.triu_indices(n, n, device=device)
-        idx = cols * n + rows
-        _TRIU_CACHE[key] = idx
-    return idx
+        pair = (rows * n + cols, cols * n + rows)
+        _TRIU_CACHE[key] = pair
+    return pair
 
 
 def triangle_size(n: int) -> int:
@@ -226,7 +218,7 @@ def pack_triangles(mats: Sequence[torch.Tensor]) -> torch.Tensor:
 
     A symmetric n×n matrix needs only n(n+1)/2 numbers on the wire (spec §6).
     """
-    parts = [m.reshape(-1)[_triu_flat_index(m.shape[0], m.device)] for m in mats]
+    parts = [m.reshape(-1)[_triangle_indices(m.shape[0], m.device)[0]] for m in mats]
     return torch.cat(parts) if parts else torch.empty(0)
 
 
@@ -238,11 +230,11 @@ def unpack_triangles(flat: torch.Tensor, dims: Sequence[int]) -> list[torch.Tens
         size = triangle_size(n)
         values = flat[offset:offset + size]
         m = flat.new_empty(n * n)
-        upper = _triu_flat_index(n, flat.device)
+        upper, mirror = _triangle_indices(n, flat.device)
         # Scatter the triangle, then its mirror image (the transposed flat index); the
         # diagonal is written twice with the same value.
         m[upper] = values
-        m[_tril_flat_index(n, flat.device)] = values
+        m[mirror] = values
         mats.append(m.view(n, n))
         offset += size
     if offset != flat.numel():

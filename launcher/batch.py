@@ -1,7 +1,7 @@
 """The work dir of a run, its ``batch.sh`` (a plain bash script, or one with ``#SBATCH`` lines), run or submit.
 
 Pure: ``work_dir_name``, ``choose_work_dir`` (given ``exists``), ``format_time``, ``header_lines``,
-``body_lines``, ``render_batch_script`` and ``detect_scheduler``; they read no clock, environment or
+``body_lines`` and ``render_batch_script``; they read no clock, environment or
 file system of their own. The I/O lives in the thin functions at the bottom: ``write_work_dir``,
 ``run_batch_script`` and ``submit``.
 
@@ -225,11 +225,6 @@ def body_lines(spec: BatchSpec) -> list[str]:
 def render_batch_script(spec: BatchSpec) -> str:
     """The whole text of ``batch.sh``: shebang, ``#SBATCH`` lines (SLURM only), a blank line, the body."""
     return "\n".join(["#!/bin/bash", *header_lines(spec), "", *body_lines(spec)]) + "\n"
-
-
-def detect_scheduler(environ: Mapping[str, str]) -> str:
-    """``slurm`` inside a SLURM allocation (``SLURM_JOB_ID`` is set), else ``mpiexec``."""
-    return "slurm" if "SLURM_JOB_ID" in environ else "mpiexec"
 
 
 # --- I/O at the edge -------------------------------------------------------------------------------

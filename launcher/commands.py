@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from launcher.config import LauncherConfig
 
 
-def rank_command(python: str, script: str, overrides: Sequence[str], ranks: int = 2) -> list[str]:
+def rank_command(python: str, script: str, overrides: Sequence[str], ranks: int) -> list[str]:
     """What each rank runs; a single rank needs no MPI at all."""
     if ranks == 1:
         return [python, script, *overrides]
@@ -24,7 +24,7 @@ def mpiexec_argv(cfg: LauncherConfig, python: str, script: str, overrides: Seque
     """``mpiexec -n N ...`` for one node (Open MPI also needs leave to oversubscribe cores)."""
     ranks = cfg.nodes * cfg.procs_per_node
     extra = ["--oversubscribe"] if flavor == "openmpi" else []
-    return [mpiexec, "-n", str(ranks), *extra, *rank_command(python, script, overrides)]
+    return [mpiexec, "-n", str(ranks), *extra, *rank_command(python, script, overrides, ranks)]
 
 
 def srun_argv(cfg: LauncherConfig, python: str, script: str, overrides: Sequence[str]) -> list[str]:

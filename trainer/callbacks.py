@@ -8,7 +8,6 @@ callbacks were given. Hooks receive the trainer, whose public attributes (``epoc
 from __future__ import annotations
 
 import resource
-import sys
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -86,7 +85,6 @@ def rank0_print(comm: Any) -> Callable[[str], None]:
     def _print(line: str) -> None:
         if comm is None or comm.rank == 0:
             print(line, flush=True)
-            sys.stdout.flush()
 
     return _print
 

@@ -11,7 +11,6 @@ from launcher.batch import (
     BatchSpec,
     SubmitError,
     choose_work_dir,
-    detect_scheduler,
     format_time,
     render_batch_script,
     run_batch_script,
@@ -131,15 +130,6 @@ def test_format_time(minutes, text):
 def test_format_time_rejects_zero():
     with pytest.raises(ValueError):
         format_time(0)
-
-
-def test_detect_scheduler():
-    assert detect_scheduler({"SLURM_JOB_ID": "12"}) == "slurm"
-    assert detect_scheduler({"SLURM_CONF": "/etc/slurm.conf", "PATH": "/bin"}) == "mpiexec"
-    assert detect_scheduler({}) == "mpiexec"
-
-
-# --- the I/O edge ---
 
 
 def _write(tmp_path, argv, env=None):
