@@ -20,12 +20,14 @@ import os
 import re
 import signal
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from kfac_callback.linalg import all_finite
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT = "kfac-mnist-checkpoint"
@@ -133,9 +135,18 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def nonfinite_names(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """The names of the tensors holding NaN or Inf (empty: all finite).
+
+    Runs on every training step (gradients), so it uses K-FAC's cheap test: one sum per
+    tensor, the element-wise test only when that sum is not finite.
+    """
+    return [name for name, t in named if not all_finite(t.detach())]
+
+
 def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
     """The names of the parameters holding NaN or Inf (empty: all finite)."""
-    return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    return nonfinite_names(model.named_parameters())
 
 
 def save_checkpoint(state: Mapping[str, Any], directory: str | os.PathLike[str], step: int, keep: int) -> Path:

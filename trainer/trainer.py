@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from launcher.batch import PREEMPTED_FILE
 from trainer import lbann_log
 from trainer.callbacks import Callback
-from trainer.checkpoint import FORMAT, VERSION, StopSignals, nonfinite_parameters, save_checkpoint
+from trainer.checkpoint import FORMAT, VERSION, StopSignals, nonfinite_names, nonfinite_parameters, save_checkpoint
 from trainer.data import batch_plan, epoch_batches
 
 ON_NONFINITE = ("skip", "stop")
@@ -254,10 +254,7 @@ class Trainer:
 
     def _nonfinite_gradients(self) -> list[str]:
         """Parameters whose (rank-averaged, so identical everywhere) gradient holds NaN/Inf."""
-        named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
-        if not named or bool(torch.stack([torch.isfinite(g).all() for _, g in named]).all()):
-            return []
-        return [n for n, g in named if not bool(torch.isfinite(g).all())]
+        return nonfinite_names((n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None)
 
     def _nonfinite(self, bad_loss: bool, bad: list[str], x: torch.Tensor) -> None:
         """Reports a NaN/Inf step, then skips it (no optimizer step) or stops with a checkpoint."""
