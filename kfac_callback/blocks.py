@@ -61,8 +61,11 @@ class Block:
         """Sizes of the square factors, in ``factor_names`` order."""
         raise NotImplementedError
 
-    def contributions(self, a: torch.Tensor, g: torch.Tensor, n_global: int) -> list[torch.Tensor]:
-        """This rank's factor contributions, in ``factor_names`` order.
+    def gram_terms(self, a: torch.Tensor, g: torch.Tensor, n_global: int) -> list[tuple[torch.Tensor, float]]:
+        """Each factor's contribution as rows X and a scale c, the factor being ``c·XᵀX``.
+
+        In ``factor_names`` order. Keeping the product unformed lets one rank fold it straight
+        into the running average with a single GEMM (``accumulate``).
 
         Args:
             a: The layer's input, batch first.
@@ -70,6 +73,33 @@ class Block:
             n_global: N, the global mini-batch size (local batch × ranks).
         """
         raise NotImplementedError
+
+    def contributions(self, a: torch.Tensor, g: torch.Tensor, n_global: int) -> list[torch.Tensor]:
+        """This rank's factor contributions ``c·XᵀX``, in ``factor_names`` order (see ``gram_terms``)."""
+        return [(x.mT @ x).mul_(c) for x, c in self.gram_terms(a, g, n_global)]
+
+    def accumulate(self, a: torch.Tensor, g: torch.Tensor, n_global: int, decay: float) -> bool:
+        """Folds this batch's factors into the running averages in one GEMM each (one rank).
+
+        Same result as ``update_factors(contributions(...))`` without forming the batch
+        factors: ``old ← decay·old + (1-decay)·c·XᵀX`` is one ``addmm_``. Every entry of
+        ``c·XᵀX`` is bounded by ``c·‖X‖²`` (Cauchy–Schwarz), so that one number being finite
+        proves the new factor finite before anything is touched.
+
+        Returns:
+            ``False`` (and nothing changes) if a new factor would not be finite.
+        """
+        terms = [(x.to(self.dtype), c) for x, c in self.gram_terms(a, g, n_global)]
+        if not all(bool(torch.isfinite(x.square().sum() * c)) for x, c in terms):
+            return False
+        for name, (x, c) in zip(self.factor_names, terms, strict=True):
+            old = getattr(self, name)
+            if old is None or self.updates == 0:
+                setattr(self, name, (x.mT @ x).mul_(c))
+            else:
+                old.addmm_(x.mT, x, beta=decay, alpha=(1.0 - decay) * c)
+        self.updates += 1
+        return True
 
     def factors(self) -> list[torch.Tensor | None]:
         """The running-average factors, in ``factor_names`` order (``None`` before the first)."""
@@ -339,7 +369,8 @@ class KroneckerBlock(Block):
             mat = self._grad_matrix(grads).to(self._g_inv.dtype)
             # G⁻¹ M A⁻¹ = (A⁻¹ (G⁻¹ M)ᵀ)ᵀ: two solves, no explicit inverse needed.
             p = self._a_inv.solve(self._g_inv.solve(mat).mT).mT
-        p = p.mul(lr_factor)
+        if lr_factor != 1.0:
+            p = p.mul(lr_factor)
         # Written back in each parameter's own layout (conv: not transposed, unlike LBANN).
         weight = grads[0]
         out = [p[:, :self.in_features()].reshape(weight.shape).to(weight.dtype)]
@@ -357,14 +388,12 @@ class LinearBlock(KroneckerBlock):
 
     kind = "linear"
 
-    def contributions(self, a: torch.Tensor, g: torch.Tensor, n_global: int) -> list[torch.Tensor]:
+    def gram_terms(self, a: torch.Tensor, g: torch.Tensor, n_global: int) -> list[tuple[torch.Tensor, float]]:
         n = a.shape[0]
         rows = self._with_ones(a.reshape(-1, a.shape[-1]).to(self.dtype))
         gr = g.reshape(-1, g.shape[-1]).to(self.dtype)
-        big_a = (rows.mT @ rows).div_(n_global)
-        # N Σ e eᵀ with e = grad_output·n/N gives (n²/N) Σ grad_output grad_outputᵀ.
-        big_g = (gr.mT @ gr).mul_(n * n / n_global)
-        return [big_a, big_g]
+        # A = (1/N) Σ ā āᵀ; G = N Σ e eᵀ with e = grad_output·n/N: (n²/N) Σ grad_output grad_outputᵀ.
+        return [(rows, 1.0 / n_global), (gr, n * n / n_global)]
 
 
 def _conv_padding(name: str, conv: nn.Conv2d) -> tuple[int, int]:
@@ -400,7 +429,7 @@ class Conv2dBlock(KroneckerBlock):
         super().__init__(name, module)
         self.padding = _conv_padding(name, module)
 
-    def contributions(self, a: torch.Tensor, g: torch.Tensor, n_global: int) -> list[torch.Tensor]:
+    def gram_terms(self, a: torch.Tensor, g: torch.Tensor, n_global: int) -> list[tuple[torch.Tensor, float]]:
         conv = self.module
         n = a.shape[0]
         # (n, C_in·kh·kw, T): the channel-major patch layout matches weight.reshape(C_out, -1).
@@ -409,10 +438,8 @@ class Conv2dBlock(KroneckerBlock):
         rows = self._with_ones(patches.transpose(1, 2).reshape(-1, patches.shape[1]))
         positions = g.shape[2] * g.shape[3]
         gr = g.to(self.dtype).permute(0, 2, 3, 1).reshape(-1, g.shape[1])
-        big_a = (rows.mT @ rows).div_(n_global)
-        # (N/|T|) Σ e eᵀ with e = grad_output·n/N.
-        big_g = (gr.mT @ gr).mul_(n * n / (n_global * positions))
-        return [big_a, big_g]
+        # A = (1/N) Σ p̄ p̄ᵀ; G = (N/|T|) Σ e eᵀ with e = grad_output·n/N.
+        return [(rows, 1.0 / n_global), (gr, n * n / (n_global * positions))]
 
 
 class BatchNormBlock(Block):
@@ -444,13 +471,13 @@ class BatchNormBlock(Block):
         var = x.var(dim=(0, 2), unbiased=False, keepdim=True)
         return (x - mean) * torch.rsqrt(var + self.module.eps)
 
-    def contributions(self, a: torch.Tensor, g: torch.Tensor, n_global: int) -> list[torch.Tensor]:
+    def gram_terms(self, a: torch.Tensor, g: torch.Tensor, n_global: int) -> list[tuple[torch.Tensor, float]]:
         n = a.shape[0]
         xhat = self.normalised(a)
         gr = g.to(self.dtype).reshape(xhat.shape)
         u = torch.cat([(gr * xhat).sum(dim=2), gr.sum(dim=2)], dim=1)
         # N Σ u uᵀ with u built from e = grad_output·n/N.
-        return [(u.mT @ u).mul_(n * n / n_global)]
+        return [(u, n * n / n_global)]
 
     def compute_inverses(self, damping: Dampings, use_pi: bool = False, use_eigen: bool = False,
                          dtype: torch.dtype = torch.float32, explicit: bool = False) -> bool:

@@ -304,6 +304,9 @@ class KFACCallback(Callback):
             self.phase = outer
 
     def _update_factors(self, s: int) -> None:
+        if self.comm.world_size == 1:
+            self._accumulate_factors(s)
+            return
         world = self.comm.world_size
         names = list(self.blocks)
         dtype = torch.float32
@@ -329,17 +332,14 @@ class KFACCallback(Callback):
             parts.extend(m.to(dtype) for m in mats)
         if not parts:
             return
-        if world > 1:
-            # All layers' triangles and the presence flags in one collective (spec §6).
-            device = self.blocks[names[0]].module.weight.device
-            flags = torch.tensor(present, dtype=dtype, device=device)
-            flat = torch.cat([pack_triangles(parts), flags])
-            with self._phase("factor_allreduce"):
-                self.comm.allreduce_sum_([flat])
-            counts = flat[-len(names):].tolist()
-            mats = unpack_triangles(flat[:-len(names)], dims)
-        else:
-            counts, mats = present, parts  # nothing to send: skip the packing
+        # All layers' triangles and the presence flags in one collective (spec §6).
+        device = self.blocks[names[0]].module.weight.device
+        flags = torch.tensor(present, dtype=dtype, device=device)
+        flat = torch.cat([pack_triangles(parts), flags])
+        with self._phase("factor_allreduce"):
+            self.comm.allreduce_sum_([flat])
+        counts = flat[-len(names):].tolist()
+        mats = unpack_triangles(flat[:-len(names)], dims)
         i = 0
         for name, count in zip(names, counts, strict=True):
             block = self.blocks[name]
@@ -348,6 +348,16 @@ class KFACCallback(Callback):
             if round(count) != world:
                 continue  # some rank saw no forward/backward of this layer this step
             if not block.update_factors(layer_mats, self.config.kronecker_decay):
+                self._warn_once(name, "factor", f"{PREFIX} step {s}: layer {name}: non-finite "
+                                "Kronecker factor skipped (running average kept)")
+
+    def _accumulate_factors(self, s: int) -> None:
+        """One rank: each layer's batch factors go straight into its running averages."""
+        for name, block in self.blocks.items():
+            cap = self._captures.get(name)
+            if cap is None or "g" not in cap:
+                continue  # no forward/backward of this layer this step
+            if not block.accumulate(cap["a"], cap["g"], cap["a"].shape[0], self.config.kronecker_decay):
                 self._warn_once(name, "factor", f"{PREFIX} step {s}: layer {name}: non-finite "
                                 "Kronecker factor skipped (running average kept)")
 
@@ -414,14 +424,23 @@ class KFACCallback(Callback):
 
     def _compute_inverses(self, s: int, damping: Dampings) -> None:
         c = self.config
+        explicit = c.compute_interval_steps >= EXPLICIT_INVERSE_INTERVAL
+        owned = []
         for name, block in self.blocks.items():
-            if self.owners[name] != self.comm.rank:
+            if self.owners[name] == self.comm.rank:
+                owned.append(name)
+            else:
                 block.clear_inverses()
-                continue
+
+        def compute(name: str) -> tuple[bool, float]:
             start = time.perf_counter()
-            ok = block.compute_inverses(damping, c.use_pi, c.use_eigen, self.inverse_dtype,
-                                        explicit=c.compute_interval_steps >= EXPLICIT_INVERSE_INTERVAL)
-            elapsed = time.perf_counter() - start
+            ok = self.blocks[name].compute_inverses(damping, c.use_pi, c.use_eigen, self.inverse_dtype,
+                                                    explicit=explicit)
+            return ok, time.perf_counter() - start
+
+        results = [compute(name) for name in owned]
+        for name, (ok, elapsed) in zip(owned, results, strict=True):
+            block = self.blocks[name]
             if c.print_time and block.has_factors:
                 self._print(f"{PREFIX} step {s}: inverses of {name} took {elapsed * 1e3:.3f} ms "
                             f"on rank {self.comm.rank}")
@@ -458,11 +477,12 @@ class KFACCallback(Callback):
                 if hasattr(block, "set_batch"):
                     block.set_batch(None, None)  # the batch route would bring the gradient back
         f = self.config.learning_rate_factor
-        for name, block in self.blocks.items():
-            if self.owners[name] == self.comm.rank and block.has_inverses:
-                if not block.precondition(f):
-                    self._warn_once(name, "precond", f"{PREFIX} step {s}: layer {name}: "
-                                    "preconditioned gradient not finite; plain gradient kept")
+        mine = [n for n, b in self.blocks.items() if self.owners[n] == self.comm.rank and b.has_inverses]
+        done = [self.blocks[n].precondition(f) for n in mine]
+        for name, ok in zip(mine, done, strict=True):
+            if not ok:
+                self._warn_once(name, "precond", f"{PREFIX} step {s}: layer {name}: "
+                                "preconditioned gradient not finite; plain gradient kept")
         if self.comm.world_size > 1:
             self._broadcast_gradients()
 

@@ -169,6 +169,30 @@ def test_running_average_first_takes_then_decays() -> None:
     assert block.updates == 2
 
 
+@pytest.mark.parametrize("make", [
+    lambda: LinearBlock("fc", nn.Linear(5, 3, bias=True, dtype=D)),
+    lambda: Conv2dBlock("conv", nn.Conv2d(2, 3, 3, padding=1, stride=2, dtype=D)),
+])
+def test_accumulate_equals_update_of_contributions(make) -> None:
+    """One rank folds c·XᵀX in with one addmm_: the same running averages as forming the factors."""
+    fused, plain = make(), make()
+    plain.module.load_state_dict(fused.module.state_dict())
+    torch.manual_seed(3)
+    shape = (4, 5) if fused.kind == "linear" else (4, 2, 6, 6)
+    for _ in range(3):
+        a = torch.randn(shape, dtype=D)
+        g = torch.randn(fused.module(a).shape, dtype=D)
+        assert fused.accumulate(a, g, 4, 0.9)
+        assert plain.update_factors(plain.contributions(a, g, 4), 0.9)
+        torch.testing.assert_close(fused.A, plain.A)
+        torch.testing.assert_close(fused.G, plain.G)
+    kept = fused.A.clone()
+    a[0, 0] = float("inf")
+    assert not fused.accumulate(a, g, 4, 0.9)  # a non-finite batch changes nothing
+    torch.testing.assert_close(fused.A, kept)
+    assert fused.updates == 3
+
+
 # -- preconditioned gradient -------------------------------------------------------------
 
 
