@@ -93,13 +93,22 @@ def test_pi_formula() -> None:
 
 
 def test_triangle_pack_unpack_round_trip() -> None:
-    mats = [(m + m.T) / 2 for m in (spd(n, n) for n in (1, 3, 5))]  # exactly symmetric
+    dims = [1, 2, 3, 4, 5, 8, 11]  # odd and even sizes take different layouts
+    mats = [(m + m.T) / 2 for m in (spd(n, n) for n in dims)]  # exactly symmetric
     flat = pack_triangles(mats)
-    assert flat.numel() == sum(triangle_size(n) for n in (1, 3, 5)) == 1 + 6 + 15
-    for got, want in zip(unpack_triangles(flat, [1, 3, 5]), mats, strict=True):
+    assert flat.numel() == sum(triangle_size(n) for n in dims) == sum(n * (n + 1) // 2 for n in dims)
+    for got, want in zip(unpack_triangles(flat, dims), mats, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-    # Packing keeps the upper triangle: the entries on the wire are exactly those.
-    rows, cols = torch.triu_indices(3, 3)
-    torch.testing.assert_close(flat[1:7], mats[1][rows, cols], rtol=0, atol=0)
+    # The numbers on the wire are exactly one triangle of each matrix, no more.
+    offset = 0
+    for n, m in zip(dims, mats, strict=True):
+        rows, cols = torch.triu_indices(n, n)
+        sent = flat[offset:offset + triangle_size(n)]
+        torch.testing.assert_close(sent.sort().values, m[rows, cols].sort().values, rtol=0, atol=0)
+        offset += triangle_size(n)
+    # Linear: the sum over ranks of packed factors is the packed sum.
+    other = [(m + m.T) / 2 for m in (spd(n, n + 1) for n in dims)]
+    torch.testing.assert_close(pack_triangles(mats) + pack_triangles(other),
+                               pack_triangles([a + b for a, b in zip(mats, other, strict=True)]))
     with pytest.raises(ValueError):
         unpack_triangles(flat, [1, 3])
