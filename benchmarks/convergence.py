@@ -46,9 +46,10 @@ def run(name: str, extra: list[str], out: Path) -> list[dict]:
 
 
 def read_records(exp_dir: Path) -> list[dict]:
-    """The metrics of the newest run under ``exp_dir``."""
+    """The per-epoch metrics of the newest run under ``exp_dir`` (not trainer.test_every_steps' test records)."""
     newest = max(exp_dir.iterdir(), key=os.path.getmtime)
-    return [json.loads(line) for line in (newest / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (newest / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r.get("kind", "epoch") == "epoch"]
 
 
 def table(name: str, records: list[dict]) -> str:

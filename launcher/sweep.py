@@ -37,6 +37,7 @@ def summary_row(run_dir: Path, overrides: str) -> dict[str, Any]:
     """One run's row from its ``metrics.jsonl``."""
     path = run_dir / "metrics.jsonl"
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = [r for r in records if r.get("kind", "epoch") == "epoch"]  # not test_every_steps' test records
     tested = [r["test_accuracy"] for r in records if "test_accuracy" in r]
     finished = (run_dir / OUT_LOG).exists() and "Finished at" in (run_dir / OUT_LOG).read_text(errors="replace")
     status = "done" if records and len(tested) and (finished or not (run_dir / JOB_ID_FILE).exists()) else "incomplete"

@@ -46,6 +46,8 @@ class TrainerConfig:
     epochs: int = 20
     mini_batch_size: int = 100  # global: split evenly over ranks
     test_every_epoch: bool = False
+    test_every_steps: int = 0  # 0: off; else also test every N global steps ("kind": "test" metrics records)
+    stop_at_test_accuracy: Optional[float] = None  # end the run once a test reaches this accuracy (%)
     device: str = "auto"
     flush_denormal: bool = True
     dtype: str = "float32"
@@ -93,6 +95,14 @@ def validate(cfg: Any) -> list[str]:
         errors.append(f"trainer.num_threads: must be >= 1 (or null), got {t.num_threads}")
     if str(t.progress).lower() not in PROGRESS:
         errors.append(f"trainer.progress: {t.progress!r} is not one of {', '.join(PROGRESS)}")
+    if t.test_every_steps < 0:
+        errors.append(f"trainer.test_every_steps: must be >= 0 (0: off), got {t.test_every_steps}")
+    target = t.stop_at_test_accuracy
+    if target is not None and not 0 < target <= 100:
+        errors.append(f"trainer.stop_at_test_accuracy: must be a test accuracy in % in (0, 100] (or null), got {target}")
+    elif target is not None and not (t.test_every_steps or t.test_every_epoch):
+        errors.append("trainer.stop_at_test_accuracy: needs trainer.test_every_steps > 0 or "
+                      "trainer.test_every_epoch=true (otherwise only the final test would check it)")
     if t.checkpoint_every_steps < 0:
         errors.append(f"trainer.checkpoint_every_steps: must be >= 0 (0: off), got {t.checkpoint_every_steps}")
     if t.keep_checkpoints < 1:

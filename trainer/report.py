@@ -80,14 +80,18 @@ def find_metrics(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def parse_records(text: str) -> list[dict[str, Any]]:
-    """The JSON objects of a metrics.jsonl text; blank and unfinished (partial) lines are skipped."""
+    """The per-epoch JSON objects of a metrics.jsonl text.
+
+    Blank and unfinished (partial) lines are skipped, and so are the ``"kind": "test"`` records
+    of ``trainer.test_every_steps`` (epoch records have no ``kind``).
+    """
     records = []
     for line in text.splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(record, dict):
+        if isinstance(record, dict) and record.get("kind", "epoch") == "epoch":
             records.append(record)
     return records
 

@@ -114,6 +114,8 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
         device=device,
         seed=cfg.seed,
         test_every_epoch=tcfg.test_every_epoch,
+        test_every_steps=tcfg.test_every_steps,
+        stop_at_test_accuracy=tcfg.stop_at_test_accuracy,
         metrics_path=metrics_path,
         log=log,
         checkpoint=policy,

@@ -85,7 +85,10 @@ class Trainer:
         device: where the model lives.
         seed: drives the per-epoch shuffle.
         test_every_epoch: also evaluate the test set after every epoch, not only at the end.
-        metrics_path: where one JSON line per epoch goes (None: nowhere).
+        test_every_steps: also evaluate it every this many (global) steps (0: off); each
+            evaluation while training then appends a ``"kind": "test"`` record to the metrics.
+        stop_at_test_accuracy: end the run once a test reaches this accuracy in % (None: never).
+        metrics_path: where one JSON line per epoch (and per test, see above) goes (None: nowhere).
         log: prints a line (on rank 0).
         checkpoint: when and where to write checkpoints (None: never; also no stop on signals).
         on_nonfinite: ``skip`` a step whose loss or gradients hold NaN/Inf, or ``stop`` with a
@@ -105,6 +108,8 @@ class Trainer:
         device: torch.device,
         seed: int,
         test_every_epoch: bool = False,
+        test_every_steps: int = 0,
+        stop_at_test_accuracy: Optional[float] = None,
         metrics_path: Optional[str] = None,
         log: Callable[[str], None] = print,
         checkpoint: Optional[CheckpointPolicy] = None,
@@ -115,6 +120,7 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.comm, self.device, self.seed = comm, device, seed
         self.test_every_epoch = test_every_epoch
+        self.test_every_steps, self.stop_at_test_accuracy = test_every_steps, stop_at_test_accuracy
         self.metrics_path = metrics_path
         self.log = log
         self.checkpoint, self.on_nonfinite = checkpoint, on_nonfinite
@@ -127,6 +133,11 @@ class Trainer:
         self.last_checkpoint: Optional[Path] = None
         self.stats = Stats()
         self.history: list[dict[str, Any]] = []
+        self.test_records: list[dict[str, Any]] = []  # "kind": "test" records (test_every_steps > 0)
+        self.reached: Optional[float] = None  # the test accuracy that met stop_at_test_accuracy
+        self._eval: Optional[tuple[int, float, float]] = None  # (step, loss, accuracy) of the last test
+        self._train_time = 0.0  # training seconds before the clock last stopped
+        self._clock: Optional[float] = None  # perf_counter() when the clock last started (None: stopped)
         self.loss: Optional[torch.Tensor] = None
         self.shape = self._epoch_shape()
         self._start = time.time()
@@ -147,27 +158,45 @@ class Trainer:
     def fit(self) -> list[dict[str, Any]]:
         """Trains up to ``epochs`` epochs (from where a loaded state left off), tests at the end.
 
+        A test that reaches ``stop_at_test_accuracy`` ends the run there as if that epoch were
+        the last: its (partial) epoch record, the final test lines and checkpoint, ``reached`` set.
+
         Returns:
             The per-epoch records (those of a loaded checkpoint first). On SIGTERM/SIGUSR1 it
             returns early with a checkpoint written and ``stopped`` set.
         """
         self._dispatch("on_train_begin")
         first = self.epoch
+        self._start_clock()
+        cut_short = False
         # Without a place for checkpoints a signal keeps its usual meaning (it ends the process).
         with self.signals.installed() if self.checkpoint else contextlib.nullcontext():
             for epoch in range(first, self.epochs):
                 self.epoch = epoch
                 if not self.train_epoch():
+                    self._stop_clock()
                     return self.history
-                last = self.epoch == self.epochs - 1
+                # The test accuracy is a sum over all ranks: every rank takes the same decision.
+                last = self.epoch == self.epochs - 1 or self.reached is not None
                 if last:
                     self._dispatch("on_train_end")
                 if last or self.test_every_epoch:
-                    self.test()
+                    self.test()  # after a periodic test at this very step: its result, not a second pass
+                if not last and self.reached is not None:
+                    last = True
+                    self._dispatch("on_train_end")
                 self._record()
                 if self.checkpoint and (last or self.checkpoint.every_epoch):
                     self.save(epoch_done=True)
+                cut_short = self.reached is not None and (epoch < self.epochs - 1 or self.batch < self.shape.train_iters)
                 self.batch = 0
+                if last:
+                    break
+        self._stop_clock()
+        if cut_short:
+            self.log(f"trainer: test accuracy {self.reached:.2f}% >= trainer.stop_at_test_accuracy="
+                     f"{self.stop_at_test_accuracy:g} at step {self.step} (epoch {self.epoch}) after "
+                     f"{self.train_time():.1f}s of training; run stopped")
         if self.epochs == 0:
             self._dispatch("on_train_end")
             self.test()
@@ -230,6 +259,10 @@ class Trainer:
                 return False
             if self.checkpoint and self.checkpoint.every_steps and self.step % self.checkpoint.every_steps == 0:
                 self.save()
+            if self.test_every_steps and self.step % self.test_every_steps == 0:
+                self.periodic_test()
+                if self.reached is not None:
+                    break  # the epoch ends here; fit() makes it the last
         totals = self.totals.clone()
         self.comm.allreduce_sum_([totals])
         self.stats.train_loss = (totals[0] / totals[2]).item()
@@ -334,6 +367,8 @@ class Trainer:
             "epoch_totals": torch.zeros(3, dtype=torch.float64) if epoch_done else totals,
             "batch_times": [] if epoch_done else list(self.stats.batch_times),
             "history": json.loads(json.dumps(self.history)),
+            "test_records": json.loads(json.dumps(self.test_records)),
+            "train_time": self.train_time(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -362,12 +397,16 @@ class Trainer:
         self.totals = state["epoch_totals"].clone().cpu() if self.comm.rank == 0 else torch.zeros(3, dtype=torch.float64)
         self.stats.batch_times = list(state["batch_times"])
         self.history = list(state["history"])
+        self.test_records = list(state.get("test_records", []))  # absent from older checkpoints
+        self._train_time = float(state.get("train_time", 0.0))
         if self.metrics_path and self.comm.rank == 0:
             # The metrics file says what the checkpoint says: records written after it are dropped.
             tmp = f"{self.metrics_path}.tmp"
             os.makedirs(os.path.dirname(os.path.abspath(tmp)), exist_ok=True)
+            # In the order they were written: a test at an epoch's last step precedes its record.
+            records = sorted(self.history + self.test_records, key=lambda r: (r["step"], r.get("kind") != "test"))
             with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in self.history)
+                f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
             os.replace(tmp, self.metrics_path)
 
     def average_gradients(self) -> None:
@@ -383,11 +422,78 @@ class Trainer:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    @torch.no_grad()
+    # -- testing and the training clock ----------------------------------------------------
+
+    def train_time(self) -> float:
+        """Seconds of training so far on this rank's clock: ``fit()`` less every test evaluation.
+
+        Rank 0's value goes into the records; a resumed run continues from its checkpoint's.
+        """
+        running = time.perf_counter() - self._clock if self._clock is not None else 0.0
+        return self._train_time + running
+
+    def _start_clock(self) -> None:
+        if self._clock is None:
+            self._clock = time.perf_counter()
+
+    def _stop_clock(self) -> bool:
+        """Stops the training clock; returns whether it was running."""
+        if self._clock is None:
+            return False
+        self._train_time += time.perf_counter() - self._clock
+        self._clock = None
+        return True
+
     def test(self) -> None:
-        """Evaluates the (never shuffled) test set; every rank evaluates its share."""
+        """Evaluates the test set with its hooks (LBANN's test lines); the training clock stops meanwhile."""
+        running = self._stop_clock()
         self.model.eval()
         self._dispatch("on_test_begin")
+        self.stats.test_loss, self.stats.test_accuracy = self.evaluate()
+        self._dispatch("on_test_end")
+        self.model.train()
+        self._after_test()
+        if running:
+            self._start_clock()
+
+    def periodic_test(self) -> None:
+        """The test of ``test_every_steps``: no hooks (the epoch's record and lines stay as they were),
+        one progress line and one ``"kind": "test"`` record; the training clock stops meanwhile."""
+        running = self._stop_clock()
+        loss, accuracy = self.evaluate()
+        self.log(f"trainer: step {self.step} (epoch {self.epoch}): test accuracy {accuracy:.2f}%, "
+                 f"objective {loss:.6g}, {self.train_time():.1f}s of training")
+        self._after_test()
+        if running:
+            self._start_clock()
+
+    def _after_test(self) -> None:
+        """Writes the test record (with ``test_every_steps``) and checks the target accuracy."""
+        step, loss, accuracy = self._eval
+        if self.test_every_steps and not (self.test_records and self.test_records[-1]["step"] == step):
+            record = {
+                "kind": "test", "step": step, "epoch": self.epoch,
+                "epochs_done": self.epoch + self.batch / max(1, self.shape.train_iters),
+                "train_time": self.train_time(), "wall_time": time.time() - self._start,
+                "test_objective": loss, "test_accuracy": accuracy,
+            }
+            self.test_records.append(record)
+            if self.metrics_path and self.comm.rank == 0:
+                lbann_log.append_metrics(self.metrics_path, record)
+        if self.stop_at_test_accuracy is not None and accuracy >= self.stop_at_test_accuracy:
+            self.reached = accuracy
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """(Objective, accuracy in %) on the (never shuffled) test set; every rank evaluates its share.
+
+        The sums are all-reduced, so every rank gets the same numbers. A second call at the same
+        step (an epoch-end test right after a periodic one) returns the first call's result.
+        """
+        if self._eval is not None and self._eval[0] == self.step:
+            return self._eval[1], self._eval[2]
+        was_training = self.model.training
+        self.model.eval()
         totals = torch.zeros(3, dtype=torch.float64)
         batches = epoch_batches(
             len(self.data.test_y),
@@ -411,10 +517,9 @@ class Trainer:
                 dtype=torch.float64,
             )
         self.comm.allreduce_sum_([totals])
-        self.stats.test_loss = (totals[0] / totals[2]).item()
-        self.stats.test_accuracy = (100.0 * totals[1] / totals[2]).item()
-        self._dispatch("on_test_end")
-        self.model.train()
+        self.model.train(was_training)
+        self._eval = (self.step, (totals[0] / totals[2]).item(), (100.0 * totals[1] / totals[2]).item())
+        return self._eval[1], self._eval[2]
 
     def _record(self) -> None:
         mean, mx, mn, sd = lbann_log.batch_time_stats(self.stats.batch_times)

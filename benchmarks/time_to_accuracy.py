@@ -1,0 +1,408 @@
+"""Time to accuracy: training wall-clock seconds until the test accuracy first reaches each target.
+
+Runs each recipe through ``kfac.py`` (one after another, so they do not share the cores) with
+the test set evaluated every ``--test-every-steps`` global steps (``trainer.test_every_steps``)
+and the run stopped at the highest target (``trainer.stop_at_test_accuracy``) or after
+``--max-epochs``. The candidates: Adam at four learning rates, plain SGD and SGD with momentum
+0.9 at three each, and the K-FAC recipes (LBANN's README recipe, plus ``--kfac-recipe``). The
+best Adam and the best SGD are the fastest to the highest target (then the next target down;
+when none reaches any, the best final accuracy); K-FAC's times are given as ratios to theirs.
+
+The clock is rank 0's training time: ``fit()`` less every test evaluation (the ``train_time``
+of the ``"kind": "test"`` records in each run's ``metrics.jsonl``), so a time is known to within
+one test interval. Written to ``--out``: ``time_to_accuracy.md`` (the table),
+``time_to_accuracy.csv`` (every curve point), ``time_to_accuracy.png`` (accuracy against time),
+``benchmark.json`` (the settings, and each recipe's flags and exit status, for ``--tables-only``),
+and per recipe its ``<recipe>.log`` and experiment dir ``<recipe>/``.
+
+    python benchmarks/time_to_accuracy.py --model mlp --ranks 1
+    python benchmarks/time_to_accuracy.py --model cnn --ranks 4 --out /tmp/tta_cnn_4
+    python benchmarks/time_to_accuracy.py --only adam_lr1e-3,kfac_lbann,kfac_lr0.03 \\
+        --kfac-recipe kfac_lr0.03="--optimizer sgd --optimizer-learning-rate 0.03 --kfac" data.max_train_samples=2000
+    python benchmarks/time_to_accuracy.py --out /tmp/tta_cnn_4 --model cnn --ranks 4 --tables-only
+
+Everything but ``main``, ``run_recipe``, ``read_metrics`` and the ``write_`` functions is pure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+TARGETS = (97.5, 98.0)
+TEST_EVERY_STEPS = {"mlp": 100, "cnn": 50}
+FAMILIES = ("kfac", "adam", "sgd")
+LBANN_KFAC = "--optimizer sgd --optimizer-learning-rate 1e-1 --kfac --kfac-damping-act 0.01 --kfac-damping-err 1"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One candidate: a name, its family (kfac, adam or sgd) and its kfac.py flags (no --model)."""
+
+    name: str
+    family: str
+    flags: str
+
+
+def default_recipes() -> list[Recipe]:
+    """LBANN's K-FAC recipe, Adam at 1e-4 .. 3e-3, plain SGD and SGD with momentum 0.9."""
+    recipes = [Recipe("kfac_lbann", "kfac", LBANN_KFAC)]
+    recipes += [Recipe(f"adam_lr{lr}", "adam", f"--optimizer adam --optimizer-learning-rate {lr}")
+                for lr in ("1e-4", "3e-4", "1e-3", "3e-3")]
+    recipes += [Recipe(f"sgd_lr{lr}", "sgd", f"--optimizer sgd --optimizer-learning-rate {lr}")
+                for lr in ("0.03", "0.1", "0.3")]
+    recipes += [Recipe(f"sgd_momentum0.9_lr{lr}", "sgd", f"--optimizer momentum --optimizer-learning-rate {lr}")
+                for lr in ("0.01", "0.03", "0.1")]
+    return recipes
+
+
+def parse_kfac_recipe(text: str) -> Recipe:
+    """``NAME=flags...`` (from ``--kfac-recipe``) as a K-FAC recipe; ``--kfac`` is added if missing."""
+    name, sep, flags = text.partition("=")
+    name = name.strip()
+    if not sep or not name or not flags.strip() or "/" in name:
+        raise argparse.ArgumentTypeError(f"expected NAME=\"flags ...\", got {text!r}")
+    if "--kfac" not in shlex.split(flags):
+        flags = f"{flags} --kfac"
+    return Recipe(name, "kfac", flags.strip())
+
+
+# -- reading a run (pure but for read_metrics) ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Point:
+    """One test of a run: after ``train_time`` seconds of training, at ``step`` (``epochs`` done)."""
+
+    train_time: float
+    accuracy: float
+    step: int
+    epochs: float
+
+
+@dataclass(eq=False)  # compared (and hashed) by identity
+class Result:
+    """One recipe's curve and what it reached; ``hits`` maps each target to its first point (or None)."""
+
+    recipe: Recipe
+    curve: list[Point]
+    hits: dict[float, Optional[Point]] = field(default_factory=dict)
+    status: str = "ok"
+
+    @property
+    def final(self) -> Optional[float]:
+        return self.curve[-1].accuracy if self.curve else None
+
+    @property
+    def best(self) -> Optional[float]:
+        return max(p.accuracy for p in self.curve) if self.curve else None
+
+    @property
+    def total_time(self) -> Optional[float]:
+        return self.curve[-1].train_time if self.curve else None
+
+    @property
+    def steps(self) -> Optional[int]:
+        return self.curve[-1].step if self.curve else None
+
+
+def curve(records: Sequence[Mapping[str, Any]]) -> list[Point]:
+    """The ``"kind": "test"`` records of a metrics.jsonl as points, in order of step."""
+    points = [Point(float(r["train_time"]), float(r["test_accuracy"]), int(r["step"]),
+                    float(r.get("epochs_done", r.get("epoch", 0))))
+              for r in records if r.get("kind") == "test"]
+    return sorted(points, key=lambda p: p.step)
+
+
+def first_hits(points: Sequence[Point], targets: Sequence[float]) -> dict[float, Optional[Point]]:
+    """For each target, the first point whose accuracy is >= it (None: never reached)."""
+    return {t: next((p for p in points if p.accuracy >= t), None) for t in targets}
+
+
+def make_result(recipe: Recipe, records: Sequence[Mapping[str, Any]], targets: Sequence[float],
+                status: str = "ok") -> Result:
+    points = curve(records)
+    return Result(recipe, points, first_hits(points, targets), status)
+
+
+def pick_best(results: Sequence[Result], family: str, targets: Sequence[float]) -> Optional[Result]:
+    """The family's fastest to the highest target some member reached (ties: the better final
+    accuracy), going down the targets; when none reached any, the best final accuracy."""
+    members = [r for r in results if r.recipe.family == family and r.curve]
+    if not members:
+        return None
+    for target in sorted(targets, reverse=True):
+        reached = [r for r in members if r.hits.get(target) is not None]
+        if reached:
+            return min(reached, key=lambda r: (r.hits[target].train_time, -(r.final or 0.0)))
+    return max(members, key=lambda r: r.final or 0.0)
+
+
+def ratio(result: Result, base: Optional[Result], target: float) -> str:
+    """``result``'s time to ``target`` over ``base``'s; a bound when only one reached it."""
+    if base is None or result is base:
+        return "-"
+    mine, theirs = result.hits.get(target), base.hits.get(target)
+    if mine is not None and theirs is not None:
+        return f"{mine.train_time / theirs.train_time:.2f}" if theirs.train_time > 0 else "-"
+    if mine is not None and base.total_time:  # the base trained this long without reaching it
+        return f"< {mine.train_time / base.total_time:.2f}"
+    if theirs is not None and result.total_time and theirs.train_time > 0:
+        return f"> {result.total_time / theirs.train_time:.2f}"
+    return "-"
+
+
+# -- the report (pure text; the writers below do the I/O) --------------------------------------
+
+
+def _hit_cells(result: Result, target: float) -> list[str]:
+    hit = result.hits.get(target)
+    if hit is None:
+        best = f"{result.best:.2f}%" if result.best is not None else "no test"
+        return [f"not reached (best {best})", "-", "-"]
+    return [f"{hit.train_time:.1f}", f"{hit.epochs:.2f}", str(hit.step)]
+
+
+def markdown(results: Sequence[Result], targets: Sequence[float], title: str, notes: Sequence[str] = ()) -> str:
+    """The table: per recipe, time (s), epochs and step at each target, steps run, final accuracy,
+    and for K-FAC recipes the ratios of its times to the best Adam's and the best SGD's."""
+    targets = sorted(targets)
+    best = {f: pick_best(results, f, targets) for f in ("adam", "sgd")}
+    head = ["recipe", "flags"]
+    for t in targets:
+        head += [f"time to {t:g}% s", "epochs", "step"]
+    head += ["steps run", "train time s", "final acc %", "best acc %"]
+    head += [f"K-FAC / best {f.replace('adam', 'Adam').replace('sgd', 'SGD')} @ {t:g}%"
+             for f in ("adam", "sgd") for t in targets]
+    lines = [f"## {title}", "", *notes, "", "| " + " | ".join(head) + " |",
+             "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
+    for fam in FAMILIES:
+        for r in (r for r in results if r.recipe.family == fam):
+            label = r.recipe.name + (" (best Adam)" if r is best["adam"] else " (best SGD)" if r is best["sgd"] else "")
+            if r.status != "ok":
+                label += f" ({r.status})"
+            cells = [label, f"`{r.recipe.flags}`"]
+            for t in targets:
+                cells += _hit_cells(r, t)
+            cells += [str(r.steps) if r.steps is not None else "-",
+                      f"{r.total_time:.1f}" if r.total_time is not None else "-",
+                      f"{r.final:.2f}" if r.final is not None else "-",
+                      f"{r.best:.2f}" if r.best is not None else "-"]
+            cells += [ratio(r, best[f], t) if fam == "kfac" else "-" for f in ("adam", "sgd") for t in targets]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    for fam, label in (("adam", "Adam"), ("sgd", "SGD")):
+        b = best[fam]
+        lines.append(f"Best {label}: {b.recipe.name if b else 'none (no run)'}.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def csv_rows(results: Sequence[Result]) -> list[dict[str, Any]]:
+    """Every curve point: recipe, family, step, epochs, train_time, test_accuracy."""
+    return [{"recipe": r.recipe.name, "family": r.recipe.family, "step": p.step, "epochs": round(p.epochs, 4),
+             "train_time": round(p.train_time, 4), "test_accuracy": p.accuracy}
+            for r in results for p in r.curve]
+
+
+def write_report(results: Sequence[Result], targets: Sequence[float], out: Path, title: str,
+                 notes: Sequence[str] = (), ylim: tuple[float, float] = (95.0, 99.5)) -> list[Path]:
+    """Writes time_to_accuracy.md, .csv and .png into ``out``; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    md = out / "time_to_accuracy.md"
+    md.write_text(markdown(results, targets, title, notes))
+    table = out / "time_to_accuracy.csv"
+    with open(table, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["recipe", "family", "step", "epochs", "train_time", "test_accuracy"])
+        writer.writeheader()
+        writer.writerows(csv_rows(results))
+    png = out / "time_to_accuracy.png"
+    write_plot(results, targets, png, title, ylim)
+    return [md, table, png]
+
+
+def write_plot(results: Sequence[Result], targets: Sequence[float], path: Path, title: str,
+               ylim: tuple[float, float]) -> None:
+    """Test accuracy against training seconds, one line per recipe (best Adam/SGD and K-FAC bold)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    best = {pick_best(results, f, targets) for f in ("adam", "sgd")}
+    cmaps = {"kfac": plt.get_cmap("Reds"), "adam": plt.get_cmap("Blues"), "sgd": plt.get_cmap("Greens")}
+    fig, ax = plt.subplots(figsize=(10, 6))
+    for fam in FAMILIES:
+        members = [r for r in results if r.recipe.family == fam and r.curve]
+        for i, r in enumerate(members):
+            strong = fam == "kfac" or r in best
+            color = cmaps[fam](0.45 + 0.5 * (i + 1) / (len(members) + 1))
+            ax.plot([p.train_time for p in r.curve], [p.accuracy for p in r.curve], marker=".", markersize=3,
+                    color=color, linewidth=2.2 if strong else 0.9, alpha=1.0 if strong else 0.6,
+                    label=r.recipe.name + (" (best)" if r in best else ""))
+    for t in targets:
+        ax.axhline(t, color="grey", linestyle="--", linewidth=0.8)
+        ax.text(ax.get_xlim()[1], t, f" {t:g}%", va="center", fontsize=8, color="grey")
+    ax.set_ylim(*ylim)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("training wall-clock, s (rank 0, test evaluations excluded)")
+    ax.set_ylabel("test accuracy, %")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -- running (I/O) --------------------------------------------------------------------------
+
+
+def read_metrics(exp_dir: Path) -> list[dict[str, Any]]:
+    """The records of the newest run under ``exp_dir`` (unfinished lines skipped; [] if none)."""
+    runs = [p for p in exp_dir.glob("*/metrics.jsonl")] if exp_dir.is_dir() else []
+    if not runs:
+        return []
+    records = []
+    for line in max(runs, key=os.path.getmtime).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return [r for r in records if isinstance(r, dict)]
+
+
+def command(recipe: Recipe, model: str, ranks: int, out: Path, test_every: int, stop_at: float,
+            max_epochs: int, extra: Sequence[str]) -> list[str]:
+    """The kfac.py command of one recipe (``extra`` last, so it may override anything)."""
+    return [sys.executable, str(ROOT / "kfac.py"), "--model", model, *shlex.split(recipe.flags),
+            "--nodes", "1", "--procs-per-node", str(ranks), f"trainer.epochs={max_epochs}",
+            f"trainer.test_every_steps={test_every}", f"trainer.stop_at_test_accuracy={stop_at}",
+            "trainer.progress=false", f"launcher.experiment_dir={out / recipe.name}",
+            f"launcher.job_name={recipe.name}", *extra]
+
+
+def run_recipe(recipe: Recipe, cmd: list[str], out: Path) -> str:
+    """Runs one recipe, its output into ``<out>/<name>.log``; returns ``ok`` or ``failed (exit N)``."""
+    with open(out / f"{recipe.name}.log", "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    return "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+
+
+def _summary_line(result: Result, targets: Sequence[float]) -> str:
+    parts = []
+    for t in sorted(targets):
+        hit = result.hits.get(t)
+        parts.append(f"{t:g}% at {hit.train_time:.1f}s (step {hit.step})" if hit else f"{t:g}% not reached")
+    best = f"best {result.best:.2f}%" if result.best is not None else "no test records"
+    return f"{', '.join(parts)}; {best}"
+
+
+def heading(settings: Mapping[str, Any], targets: Sequence[float]) -> tuple[str, list[str]]:
+    """The report's title and notes, from the settings the runs were made with."""
+    ranks = settings["ranks"]
+    extra = settings.get("extra") or []
+    title = f"Time to accuracy: {str(settings['model']).upper()}, {ranks} rank{'s' if ranks > 1 else ''}"
+    notes = [f"Training wall-clock on rank 0 with test evaluations excluded; tested every "
+             f"{settings['test_every_steps']} steps, so each time is known to within one test interval. Runs "
+             f"stop at {settings['stop_at_test_accuracy']:g}% or after {settings['max_epochs']} epochs; "
+             f"{settings.get('cpu_count')} CPU cores" + (f"; extra arguments: `{shlex.join(extra)}`" if extra else "")
+             + ".",
+             "Best Adam / best SGD: the fastest of their family to the highest target reached (then the next "
+             "target down; none reached: the best final accuracy). A ratio `< x` means the baseline did not "
+             "reach the target in its whole run (x uses its total time), `> x` that K-FAC did not."]
+    return title, notes
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from err
+    if not values or not all(0 < v <= 100 for v in values):
+        raise argparse.ArgumentTypeError(f"expected accuracies in % in (0, 100], got {text!r}")
+    return values
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
+                                     epilog="Other arguments (kfac.py flags or Hydra overrides) go to every run.")
+    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
+    parser.add_argument("--ranks", type=int, default=1, help="MPI ranks per run (1 node; 100 %% ranks == 0)")
+    parser.add_argument("--out", help="default: benchmarks/results/time_to_accuracy/<model>_<ranks>ranks")
+    parser.add_argument("--targets", type=_floats, default=list(TARGETS), help="test accuracies in %%, e.g. 97.5,98")
+    parser.add_argument("--test-every-steps", type=int, help="default: 100 (mlp), 50 (cnn)")
+    parser.add_argument("--max-epochs", type=int, default=10)
+    parser.add_argument("--kfac-recipe", type=parse_kfac_recipe, action="append", default=[], metavar='NAME="FLAGS"',
+                        help='one more K-FAC recipe, e.g. kfac_lr0.03="--optimizer sgd --optimizer-learning-rate 0.03 '
+                             '--kfac"; repeatable')
+    parser.add_argument("--only", action="append", metavar="NAMES",
+                        help="run (or tabulate) only these recipes: comma-separated, repeatable")
+    parser.add_argument("--tables-only", action="store_true", help="run nothing: rebuild from the runs under --out")
+    parser.add_argument("--ylim", type=float, nargs=2, default=(95.0, 99.5))
+    args, extra = parser.parse_known_args(argv)
+    if args.ranks < 1 or args.max_epochs < 1 or (args.test_every_steps is not None and args.test_every_steps < 1):
+        parser.error("--ranks, --max-epochs and --test-every-steps must be >= 1")
+    out = Path(args.out or ROOT / "benchmarks/results/time_to_accuracy" / f"{args.model}_{args.ranks}ranks")
+    out.mkdir(parents=True, exist_ok=True)
+    test_every = args.test_every_steps or TEST_EVERY_STEPS[args.model]
+    stop_at = max(args.targets)
+
+    saved = out / "benchmark.json"
+    state = json.loads(saved.read_text()) if saved.is_file() else {"settings": {}, "recipes": {}}
+    known = {r.name: r for r in default_recipes()}
+    # Custom recipes of earlier runs, so --tables-only still knows their flags.
+    known.update({n: Recipe(n, v["family"], v["flags"]) for n, v in state["recipes"].items() if n not in known})
+    known.update({r.name: r for r in args.kfac_recipe})
+    names = [n for item in args.only for n in item.split(",") if n] if args.only else list(known)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        parser.error(f"--only: unknown recipe(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    recipes = [known[n] for n in names]
+    if not args.tables_only:
+        state["settings"] = {"model": args.model, "ranks": args.ranks, "test_every_steps": test_every,
+                             "stop_at_test_accuracy": stop_at, "max_epochs": args.max_epochs, "extra": extra,
+                             "cpu_count": os.cpu_count()}
+    settings = state["settings"] or {"model": args.model, "ranks": args.ranks, "test_every_steps": test_every,
+                                     "stop_at_test_accuracy": stop_at, "max_epochs": args.max_epochs,
+                                     "extra": extra, "cpu_count": os.cpu_count()}
+
+    results = []
+    for i, recipe in enumerate(recipes, 1):
+        status = state["recipes"].get(recipe.name, {}).get("status", "ok")
+        if not args.tables_only:
+            cmd = command(recipe, args.model, args.ranks, out, test_every, stop_at, args.max_epochs, extra)
+            print(f"[{i}/{len(recipes)}] {recipe.name}: {shlex.join(cmd[1:])}", flush=True)
+            start = time.time()
+            status = run_recipe(recipe, cmd, out)
+            print(f"[{i}/{len(recipes)}] {recipe.name}: {status} after {time.time() - start:.0f}s wall", flush=True)
+            state["recipes"][recipe.name] = {"family": recipe.family, "flags": recipe.flags, "status": status}
+            saved.write_text(json.dumps(state, indent=1) + "\n")
+        records = read_metrics(out / recipe.name)
+        if not records and args.tables_only:
+            print(f"{recipe.name}: no run under {out / recipe.name}; skipped", flush=True)
+            continue
+        result = make_result(recipe, records, args.targets, status)
+        results.append(result)
+        print(f"[{i}/{len(recipes)}] {recipe.name}: {_summary_line(result, args.targets)}", flush=True)
+
+    title, notes = heading(settings, args.targets)
+    paths = write_report(results, args.targets, out, title, notes, tuple(args.ylim))
+    print((out / "time_to_accuracy.md").read_text())
+    print("wrote " + ", ".join(map(str, paths)))
+    return 0 if all(r.status == "ok" for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
