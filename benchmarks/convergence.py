@@ -29,6 +29,9 @@ RECIPES = {
     "momentum_cnn": "--model cnn --optimizer momentum --optimizer-learning-rate 0.01",
     "kfac_cnn": "--model cnn --optimizer sgd --optimizer-learning-rate 1e-1 --kfac "
                 "--kfac-damping-act 0.01 --kfac-damping-err 1",
+    # The recommended amortized settings (configs/experiment/kfac_fast.yaml).
+    "kfac_fast_mlp": "--model mlp experiment=kfac_fast",
+    "kfac_fast_cnn": "--model cnn --optimizer momentum --optimizer-learning-rate 0.01 experiment=kfac_fast",
 }
 
 

@@ -1,13 +1,16 @@
-"""Per-step time of SGD, Adam and K-FAC, K-FAC's split into phases, and bytes sent per step.
+"""Per-step time of SGD, Adam and K-FAC, K-FAC's split into phases, the floor, and bytes sent.
 
     python benchmarks/step_time.py --model mlp                                  # 1 rank
     mpiexec -n 4 python -m mpi4py benchmarks/step_time.py --model mlp           # 4 ranks
 
-All optimizers run in the same processes on the same (real-shaped, random) batches, one after
-another, so the ratios are measured under the same conditions. The global batch is
-``--batch`` (100), split over the ranks; K-FAC runs LBANN's README recipe (factors and
-inverses every step) unless ``--update-interval`` / ``--compute-interval`` say otherwise.
-Rank 0 prints a Markdown table.
+All optimizers run in the same processes on the same real MNIST batches, one after another,
+so the ratios are measured under the same conditions. The global batch is ``--batch`` (100),
+split over the ranks. K-FAC runs twice: at LBANN's README recipe (factors and inverses every
+step) and at our recommended amortized settings (``configs/experiment/kfac_fast.yaml``).
+
+The floor: the kernels one K-FAC step cannot avoid, each timed alone on the layers' sizes
+(Gram products of the factors, Cholesky factorisations, explicit inverses, solves and products
+of the preconditioning), added to the SGD step. Rank 0 prints Markdown tables.
 """
 
 from __future__ import annotations
@@ -19,14 +22,17 @@ import sys
 import time
 from collections import defaultdict
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+import yaml  # noqa: E402
 
 from kfac_callback import KFACCallback  # noqa: E402
 from launcher.env import rank_info  # noqa: E402
 from models import build_model  # noqa: E402
+from trainer.data import DataError, load_mnist  # noqa: E402
 from trainer.distributed import make_communicator  # noqa: E402
 from trainer.optimizers import OptimizerConfig, build_optimizer  # noqa: E402
 
@@ -51,14 +57,118 @@ class CountingComm:
         self.comm.barrier()
 
 
+FAST = ROOT / "configs" / "experiment" / "kfac_fast.yaml"
+RECIPE = {"damping_act": [0.01], "damping_err": [1.0]}
+
+
+def fast_settings() -> tuple[str, float, dict]:
+    """The recommended amortized settings: base optimizer, learning rate, K-FAC options."""
+    doc = yaml.safe_load(FAST.read_text())
+    optimizer = next(d["override /optimizer"] for d in doc["defaults"]
+                     if isinstance(d, dict) and "override /optimizer" in d)
+    options = {k: v for k, v in doc["kfac"].items() if k != "enabled"}
+    return optimizer, float(doc["optimizer"]["learning_rate"]), options
+
+
+def mnist_batches(batch: int, rank: int, world: int, count: int = 20) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share of the first ``count`` global batches of real MNIST (random pixels if absent)."""
+    try:
+        data = load_mnist(max_train_samples=batch * count, fetch=False)
+        x, y = data.train_x, data.train_y
+    except DataError:
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.rand(batch * count, 1, 28, 28, generator=gen), torch.randint(0, 10, (batch * count,), generator=gen)
+    local = batch // world
+    shares = [slice(i * batch + rank * local, i * batch + (rank + 1) * local) for i in range(count)]
+    return [(x[share], y[share]) for share in shares]
+
+
+def kernel_ms(fn, repeats: int = 10) -> float:
+    """Median milliseconds of ``fn()`` after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+class Kernels:
+    """Times of the dense kernels K-FAC needs, measured once per shape (float32)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, float] = {}
+        self._spd: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _factor(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if n not in self._spd:
+            x = torch.randn(max(2 * n, 8), n)
+            m = x.mT @ x / x.shape[0] + 0.01 * torch.eye(n)
+            self._spd[n] = (m, torch.linalg.cholesky(m))
+        return self._spd[n]
+
+    def _time(self, key: tuple, fn) -> float:
+        if key not in self._cache:
+            self._cache[key] = kernel_ms(fn)
+        return self._cache[key]
+
+    def gram(self, rows: int, n: int) -> float:
+        x = torch.randn(rows, n)
+        return self._time(("gram", rows, n), lambda: x.mT @ x)
+
+    def cholesky(self, n: int) -> float:
+        m, _ = self._factor(n)
+        return self._time(("chol", n), lambda: torch.linalg.cholesky_ex(m))
+
+    def inverse(self, n: int) -> float:
+        _, chol = self._factor(n)
+        return self._time(("inv", n), lambda: torch.cholesky_inverse(chol))
+
+    def solve(self, n: int, k: int) -> float:
+        _, chol = self._factor(n)
+        b = torch.randn(n, k)
+        return self._time(("solve", n, k), lambda: torch.linalg.solve_triangular(
+            chol.mT, torch.linalg.solve_triangular(chol, b, upper=False), upper=True))
+
+    def gemm(self, m: int, k: int, n: int) -> float:
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        return self._time(("gemm", m, k, n), lambda: a @ b)
+
+
+def floor_ms(cb: KFACCallback, n: int, sgd_ms: float, update: int, compute: int, kernels: Kernels) -> float:
+    """The SGD step plus the kernels one K-FAC step cannot avoid, amortized over the intervals.
+
+    Per layer: the Gram products of its two factors (÷ update interval), their Cholesky
+    factorisations (plus explicit inverses from a compute interval of 5, ÷ compute interval),
+    and the preconditioning by the cheaper route: through the batch, ``(G⁻¹Eᵀ)(ÂA⁻¹)``, or
+    direct, ``G⁻¹∇W A⁻¹`` (solves with Cholesky factors, GEMMs with explicit inverses).
+    """
+    explicit = compute >= 5
+    total = sgd_ms
+    for block in cb.blocks.values():
+        if block.kind == "batchnorm":
+            continue
+        d_out, d_in = block.out_features(), block.in_features() + int(block.has_bias)
+        total += (kernels.gram(n, d_in) + kernels.gram(n, d_out)) / update
+        total += sum(kernels.cholesky(d) + (kernels.inverse(d) if explicit else 0.0) for d in (d_in, d_out)) / compute
+        if explicit:
+            batch = kernels.gemm(d_out, d_out, n) + kernels.gemm(n, d_in, d_in) + kernels.gemm(d_out, n, d_in)
+            direct = kernels.gemm(d_out, d_out, d_in) + kernels.gemm(d_out, d_in, d_in)
+        else:
+            batch = kernels.solve(d_out, n) + kernels.solve(d_in, n) + kernels.gemm(d_out, n, d_in)
+            direct = kernels.solve(d_out, d_in) + kernels.solve(d_in, d_out)
+        total += min(batch, direct) if block.kind == "linear" and block.batch_route_cheaper(n) else direct
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
     parser.add_argument("--batch", type=int, default=100, help="global mini-batch")
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--update-interval", type=int, default=1)
-    parser.add_argument("--compute-interval", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=100, help="timed steps (the mean is amortized over them)")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (plus the interval warm-up)")
     args = parser.parse_args()
 
     info = rank_info(os.environ)
@@ -71,28 +181,26 @@ def main() -> None:
         return cb.phase if state["phase"] == "kfac" and cb is not None and cb.phase else state["phase"]
 
     comm = CountingComm(make_communicator(info), phase_of)
-    local = args.batch // comm.world_size
-    gen = torch.Generator().manual_seed(1 + comm.rank)
-    batches = [(torch.rand(local, 1, 28, 28, generator=gen), torch.randint(0, 10, (local,), generator=gen))
-               for _ in range(4)]
+    batches = mnist_batches(args.batch, comm.rank, comm.world_size)
+    fast_optimizer, fast_lr, fast_options = fast_settings()
 
-    def run(optimizer_name: str, lr: float, kfac: bool) -> tuple[float, dict[str, float], dict[str, int], int]:
+    def run(optimizer_name: str, lr: float, kfac: dict | None) -> dict:
         torch.manual_seed(0)
         model = build_model(args.model)
         opt = build_optimizer(OptimizerConfig(name=optimizer_name, learning_rate=lr), model.parameters())
         cb = None
-        if kfac:
-            cb = KFACCallback(model, comm=comm, printer=lambda line: None, damping_act=0.01, damping_err=1.0,
-                              update_interval_init=args.update_interval, update_interval_target=args.update_interval,
-                              compute_interval_steps=args.compute_interval)
+        warmup = args.warmup
+        if kfac is not None:
+            cb = KFACCallback(model, comm=comm, printer=lambda line: None, **kfac)
+            warmup += cb.config.update_interval_steps  # time the steady state
         state["cb"] = cb
         params = list(model.parameters())
         phases: dict[str, float] = defaultdict(float)
         comm.bytes.clear()
         times = []
-        for step in range(args.warmup + args.steps):
+        for step in range(warmup + args.steps):
             x, y = batches[step % len(batches)]
-            if step == args.warmup:
+            if step == warmup:
                 phases.clear()
                 comm.bytes.clear()
                 if cb:
@@ -119,41 +227,61 @@ def main() -> None:
             opt.step()
             comm.barrier()
             t3 = time.perf_counter()
-            if step >= args.warmup:
+            if step >= warmup:
                 phases["forward_backward"] += t1 - t0
                 phases["gradient_allreduce"] += t2 - t1
                 times.append(t3 - t0)
+        if not torch.isfinite(loss):
+            raise SystemExit(f"step_time: the loss diverged ({optimizer_name}, lr {lr}, {kfac}); times are meaningless")
         if cb:
             for name, seconds in cb.phase_times.items():
                 phases[name] += seconds
-        n_params = sum(p.numel() for p in params)
-        return statistics.median(times), {k: v / args.steps for k, v in phases.items()}, dict(comm.bytes), n_params
+        return {"mean": statistics.fmean(times), "phases": {k: v / args.steps for k, v in phases.items()},
+                "bytes": dict(comm.bytes), "params": sum(p.numel() for p in params), "cb": cb}
 
-    results = {}
-    for name, opt, lr, kfac in (("sgd", "sgd", 0.1, False), ("adam", "adam", 1e-4, False), ("kfac", "sgd", 0.1, True)):
-        results[name] = run(opt, lr, kfac)
+    recipe = dict(RECIPE)
+    results = {
+        "sgd": run("sgd", 0.1, None),
+        "adam": run("adam", 1e-4, None),
+        "kfac (README recipe)": run("sgd", 0.1, recipe),
+        "kfac (kfac_fast)": run(fast_optimizer, fast_lr, fast_options),
+    }
     if comm.rank != 0:
         return
-    sgd = results["sgd"][0]
-    print(f"### {args.model}, {comm.world_size} rank(s), global batch {args.batch}, update interval "
-          f"{args.update_interval}, compute interval {args.compute_interval}, {torch.get_num_threads()} thread(s)/rank\n")
-    print("| optimizer | median step ms | / SGD |\n|---|---:|---:|")
-    for name, (median, _, _, _) in results.items():
-        print(f"| {name} | {median * 1e3:.2f} | {median / sgd:.2f} |")
-    _, phases, sent, n_params = results["kfac"]
-    print("\n| K-FAC phase | ms per step |\n|---|---:|")
-    own = dict(phases)
-    own["factors"] = own.get("factors", 0.0) - own.get("factor_allreduce", 0.0)
-    own["precondition"] = own.get("precondition", 0.0) - own.get("exchange", 0.0)
-    for name in ("forward_backward", "gradient_allreduce", "factors", "factor_allreduce", "inverses",
-                 "batch_gather", "precondition", "exchange"):
-        print(f"| {name} | {own.get(name, 0.0) * 1e3:.2f} |")
+    sgd = results["sgd"]["mean"]
+    fast = results["kfac (kfac_fast)"]["cb"].config
+    print(f"### {args.model}, {comm.world_size} rank(s), global batch {args.batch}, "
+          f"{torch.get_num_threads()} thread(s)/rank, mean of {args.steps} steps\n")
+    print(f"kfac_fast: {fast_optimizer} lr {fast_lr:g}, update interval {fast.update_interval_init}->"
+          f"{fast.update_interval_target} over {fast.update_interval_steps} steps (timed after), compute interval "
+          f"{fast.compute_interval_steps}, damping act {fast.damping_act} err {fast.damping_err}\n")
+    # The floor counts fully connected layers (Gram products of N rows): the MLP, on one rank.
+    kernels = Kernels() if comm.world_size == 1 and args.model == "mlp" else None
+    print("| optimizer | mean step ms | / SGD | floor ms | floor / SGD |\n|---|---:|---:|---:|---:|")
+    for name, r in results.items():
+        cells = ["", ""]
+        if kernels is not None and r["cb"] is not None:
+            c = r["cb"].config
+            floor = floor_ms(r["cb"], args.batch, sgd * 1e3, c.update_interval_target, c.compute_interval_steps, kernels)
+            cells = [f"{floor:.2f}", f"{floor / (sgd * 1e3):.2f}"]
+        print(f"| {name} | {r['mean'] * 1e3:.2f} | {r['mean'] / sgd:.2f} | {cells[0]} | {cells[1]} |")
+    for name in ("kfac (README recipe)", "kfac (kfac_fast)"):
+        own = dict(results[name]["phases"])
+        own["factors"] = own.get("factors", 0.0) - own.get("factor_allreduce", 0.0)
+        own["precondition"] = own.get("precondition", 0.0) - own.get("exchange", 0.0)
+        print(f"\n| {name}: phase | ms per step |\n|---|---:|")
+        for phase in ("forward_backward", "gradient_allreduce", "factors", "factor_allreduce", "inverses",
+                      "batch_gather", "precondition", "exchange"):
+            print(f"| {phase} | {own.get(phase, 0.0) * 1e3:.2f} |")
+        if comm.world_size > 1:
+            print(f"\n| {name}: collective | bytes per step (payload per rank) |\n|---|---:|")
+            for phase, total in sorted(results[name]["bytes"].items()):
+                print(f"| {phase} | {total / args.steps:,.0f} |")
     if comm.world_size > 1:
-        print("\n| collective | bytes per step (payload per rank) |\n|---|---:|")
-        for name, total in sorted(sent.items()):
-            print(f"| {name} | {total / args.steps:,.0f} |")
-        print(f"\nminimum: gradient {n_params * 4:,} B (one averaged copy); factors: the packed triangles above "
-              "(a symmetric matrix needs only its triangle)")
+        print(f"\nminimum: gradient {results['sgd']['params'] * 4:,} B (one averaged copy); factors: the "
+              "packed triangles above (a symmetric matrix needs only its triangle)")
+    if kernels is not None:
+        print("\nkernels (ms, float32): " + ", ".join(f"{k[0]}{k[1:]} {v:.2f}" for k, v in sorted(kernels._cache.items())))
 
 
 if __name__ == "__main__":

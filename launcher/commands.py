@@ -21,9 +21,15 @@ def rank_command(python: str, script: str, overrides: Sequence[str], ranks: int)
 
 def mpiexec_argv(cfg: LauncherConfig, python: str, script: str, overrides: Sequence[str],
                  mpiexec: str = "mpiexec", flavor: str = "mpich") -> list[str]:
-    """``mpiexec -n N ...`` for one node (Open MPI also needs leave to oversubscribe cores)."""
+    """``mpiexec -n N ...`` for one node.
+
+    ``flavor``: ``mpich``, ``openmpi`` (needs leave to oversubscribe cores), or
+    ``openmpi-as-root`` (also leave to run as root, which Open MPI otherwise refuses).
+    """
     ranks = cfg.nodes * cfg.procs_per_node
-    extra = ["--oversubscribe"] if flavor == "openmpi" else []
+    extra = []
+    if flavor.startswith("openmpi"):
+        extra = ["--oversubscribe", *(["--allow-run-as-root"] if flavor == "openmpi-as-root" else [])]
     return [mpiexec, "-n", str(ranks), *extra, *rank_command(python, script, overrides, ranks)]
 
 

@@ -148,6 +148,8 @@ def start(run: Run, train_here: Callable[[Path], None], environ: Optional[Mappin
     if scheduler == "mpiexec" and ranks > 1:
         mpiexec = find_mpiexec()
         flavor = mpi_flavor(mpiexec)
+        if flavor == "openmpi" and hasattr(os, "geteuid") and os.geteuid() == 0:
+            flavor = "openmpi-as-root"  # containers often run as root; Open MPI refuses it unasked
     if cfg.requeue and scheduler != "slurm":
         raise LaunchError(f"launcher.requeue needs SLURM, but this run uses {scheduler}: add --batch-job "
                           "or use launcher=slurm")
