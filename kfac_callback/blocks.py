@@ -367,8 +367,8 @@ class KroneckerBlock(Block):
         p = self._through_batch()
         if p is None:
             mat = self._grad_matrix(grads).to(self._g_inv.dtype)
-            # G⁻¹ M A⁻¹ = (A⁻¹ (G⁻¹ M)ᵀ)ᵀ: two solves, no explicit inverse needed.
-            p = self._a_inv.solve(self._g_inv.solve(mat).mT).mT
+            # G⁻¹ M A⁻¹: two solves with Cholesky factors, or two GEMMs with explicit inverses.
+            p = self._a_inv.solve_right(self._g_inv.solve(mat))
         if lr_factor != 1.0:
             p = p.mul(lr_factor)
         # Written back in each parameter's own layout (conv: not transposed, unlike LBANN).
