@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kfac_callback.linalg import (
+    DampedInverse,
     damped_inverse,
     pack_triangles,
     pi_factor,
@@ -112,3 +113,13 @@ def test_triangle_pack_unpack_round_trip() -> None:
                                pack_triangles([a + b for a, b in zip(mats, other, strict=True)]))
     with pytest.raises(ValueError):
         unpack_triangles(flat, [1, 3])
+
+
+def test_damped_inverse_solves_on_both_sides_in_both_forms() -> None:
+    """M⁻¹x and yM⁻¹ from a Cholesky factor and from an explicit inverse equal the dense solve."""
+    m = spd(7, 11) + 0.1 * torch.eye(7, dtype=D)
+    x, y = torch.randn(7, 3, dtype=D), torch.randn(2, 7, dtype=D)
+    want_left, want_right = torch.linalg.solve(m, x), torch.linalg.solve(m, y.mT).mT
+    for held in (DampedInverse(chol=torch.linalg.cholesky(m)), DampedInverse(inverse=torch.linalg.inv(m))):
+        torch.testing.assert_close(held.solve(x), want_left)
+        torch.testing.assert_close(held.solve_right(y), want_right)
