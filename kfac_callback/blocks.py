@@ -208,6 +208,9 @@ class Block:
         grads = self.grads()
         if grads is None or not self.has_inverses:
             return False
+        done = self._precondition_in_place(grads, lr_factor)
+        if done is not None:
+            return done
         new = self._preconditioned(grads, lr_factor)
         if not all(all_finite(t) for t in new):
             return False
@@ -217,6 +220,15 @@ class Block:
 
     def _preconditioned(self, grads: list[torch.Tensor], lr_factor: float) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    def _precondition_in_place(self, grads: list[torch.Tensor], lr_factor: float) -> bool | None:
+        """A faster path that writes the result straight into the gradients, where one exists.
+
+        Returns:
+            ``None`` when it does not apply (``precondition`` then takes the general path),
+            else what ``precondition`` returns.
+        """
+        return None
 
 
 class KroneckerBlock(Block):
@@ -348,8 +360,9 @@ class KroneckerBlock(Block):
         d_out, d_in = self.out_features(), self.in_features() + int(self.has_bias)
         return n * (d_out * d_out + d_in * d_in + d_out * d_in) < d_out * d_in * (d_out + d_in)
 
-    def _through_batch(self) -> torch.Tensor | None:
-        """``(G⁻¹gᵀ)([a|1]A⁻¹)`` when this step's batch was offered and that route is cheaper."""
+    def _batch_halves(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``G⁻¹gᵀ`` (out × N) and ``A⁻¹[a|1]ᵀ`` (in × N), when this step's batch was offered
+        and that route is cheaper; their product ``left @ rightᵀ`` is the preconditioned gradient."""
         batch, self._batch = self._batch, None
         if batch is None:
             return None
@@ -359,9 +372,30 @@ class KroneckerBlock(Block):
         if not self.batch_route_cheaper(rows.shape[0]):
             return None
         dtype = self._g_inv.dtype
-        left = self._g_inv.solve(g.mT.to(dtype))  # out × N
-        right = self._a_inv.solve(rows.mT.to(dtype))  # in × N (A⁻¹ is symmetric)
-        return left @ right.mT
+        left = self._g_inv.solve(g.mT.to(dtype))
+        right = self._a_inv.solve(rows.mT.to(dtype))  # A⁻¹ is symmetric
+        return left, right
+
+    def _through_batch(self) -> torch.Tensor | None:
+        """``(G⁻¹gᵀ)([a|1]A⁻¹)`` when this step's batch was offered and that route is cheaper."""
+        halves = self._batch_halves()
+        return None if halves is None else halves[0] @ halves[1].mT
+
+    def _precondition_in_place(self, grads: list[torch.Tensor], lr_factor: float) -> bool | None:
+        weight = grads[0]
+        if (self._batch is None or self.has_bias or lr_factor != 1.0 or not weight.is_contiguous()
+                or weight.dtype != self._g_inv.dtype):
+            return None
+        halves = self._batch_halves()
+        if halves is None:
+            return None
+        left, right = halves
+        # |(L Rᵀ)_ij| ≤ ‖L‖·‖R‖, so one finite product of norms proves every entry finite: the
+        # product can go straight into the gradient, without a check and a copy of its own.
+        if not bool(torch.isfinite(left.norm() * right.norm())):
+            return False
+        torch.mm(left, right.mT, out=weight.view(left.shape[0], right.shape[0]))
+        return True
 
     def _preconditioned(self, grads: list[torch.Tensor], lr_factor: float) -> list[torch.Tensor]:
         p = self._through_batch()
