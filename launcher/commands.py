@@ -27,10 +27,14 @@ def mpiexec_argv(cfg: LauncherConfig, python: str, script: str, overrides: Seque
     ``openmpi-as-root`` (also leave to run as root, which Open MPI otherwise refuses).
     """
     ranks = cfg.nodes * cfg.procs_per_node
-    extra = []
-    if flavor.startswith("openmpi"):
-        extra = ["--oversubscribe", *(["--allow-run-as-root"] if flavor == "openmpi-as-root" else [])]
-    return [mpiexec, "-n", str(ranks), *extra, *rank_command(python, script, overrides, ranks)]
+    return [mpiexec, "-n", str(ranks), *mpiexec_flags(flavor), *rank_command(python, script, overrides, ranks)]
+
+
+def mpiexec_flags(flavor: str) -> list[str]:
+    """The leave Open MPI needs (see ``mpiexec_argv``); MPICH needs none."""
+    if not flavor.startswith("openmpi"):
+        return []
+    return ["--oversubscribe", *(["--allow-run-as-root"] if flavor == "openmpi-as-root" else [])]
 
 
 def srun_argv(cfg: LauncherConfig, python: str, script: str, overrides: Sequence[str]) -> list[str]:

@@ -65,6 +65,15 @@ def mpi_flavor(mpiexec: str) -> str:
     return "openmpi" if "Open MPI" in out or "OpenRTE" in out else "mpich"
 
 
+def local_mpi_flavor(mpiexec: str) -> str:
+    """``mpi_flavor``, as ``openmpi-as-root`` for Open MPI run by root (it refuses root unasked,
+    and containers often run as root)."""
+    flavor = mpi_flavor(mpiexec)
+    if flavor == "openmpi" and hasattr(os, "geteuid") and os.geteuid() == 0:
+        return "openmpi-as-root"
+    return flavor
+
+
 def find_mpiexec() -> str:
     """The mpiexec beside this Python (the venv's MPI wheel), else the one on PATH."""
     beside = os.path.join(os.path.dirname(sys.executable), "mpiexec")
@@ -147,9 +156,7 @@ def start(run: Run, train_here: Callable[[Path], None], environ: Optional[Mappin
     mpiexec, flavor = "mpiexec", "mpich"
     if scheduler == "mpiexec" and ranks > 1:
         mpiexec = find_mpiexec()
-        flavor = mpi_flavor(mpiexec)
-        if flavor == "openmpi" and hasattr(os, "geteuid") and os.geteuid() == 0:
-            flavor = "openmpi-as-root"  # containers often run as root; Open MPI refuses it unasked
+        flavor = local_mpi_flavor(mpiexec)
     if cfg.requeue and scheduler != "slurm":
         raise LaunchError(f"launcher.requeue needs SLURM, but this run uses {scheduler}: add --batch-job "
                           "or use launcher=slurm")
