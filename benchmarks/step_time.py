@@ -21,8 +21,9 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
-ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402

@@ -348,8 +348,7 @@ class KFACCallback(Callback):
             if round(count) != world:
                 continue  # some rank saw no forward/backward of this layer this step
             if not block.update_factors(layer_mats, self.config.kronecker_decay):
-                self._warn_once(name, "factor", f"{PREFIX} step {s}: layer {name}: non-finite "
-                                "Kronecker factor skipped (running average kept)")
+                self._warn_bad_factor(s, name)
 
     def _accumulate_factors(self, s: int) -> None:
         """One rank: each layer's batch factors go straight into its running averages."""
@@ -358,8 +357,11 @@ class KFACCallback(Callback):
             if cap is None or "g" not in cap:
                 continue  # no forward/backward of this layer this step
             if not block.accumulate(cap["a"], cap["g"], cap["a"].shape[0], self.config.kronecker_decay):
-                self._warn_once(name, "factor", f"{PREFIX} step {s}: layer {name}: non-finite "
-                                "Kronecker factor skipped (running average kept)")
+                self._warn_bad_factor(s, name)
+
+    def _warn_bad_factor(self, s: int, name: str) -> None:
+        self._warn_once(name, "factor", f"{PREFIX} step {s}: layer {name}: non-finite "
+                        "Kronecker factor skipped (running average kept)")
 
     def _offer_batches(self, captures: dict[str, dict[str, Any]]) -> None:
         """Lets fully connected layers precondition through this step's batch (cheaper).
@@ -424,23 +426,14 @@ class KFACCallback(Callback):
 
     def _compute_inverses(self, s: int, damping: Dampings) -> None:
         c = self.config
-        explicit = c.compute_interval_steps >= EXPLICIT_INVERSE_INTERVAL
-        owned = []
         for name, block in self.blocks.items():
-            if self.owners[name] == self.comm.rank:
-                owned.append(name)
-            else:
+            if self.owners[name] != self.comm.rank:
                 block.clear_inverses()
-
-        def compute(name: str) -> tuple[bool, float]:
+                continue
             start = time.perf_counter()
-            ok = self.blocks[name].compute_inverses(damping, c.use_pi, c.use_eigen, self.inverse_dtype,
-                                                    explicit=explicit)
-            return ok, time.perf_counter() - start
-
-        results = [compute(name) for name in owned]
-        for name, (ok, elapsed) in zip(owned, results, strict=True):
-            block = self.blocks[name]
+            ok = block.compute_inverses(damping, c.use_pi, c.use_eigen, self.inverse_dtype,
+                                        explicit=c.compute_interval_steps >= EXPLICIT_INVERSE_INTERVAL)
+            elapsed = time.perf_counter() - start
             if c.print_time and block.has_factors:
                 self._print(f"{PREFIX} step {s}: inverses of {name} took {elapsed * 1e3:.3f} ms "
                             f"on rank {self.comm.rank}")
@@ -477,12 +470,11 @@ class KFACCallback(Callback):
                 if hasattr(block, "set_batch"):
                     block.set_batch(None, None)  # the batch route would bring the gradient back
         f = self.config.learning_rate_factor
-        mine = [n for n, b in self.blocks.items() if self.owners[n] == self.comm.rank and b.has_inverses]
-        done = [self.blocks[n].precondition(f) for n in mine]
-        for name, ok in zip(mine, done, strict=True):
-            if not ok:
-                self._warn_once(name, "precond", f"{PREFIX} step {s}: layer {name}: "
-                                "preconditioned gradient not finite; plain gradient kept")
+        for name, block in self.blocks.items():
+            if self.owners[name] == self.comm.rank and block.has_inverses:
+                if not block.precondition(f):
+                    self._warn_once(name, "precond", f"{PREFIX} step {s}: layer {name}: "
+                                    "preconditioned gradient not finite; plain gradient kept")
         if self.comm.world_size > 1:
             self._broadcast_gradients()
 
