@@ -268,6 +268,10 @@ class KFACCallback(Callback):
     def step(self) -> None:
         """One K-FAC step; call it after backward (and gradient averaging), before the optimizer.
 
+        The gradients must be as backward left them: a fully connected layer's preconditioned
+        gradient is built from the batch's inputs and output gradients (``set_batch``), so an
+        edit of ``.grad`` in between (clipping, say) would be lost; edit after this step.
+
         On factor-update steps the captured inputs and output gradients become factors
         (summed over ranks in one collective) and are folded into the running averages; on
         compute steps each owner recomputes its layers' inverses; every step every layer with

@@ -21,6 +21,9 @@ class OptimizerConfig:
     beta2: float = 0.99  # adam
     decay: float = 0.99  # rmsprop
     eps: float = 1e-8  # adam, adagrad, rmsprop
+    # L2 weight decay, all optimizers; 0 as in LBANN's examples. It is added inside the optimizer's
+    # step, so with K-FAC it joins the already preconditioned gradient (not preconditioned itself).
+    weight_decay: float = 0.0
 
 
 def validate_optimizer(cfg: OptimizerConfig) -> list[str]:
@@ -30,20 +33,22 @@ def validate_optimizer(cfg: OptimizerConfig) -> list[str]:
         errors.append(f"optimizer.name: {cfg.name!r} is not one of {', '.join(OPTIMIZERS)}")
     if not cfg.learning_rate > 0:
         errors.append(f"optimizer.learning_rate: must be > 0, got {cfg.learning_rate}")
+    if not cfg.weight_decay >= 0:
+        errors.append(f"optimizer.weight_decay: must be >= 0, got {cfg.weight_decay}")
     return errors
 
 
 def build_optimizer(cfg: OptimizerConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """Builds the optimizer named by ``cfg.name`` over ``params``."""
-    lr = cfg.learning_rate
+    lr, wd = cfg.learning_rate, cfg.weight_decay
     if cfg.name == "momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
     if cfg.name == "sgd":
-        return torch.optim.SGD(params, lr=lr)
+        return torch.optim.SGD(params, lr=lr, weight_decay=wd)
     if cfg.name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        return torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=wd)
     if cfg.name == "adagrad":
-        return torch.optim.Adagrad(params, lr=lr, eps=cfg.eps)
+        return torch.optim.Adagrad(params, lr=lr, eps=cfg.eps, weight_decay=wd)
     if cfg.name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr, alpha=cfg.decay, eps=cfg.eps)
+        return torch.optim.RMSprop(params, lr=lr, alpha=cfg.decay, eps=cfg.eps, weight_decay=wd)
     raise ValueError(f"optimizer.name: {cfg.name!r} is not one of {', '.join(OPTIMIZERS)}")
