@@ -3,8 +3,9 @@
     python benchmarks/step_time.py --model mlp                                  # 1 rank
     mpiexec -n 4 python -m mpi4py benchmarks/step_time.py --model mlp           # 4 ranks
 
-All optimizers run in the same processes on the same real MNIST batches, one after another,
-so the ratios are measured under the same conditions. The global batch is ``--batch`` (100),
+All optimizers run in the same processes on the same real MNIST batches, taking turns of
+``--round`` steps until each has run ``--steps`` timed steps, so the ratios are measured under
+the same conditions even when the machine's speed drifts. The global batch is ``--batch`` (100),
 split over the ranks. K-FAC runs twice: at LBANN's README recipe (factors and inverses every
 step) and at our recommended amortized settings (``configs/experiment/kfac_fast.yaml``).
 
@@ -39,19 +40,22 @@ from trainer.optimizers import OptimizerConfig, build_optimizer  # noqa: E402
 
 
 class CountingComm:
-    """Wraps a communicator: counts the bytes each phase sends (payload per rank)."""
+    """Wraps a communicator: counts the bytes each phase of the running optimizer sends (payload per rank)."""
 
-    def __init__(self, comm, phase_of) -> None:
-        self.comm, self.phase_of = comm, phase_of
+    def __init__(self, comm, runner_of) -> None:
+        self.comm, self.runner_of = comm, runner_of
         self.rank, self.world_size, self.local_rank = comm.rank, comm.world_size, comm.local_rank
-        self.bytes: dict[str, int] = defaultdict(int)
+
+    def _count(self, tensors) -> None:
+        runner = self.runner_of()
+        runner.bytes[runner.comm_phase()] += sum(t.numel() * t.element_size() for t in tensors)
 
     def allreduce_sum_(self, tensors) -> None:
-        self.bytes[self.phase_of()] += sum(t.numel() * t.element_size() for t in tensors)
+        self._count(tensors)
         self.comm.allreduce_sum_(tensors)
 
     def broadcast_(self, tensors, src) -> None:
-        self.bytes[self.phase_of()] += sum(t.numel() * t.element_size() for t in tensors)
+        self._count(tensors)
         self.comm.broadcast_(tensors, src)
 
     def barrier(self) -> None:
@@ -164,89 +168,116 @@ def floor_ms(cb: KFACCallback, n: int, sgd_ms: float, update: int, compute: int,
     return total
 
 
+class Runner:
+    """One optimizer's model, optimizer and (optional) K-FAC callback, stepped on demand."""
+
+    def __init__(self, model_name: str, optimizer_name: str, lr: float, kfac: dict | None, comm, batches) -> None:
+        torch.manual_seed(0)
+        self.name = f"{optimizer_name} lr {lr:g}" + (" + K-FAC" if kfac else "")
+        self.model = build_model(model_name)
+        self.optimizer = build_optimizer(OptimizerConfig(name=optimizer_name, learning_rate=lr),
+                                         self.model.parameters())
+        self.cb = None if kfac is None else KFACCallback(self.model, comm=comm, printer=lambda line: None, **kfac)
+        self.comm, self.batches = comm, batches
+        self.params = list(self.model.parameters())
+        self.phase = "gradient_allreduce"  # what the communicator is doing for this runner now
+        self.phases: dict[str, float] = defaultdict(float)
+        self.bytes: dict[str, int] = defaultdict(int)
+        self.times: list[float] = []
+        self.steps = 0
+        self.loss = torch.zeros(())
+
+    def comm_phase(self) -> str:
+        cb = self.cb
+        return cb.phase if self.phase == "kfac" and cb is not None and cb.phase else self.phase
+
+    def warm_up(self, steps: int) -> None:
+        """Untimed steps; K-FAC also runs its factor-interval warm-up, so the steady state is timed."""
+        for _ in range(steps + (self.cb.config.update_interval_steps if self.cb else 0)):
+            self.step(timed=False)
+        self.phases.clear()
+        self.bytes.clear()
+        if self.cb:
+            self.cb.phase_times.clear()
+
+    def step(self, timed: bool) -> None:
+        x, y = self.batches[self.steps % len(self.batches)]
+        self.steps += 1
+        comm = self.comm
+        comm.barrier()
+        t0 = time.perf_counter()
+        self.loss = F.cross_entropy(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.loss.backward()
+        t1 = time.perf_counter()
+        self.phase = "gradient_allreduce"
+        if comm.world_size > 1:
+            flat = torch.cat([p.grad.reshape(-1) for p in self.params])
+            comm.allreduce_sum_([flat])
+            flat /= comm.world_size
+            offset = 0
+            for p in self.params:
+                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+        t2 = time.perf_counter()
+        if self.cb:
+            self.phase = "kfac"  # the callback names its phases itself (cb.phase)
+            self.cb.step()
+        self.optimizer.step()
+        comm.barrier()
+        t3 = time.perf_counter()
+        if timed:
+            self.phases["forward_backward"] += t1 - t0
+            self.phases["gradient_allreduce"] += t2 - t1
+            self.times.append(t3 - t0)
+
+    def result(self, steps: int) -> dict:
+        if not torch.isfinite(self.loss):
+            raise SystemExit(f"step_time: the loss diverged ({self.name}); times are meaningless")
+        phases = dict(self.phases)
+        if self.cb:
+            for name, seconds in self.cb.phase_times.items():
+                phases[name] = phases.get(name, 0.0) + seconds
+        return {"mean": statistics.fmean(self.times), "phases": {k: v / steps for k, v in phases.items()},
+                "bytes": dict(self.bytes), "params": sum(p.numel() for p in self.params), "cb": self.cb}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
     parser.add_argument("--batch", type=int, default=100, help="global mini-batch")
     parser.add_argument("--steps", type=int, default=100, help="timed steps (the mean is amortized over them)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (plus the interval warm-up)")
+    parser.add_argument("--round", type=int, default=10, help="steps of one optimizer before the next one's turn")
     args = parser.parse_args()
 
     info = rank_info(os.environ)
     torch.set_flush_denormal(True)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_size))
-    state = {"phase": "gradient_allreduce", "cb": None}
-
-    def phase_of() -> str:
-        cb = state["cb"]
-        return cb.phase if state["phase"] == "kfac" and cb is not None and cb.phase else state["phase"]
-
-    comm = CountingComm(make_communicator(info), phase_of)
+    current: dict[str, Runner | None] = {"runner": None}
+    comm = CountingComm(make_communicator(info), lambda: current["runner"])
     batches = mnist_batches(args.batch, comm.rank, comm.world_size)
     fast_optimizer, fast_lr, fast_options = fast_settings()
-
-    def run(optimizer_name: str, lr: float, kfac: dict | None) -> dict:
-        torch.manual_seed(0)
-        model = build_model(args.model)
-        opt = build_optimizer(OptimizerConfig(name=optimizer_name, learning_rate=lr), model.parameters())
-        cb = None
-        warmup = args.warmup
-        if kfac is not None:
-            cb = KFACCallback(model, comm=comm, printer=lambda line: None, **kfac)
-            warmup += cb.config.update_interval_steps  # time the steady state
-        state["cb"] = cb
-        params = list(model.parameters())
-        phases: dict[str, float] = defaultdict(float)
-        comm.bytes.clear()
-        times = []
-        for step in range(warmup + args.steps):
-            x, y = batches[step % len(batches)]
-            if step == warmup:
-                phases.clear()
-                comm.bytes.clear()
-                if cb:
-                    cb.phase_times.clear()
-            comm.barrier()
-            t0 = time.perf_counter()
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            t1 = time.perf_counter()
-            state["phase"] = "gradient_allreduce"
-            if comm.world_size > 1:
-                flat = torch.cat([p.grad.reshape(-1) for p in params])
-                comm.allreduce_sum_([flat])
-                flat /= comm.world_size
-                offset = 0
-                for p in params:
-                    p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-                    offset += p.numel()
-            t2 = time.perf_counter()
-            if cb:
-                state["phase"] = "kfac"  # the callback names its phases itself (cb.phase)
-                cb.step()
-            opt.step()
-            comm.barrier()
-            t3 = time.perf_counter()
-            if step >= warmup:
-                phases["forward_backward"] += t1 - t0
-                phases["gradient_allreduce"] += t2 - t1
-                times.append(t3 - t0)
-        if not torch.isfinite(loss):
-            raise SystemExit(f"step_time: the loss diverged ({optimizer_name}, lr {lr}, {kfac}); times are meaningless")
-        if cb:
-            for name, seconds in cb.phase_times.items():
-                phases[name] += seconds
-        return {"mean": statistics.fmean(times), "phases": {k: v / args.steps for k, v in phases.items()},
-                "bytes": dict(comm.bytes), "params": sum(p.numel() for p in params), "cb": cb}
-
-    recipe = dict(RECIPE)
-    results = {
-        "sgd": run("sgd", 0.1, None),
-        "adam": run("adam", 1e-4, None),
-        "kfac (README recipe)": run("sgd", 0.1, recipe),
-        "kfac (kfac_fast)": run(fast_optimizer, fast_lr, fast_options),
+    runners = {
+        "sgd": Runner(args.model, "sgd", 0.1, None, comm, batches),
+        "adam": Runner(args.model, "adam", 1e-4, None, comm, batches),
+        "kfac (README recipe)": Runner(args.model, "sgd", 0.1, dict(RECIPE), comm, batches),
+        "kfac (kfac_fast)": Runner(args.model, fast_optimizer, fast_lr, fast_options, comm, batches),
     }
+    for runner in runners.values():
+        current["runner"] = runner
+        runner.warm_up(args.warmup)
+    # Round-robin in rounds of --round steps, so a drift of the machine's speed during the run
+    # (common on shared machines) touches every optimizer alike.
+    done = 0
+    while done < args.steps:
+        n = min(args.round, args.steps - done)
+        for runner in runners.values():
+            current["runner"] = runner
+            for _ in range(n):
+                runner.step(timed=True)
+        done += n
+    results = {name: r.result(args.steps) for name, r in runners.items()}
     if comm.rank != 0:
         return
     sgd = results["sgd"]["mean"]
