@@ -31,7 +31,8 @@ RECIPES = {
                 "--kfac-damping-act 0.01 --kfac-damping-err 1",
     # The recommended amortized settings (configs/experiment/kfac_fast.yaml).
     "kfac_fast_mlp": "--model mlp experiment=kfac_fast",
-    "kfac_fast_cnn": "--model cnn --optimizer momentum --optimizer-learning-rate 0.01 experiment=kfac_fast",
+    # The CNN: kfac_fast on momentum with weight decay (configs/experiment/kfac_fast_cnn.yaml).
+    "kfac_fast_cnn": "experiment=kfac_fast_cnn",
 }
 
 
