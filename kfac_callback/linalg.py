@@ -7,8 +7,11 @@ nothing non-finite can reach the weights.
 
 from __future__ import annotations
 
+import ctypes
 import math
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,19 +58,89 @@ def add_damping(mat: torch.Tensor, damping: Damping) -> torch.Tensor:
     return out
 
 
+_POTRF: dict[torch.dtype, Callable[[torch.Tensor], int] | None] = {}
+
+
+def _load_potrf(dtype: torch.dtype) -> Callable[[torch.Tensor], int] | None:
+    """``?potrf`` of the LAPACK linked into torch's CPU library, checked once on a small matrix.
+
+    Integers go in as 64-bit and come back read from their low half, which is right for both
+    LAPACK integer widths (LP64, ILP64) on a little-endian machine; elsewhere, or where the
+    library has no such symbol or the check fails, ``None`` (torch's own Cholesky is used).
+    """
+    if sys.byteorder != "little":
+        return None
+    name = {torch.float32: "spotrf_", torch.float64: "dpotrf_"}[dtype]
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib",
+                                       "libtorch_cpu" + (".dylib" if sys.platform == "darwin" else ".so")))
+        fn = getattr(lib, name)
+    except (OSError, AttributeError):
+        return None
+
+    def potrf(m: torch.Tensor) -> int:
+        # Row-major m read as column-major is mᵀ = m; 'L' leaves L in the column-major lower
+        # triangle, i.e. L = m.mT. The trailing 1 is the Fortran length of the 'L' argument.
+        n = ctypes.c_int64(m.shape[0])
+        info = ctypes.c_int64(0)
+        fn(ctypes.c_char_p(b"L"), ctypes.byref(n), ctypes.c_void_p(m.data_ptr()), ctypes.byref(n),
+           ctypes.byref(info), ctypes.c_size_t(1))
+        return ctypes.c_int32(info.value & 0xFFFFFFFF).value
+
+    probe = torch.tensor([[4.0, 2.0, 0.4], [2.0, 5.0, 1.0], [0.4, 1.0, 3.0]], dtype=dtype)
+    expected = torch.linalg.cholesky(probe)
+    try:
+        info = potrf(probe)
+    except Exception:  # noqa: BLE001 (a foreign call that fails in any way means: do not use it)
+        return None
+    if info != 0 or not torch.allclose(probe.mT.tril(), expected):
+        return None
+    return potrf
+
+
+def lapack_potrf(m: torch.Tensor) -> Callable[[torch.Tensor], int] | None:
+    """The in-place LAPACK Cholesky for ``m`` (CPU, float32/64, contiguous), or ``None``."""
+    if m.device.type != "cpu" or m.dtype not in (torch.float32, torch.float64) or not m.is_contiguous():
+        return None
+    if m.dtype not in _POTRF:
+        _POTRF[m.dtype] = _load_potrf(m.dtype)
+    return _POTRF[m.dtype]
+
+
+def cholesky_lower_(m: torch.Tensor) -> torch.Tensor | None:
+    """The lower Cholesky factor L of the symmetric positive definite ``m``, overwriting ``m``.
+
+    Returns L (a column-major view of ``m``'s storage) or ``None`` when ``m`` is not positive
+    definite. Only L's lower triangle is meaningful: its strict upper triangle keeps some of
+    ``m``'s entries, and every consumer (triangular solves, ``cholesky_inverse``) reads the
+    lower triangle only. Factoring in place through LAPACK (``lapack_potrf``) saves the two
+    copies and the zeroing of ``torch.linalg.cholesky_ex`` (~12% of a 1000×1000 factorisation).
+
+    ``m`` must be finite (``damped_inverse`` checks): then L is finite exactly when the
+    factorisation succeeds and L's diagonal is finite. LAPACK stops at a pivot that is not
+    positive; a NaN or Inf anywhere in row j of L would reach that row's pivot and the diagonal
+    (O(n), instead of a pass over all n² entries).
+    """
+    potrf = lapack_potrf(m)
+    if potrf is None:
+        chol, info = torch.linalg.cholesky_ex(m)
+        ok = int(info) == 0
+    else:
+        chol, ok = m.mT, potrf(m) == 0
+    if not ok or not bool(torch.isfinite(chol.diagonal()).all()):
+        return None
+    return chol
+
+
 def _inverse_once(mat: torch.Tensor, damping: Damping, dtype: torch.dtype,
                   use_eigen: bool, cholesky_only: bool = False) -> torch.Tensor | None:
     """One attempt: damp, decompose, invert in ``dtype``; ``None`` on any failure.
 
-    With ``cholesky_only`` the lower Cholesky factor L is returned instead of the inverse:
-    solving with L costs less than forming the inverse (see ``DampedInverse``).
+    With ``cholesky_only`` the lower Cholesky factor L is returned instead of the inverse
+    (see ``cholesky_lower_``): solving with L costs less than forming the inverse (see
+    ``DampedInverse``).
     """
-    m = add_damping(mat.to(dtype), damping)
-    if cholesky_only and not use_eigen:
-        chol, info = torch.linalg.cholesky_ex(m)
-        if int(info) != 0 or not all_finite(chol):
-            return None
-        return chol
+    m = add_damping(mat.to(dtype), damping)  # a fresh copy: the factorisation may overwrite it
     if use_eigen:
         try:
             evals, evecs = torch.linalg.eigh(m)
@@ -79,14 +152,11 @@ def _inverse_once(mat: torch.Tensor, damping: Damping, dtype: torch.dtype,
             return None
         inv = (evecs / evals) @ evecs.mT
     else:
-        chol, info = torch.linalg.cholesky_ex(m)
-        if int(info) != 0:
-            return None
-        # L⁻ᵀL⁻¹ through a triangular solve: torch.cholesky_inverse (LAPACK potri) is many
-        # times slower on CPU for the 1000×1000 factors of the MLP.
-        eye = torch.eye(m.shape[0], dtype=dtype, device=m.device)
-        chol_inv = torch.linalg.solve_triangular(chol, eye, upper=False)
-        inv = chol_inv.mT @ chol_inv
+        chol = cholesky_lower_(m)
+        if chol is None or cholesky_only:
+            return chol
+        # LAPACK potri: several times faster on CPU than forming L⁻¹ by a triangular solve.
+        inv = torch.cholesky_inverse(chol)
     if not all_finite(inv):
         return None
     return inv

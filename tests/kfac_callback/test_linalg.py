@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import math
+import platform
+import sys
 
 import pytest
 import torch
 
 from kfac_callback.linalg import (
     DampedInverse,
+    cholesky_lower_,
     damped_inverse,
+    lapack_potrf,
     pack_triangles,
     pi_factor,
     triangle_size,
@@ -123,3 +127,37 @@ def test_damped_inverse_solves_on_both_sides_in_both_forms() -> None:
     for held in (DampedInverse(chol=torch.linalg.cholesky(m)), DampedInverse(inverse=torch.linalg.inv(m))):
         torch.testing.assert_close(held.solve(x), want_left)
         torch.testing.assert_close(held.solve_right(y), want_right)
+
+
+def test_lapack_cholesky_is_found_on_linux_x86() -> None:
+    if sys.platform != "linux" or platform.machine() != "x86_64":
+        pytest.skip("the in-place LAPACK Cholesky is checked where torch's CPU build links MKL")
+    for dtype in (torch.float32, torch.float64):
+        assert lapack_potrf(torch.eye(3, dtype=dtype)) is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])  # transposed: torch's own Cholesky
+def test_cholesky_in_place_gives_the_lower_factor_and_solves_like_a_clean_one(dtype, layout) -> None:
+    m = (spd(9, 3) + 0.5 * torch.eye(9, dtype=D)).to(dtype)
+    work = m.clone() if layout == "contiguous" else m.mT.contiguous().mT
+    assert (lapack_potrf(work) is not None) == (layout == "contiguous" and sys.platform == "linux")
+    chol = cholesky_lower_(work)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {}
+    torch.testing.assert_close(chol.tril(), torch.linalg.cholesky(m), **tol)
+    # Whatever the strict upper triangle holds, solves and the inverse read the lower one only.
+    x, y = torch.randn(9, 4, dtype=dtype), torch.randn(3, 9, dtype=dtype)
+    held = DampedInverse(chol=chol)
+    want = DampedInverse(chol=torch.linalg.cholesky(m))
+    torch.testing.assert_close(held.solve(x), want.solve(x), **tol)
+    torch.testing.assert_close(held.solve_right(y), want.solve_right(y), **tol)
+    torch.testing.assert_close(held.inverse, torch.linalg.inv(m), **tol)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_cholesky_in_place_refuses_indefinite_matrices(layout) -> None:
+    m = spd(6, 4) + 0.1 * torch.eye(6, dtype=D)
+    m[4, 4] = -1.0
+    work = m.clone() if layout == "contiguous" else m.mT.contiguous().mT
+    assert cholesky_lower_(work) is None
+    assert damped_inverse(m, 0.0, D).note  # the first rung failed, so the ladder says what it did
