@@ -164,7 +164,10 @@ def floor_ms(cb: KFACCallback, n: int, sgd_ms: float, update: int, compute: int,
         else:
             batch = kernels.solve(d_out, n) + kernels.solve(d_in, n) + kernels.gemm(d_out, n, d_in)
             direct = kernels.solve(d_out, d_in) + kernels.solve(d_in, d_out)
-        total += min(batch, direct) if block.kind == "linear" and block.batch_route_cheaper(n) else direct
+        through_batch = block.kind == "linear" and block.batch_route_cheaper(n)
+        total += min(batch, direct) if through_batch else direct
+        if through_batch and not block.has_bias and cb.config.skip_weight_grad:
+            total -= kernels.gemm(d_out, n, d_in)  # the weight GEMM backward skips
     return total
 
 

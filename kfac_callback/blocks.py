@@ -270,6 +270,10 @@ class KroneckerBlock(Block):
         """
         self._batch = None if a is None or g is None else (a, g)
 
+    def has_batch(self) -> bool:
+        """Whether this step's batch was offered (``set_batch``) and not used yet."""
+        return self._batch is not None
+
     @property
     def has_bias(self) -> bool:
         """Whether the layer has a bias (an extra input of constant 1)."""

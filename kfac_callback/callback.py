@@ -114,6 +114,8 @@ class KFACCallback(Callback):
         self.inverse_dtype = getattr(torch, c.inverse_dtype)
         self.owners = self._assign()
         self._captures: dict[str, dict[str, torch.Tensor]] = {}
+        # Captures of forward calls whose plain weight gradient autograd skips (skip_weight_grad).
+        self._skipped: dict[str, list[dict[str, Any]]] = {}
         self._warned: set[tuple[str, str]] = set()
         self._need_inverses = True
         # Seconds spent per phase of step() since construction (nested phases count in both).
@@ -182,7 +184,7 @@ class KFACCallback(Callback):
             f"use_eigen={int(c.use_eigen)} inverse_strategy={c.inverse_strategy} "
             f"inverse_dtype={c.inverse_dtype} learning_rate_factor={_g(c.learning_rate_factor)} "
             f"disable_layers={','.join(c.disable_layers) or 'none'} "
-            f"ranks={self.comm.world_size}"]
+            f"skip_weight_grad={int(c.skip_weight_grad)} ranks={self.comm.world_size}"]
         for name, b in self.blocks.items():
             shapes = ", ".join(f"{f} {_shape(n)}" for f, n in zip(b.factor_names, b.factor_dims(),
                                                                   strict=True))
@@ -207,6 +209,11 @@ class KFACCallback(Callback):
             self.owners = self._assign()
         for line in self.setup_lines():
             self._print(line)
+
+    def on_batch_begin(self, trainer: Trainer) -> None:
+        """Forgets captures of a step the trainer skipped (a non-finite loss): a new step starts."""
+        self._captures = {}
+        self._skipped = {}
 
     def on_backward_prop_end(self, trainer: Trainer) -> None:
         """Preconditions the (rank-averaged) gradients."""
@@ -241,18 +248,23 @@ class KFACCallback(Callback):
         return is_update_step(self.steps, c.update_interval_init, c.update_interval_target,
                               c.update_interval_steps)
 
-    def _forward_hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def _forward_hook(self, name: str) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
             # Test passes and no-grad evaluation capture nothing. Every training step does:
             # keeping references costs nothing, factors are computed only on update steps,
             # and the captures let fully connected layers precondition through the batch.
             if not (module.training and torch.is_grad_enabled()):
-                return
+                return None
             if not isinstance(output, torch.Tensor) or not output.requires_grad or not args:
-                return
+                return None
             previous = self._captures.get(name)
             capture = {"a": args[0].detach(), "calls": 1 + (previous["calls"] if previous else 0)}
             self._captures[name] = capture
+            if previous is None and self._skips_weight_grad(name, args[0]):
+                self._skipped.setdefault(name, []).append(capture)
+                # A new output whose backward gives the input its gradient and hands the output
+                # gradient to the capture; the graph of `output`, with its weight GEMM, is dropped.
+                return _WithoutWeightGrad.apply(args[0], module.weight, _Carry(output.detach(), capture))
 
             def grad_hook(grad: torch.Tensor) -> None:
                 capture["g"] = grad.detach()
@@ -260,8 +272,22 @@ class KFACCallback(Callback):
             # A tensor hook (rather than a full backward hook) tolerates in-place ops such as
             # ReLU(inplace=True) after the layer: it sees the gradient of the layer's output.
             output.register_hook(grad_hook)
+            return None
 
         return hook
+
+    def _skips_weight_grad(self, name: str, a: torch.Tensor) -> bool:
+        """Whether this forward call may leave the weight gradient to ``step()`` (skip_weight_grad).
+
+        Only where ``step()`` can rebuild exactly what autograd would have accumulated: one
+        rank (the batch is the whole batch), a bias-free fully connected layer whose cheaper
+        route is the batch's. (Whether a gradient is left from before, to accumulate onto, is
+        known only at ``step()``: the usual loop zeroes gradients between forward and backward.)
+        """
+        block = self.blocks[name]
+        return (self.config.skip_weight_grad and self.comm.world_size == 1 and block.kind == "linear"
+                and not block.has_bias and block.module.weight.requires_grad and a.dim() == 2
+                and block.batch_route_cheaper(a.shape[0]))
 
     # -- the step --------------------------------------------------------------------
 
@@ -285,13 +311,15 @@ class KFACCallback(Callback):
             with self._phase("factors"):
                 self._update_factors(s)
         self._captures = {}
+        skipped, self._skipped = self._skipped, {}
         if is_compute_step(s, self.config.compute_interval_steps) or self._need_inverses:
             with self._phase("inverses"):
                 self._compute_inverses(s, damping)
         with self._phase("batch_gather"):
             self._offer_batches(captures)
         with self._phase("precondition"):
-            self._precondition(s)
+            done = self._precondition_skipped(skipped)
+            self._precondition(s, done)
         for d in self.dampings:
             d.advance()
         self.steps += 1
@@ -464,9 +492,41 @@ class KFACCallback(Callback):
             if self.config.print_matrix:
                 self._print(f"{PREFIX} step {s}: layer {name}: {attr} =\n{mat}")
 
-    def _precondition(self, s: int) -> None:
+    def _precondition_skipped(self, skipped: dict[str, list[dict[str, Any]]]) -> set[str]:
+        """Gives the layers whose weight gradient backward skipped their gradient (one rank).
+
+        Through the batch where possible (no gradient left from before, the preconditioned
+        gradient proven finite); else the plain gradient ``Σ gᵀa`` of the skipping calls, exactly
+        what autograd would have added, which then goes the usual way (finiteness check,
+        preconditioning).
+
+        Returns:
+            The layers already preconditioned.
+        """
+        done = set()
+        f = self.config.learning_rate_factor
+        for name, captures in skipped.items():
+            block = self.blocks[name]
+            weight = block.module.weight
+            if weight.grad is None and block.has_inverses and block.has_batch():
+                weight.grad = torch.empty_like(weight)
+                if block.precondition(f):
+                    done.add(name)
+                    continue
+                weight.grad = None
+            for cap in captures:
+                if "g" not in cap:
+                    continue  # no backward reached this call
+                a, g = cap["a"], cap["g"]
+                plain = (g.reshape(-1, g.shape[-1]).mT @ a.reshape(-1, a.shape[-1])).to(weight.dtype)
+                weight.grad = plain if weight.grad is None else weight.grad.add_(plain)
+        return done
+
+    def _precondition(self, s: int, done: set[str] = frozenset()) -> None:
         # Gradients are identical on all ranks here, so every rank takes the same decisions.
         for name, block in self.blocks.items():
+            if name in done:
+                continue
             if not block.grads_finite():
                 self._print(f"{PREFIX} step {s}: layer {name}: non-finite gradient; "
                             "zeroed for this step")
@@ -475,6 +535,8 @@ class KFACCallback(Callback):
                     block.set_batch(None, None)  # the batch route would bring the gradient back
         f = self.config.learning_rate_factor
         for name, block in self.blocks.items():
+            if name in done:
+                continue
             if self.owners[name] == self.comm.rank and block.has_inverses:
                 if not block.precondition(f):
                     self._warn_once(name, "precond", f"{PREFIX} step {s}: layer {name}: "
@@ -586,4 +648,34 @@ class KFACCallback(Callback):
             if inverses is not None and self.owners[name] == self.comm.rank:
                 block.import_inverses(dict(inverses.get(name, {})))
         self._captures = {}
+        self._skipped = {}
         self._need_inverses = inverses is None or bool(state.get("need_inverses", False))
+
+
+class _Carry:
+    """An already computed output and its capture, passed through ``_WithoutWeightGrad``
+    untouched by autograd (an output that is also an input would become a view, which
+    in-place ops such as ReLU(inplace=True) after the layer may not modify)."""
+
+    def __init__(self, output: torch.Tensor, capture: dict[str, Any]) -> None:
+        self.output, self.capture = output, capture
+
+
+class _WithoutWeightGrad(torch.autograd.Function):
+    """``y = x Wᵀ`` (computed by the layer already) whose backward computes only ``∂L/∂x = g W``.
+
+    W gets no gradient from backward: ``KFACCallback.step()`` writes it. The output gradient g
+    goes to the layer's capture, as the tensor hook of the ordinary path would put it.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, carry: _Carry) -> torch.Tensor:
+        ctx.capture = carry.capture
+        ctx.save_for_backward(weight)
+        return carry.output
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        ctx.capture["g"] = grad.detach()
+        (weight,) = ctx.saved_tensors
+        return (grad @ weight if ctx.needs_input_grad[0] else None), None, None
