@@ -66,13 +66,13 @@ FAST = ROOT / "configs" / "experiment" / "kfac_fast.yaml"
 RECIPE = {"damping_act": [0.01], "damping_err": [1.0]}
 
 
-def fast_settings() -> tuple[str, float, dict]:
-    """The recommended amortized settings: base optimizer, learning rate, K-FAC options."""
+def fast_settings() -> tuple[str, float, float, dict]:
+    """The recommended amortized settings: base optimizer, learning rate, weight decay, K-FAC options."""
     doc = yaml.safe_load(FAST.read_text())
     optimizer = next(d["override /optimizer"] for d in doc["defaults"]
                      if isinstance(d, dict) and "override /optimizer" in d)
     options = {k: v for k, v in doc["kfac"].items() if k != "enabled"}
-    return optimizer, float(doc["optimizer"]["learning_rate"]), options
+    return optimizer, float(doc["optimizer"]["learning_rate"]), float(doc["optimizer"].get("weight_decay", 0.0)), options
 
 
 def mnist_batches(batch: int, rank: int, world: int, count: int = 20) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -174,11 +174,12 @@ def floor_ms(cb: KFACCallback, n: int, sgd_ms: float, update: int, compute: int,
 class Runner:
     """One optimizer's model, optimizer and (optional) K-FAC callback, stepped on demand."""
 
-    def __init__(self, model_name: str, optimizer_name: str, lr: float, kfac: dict | None, comm, batches) -> None:
+    def __init__(self, model_name: str, optimizer_name: str, lr: float, kfac: dict | None, comm, batches,
+                 weight_decay: float = 0.0) -> None:
         torch.manual_seed(0)
         self.name = f"{optimizer_name} lr {lr:g}" + (" + K-FAC" if kfac else "")
         self.model = build_model(model_name)
-        self.optimizer = build_optimizer(OptimizerConfig(name=optimizer_name, learning_rate=lr),
+        self.optimizer = build_optimizer(OptimizerConfig(name=optimizer_name, learning_rate=lr, weight_decay=weight_decay),
                                          self.model.parameters())
         self.cb = None if kfac is None else KFACCallback(self.model, comm=comm, printer=lambda line: None, **kfac)
         self.comm, self.batches = comm, batches
@@ -260,12 +261,12 @@ def main() -> None:
     current: dict[str, Runner | None] = {"runner": None}
     comm = CountingComm(make_communicator(info), lambda: current["runner"])
     batches = mnist_batches(args.batch, comm.rank, comm.world_size)
-    fast_optimizer, fast_lr, fast_options = fast_settings()
+    fast_optimizer, fast_lr, fast_decay, fast_options = fast_settings()
     runners = {
         "sgd": Runner(args.model, "sgd", 0.1, None, comm, batches),
         "adam": Runner(args.model, "adam", 1e-4, None, comm, batches),
         "kfac (README recipe)": Runner(args.model, "sgd", 0.1, dict(RECIPE), comm, batches),
-        "kfac (kfac_fast)": Runner(args.model, fast_optimizer, fast_lr, fast_options, comm, batches),
+        "kfac (kfac_fast)": Runner(args.model, fast_optimizer, fast_lr, fast_options, comm, batches, fast_decay),
     }
     for runner in runners.values():
         current["runner"] = runner
@@ -287,7 +288,8 @@ def main() -> None:
     fast = results["kfac (kfac_fast)"]["cb"].config
     print(f"### {args.model}, {comm.world_size} rank(s), global batch {args.batch}, "
           f"{torch.get_num_threads()} thread(s)/rank, mean of {args.steps} steps\n")
-    print(f"kfac_fast: {fast_optimizer} lr {fast_lr:g}, update interval {fast.update_interval_init}->"
+    print(f"kfac_fast: {fast_optimizer} lr {fast_lr:g}, weight decay {fast_decay:g}, "
+          f"update interval {fast.update_interval_init}->"
           f"{fast.update_interval_target} over {fast.update_interval_steps} steps (timed after), compute interval "
           f"{fast.compute_interval_steps}, damping act {fast.damping_act} err {fast.damping_err}\n")
     # The floor counts fully connected layers (Gram products of N rows): the MLP, on one rank.
