@@ -89,6 +89,21 @@ def rank0_print(comm: Any) -> Callable[[str], None]:
     return _print
 
 
+
+class HookRecorder(Callback):
+    """Records the name of every hook the trainer calls, in order (``calls``).
+
+    For checking hook order, in tests and when writing a callback of one's own.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __getattribute__(self, name: str):
+        if name in HOOKS:
+            return lambda trainer: object.__getattribute__(self, "calls").append(name)
+        return object.__getattribute__(self, name)
+
 class TimerCallback(Callback):
     """Times each training mini-batch and each epoch into ``trainer.stats``."""
 

@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from models import build_model
-from trainer.callbacks import HOOKS, Callback, TimerCallback
+from trainer.callbacks import HookRecorder, TimerCallback
 from trainer.config import Config, validate
 from trainer.distributed import SingleProcess
 from trainer.optimizers import OptimizerConfig, build_optimizer
@@ -23,16 +23,6 @@ from trainer.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
-
-
-class Recorder(Callback):
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def __getattribute__(self, name: str):
-        if name in HOOKS:
-            return lambda trainer: object.__getattribute__(self, "calls").append(name)
-        return object.__getattribute__(self, name)
 
 
 def make_trainer(callbacks, *, epochs=1, n_train=20, lines=None, metrics_path=None, **options) -> Trainer:
@@ -103,7 +93,7 @@ def test_test_records_at_every_nth_step_with_a_clock_that_leaves_tests_out(tmp_p
 def test_periodic_tests_call_no_hooks_and_leave_the_numbers_alone():
     calls, weights = [], []
     for every in (0, 1):
-        rec = Recorder()
+        rec = HookRecorder()
         t = make_trainer([rec, TimerCallback()], epochs=2, test_every_steps=every)
         history = t.fit()
         calls.append(rec.calls)
@@ -125,7 +115,7 @@ def test_an_epoch_test_at_a_periodic_tests_step_reuses_it(tmp_path):
 
 def test_stop_at_test_accuracy_ends_the_run_mid_epoch_like_a_last_epoch(tmp_path):
     lines: list[str] = []
-    rec = Recorder()
+    rec = HookRecorder()
     t = make_trainer([rec, TimerCallback()], epochs=5, n_train=40, lines=lines, metrics_path=str(tmp_path / "m.jsonl"),
                      test_every_steps=3, stop_at_test_accuracy=98.0)
     slow_tests(t, 0.0, accuracies=[50.0, 97.9, 98.0, 10.0])

@@ -9,20 +9,10 @@ from types import SimpleNamespace
 import torch
 
 from models import build_model
-from trainer.callbacks import HOOKS, Callback, MemoryCallback, PrintCallback, TimerCallback
+from trainer.callbacks import HookRecorder, MemoryCallback, PrintCallback, TimerCallback
 from trainer.distributed import SingleProcess
 from trainer.optimizers import OptimizerConfig, build_optimizer
 from trainer.trainer import Trainer
-
-
-class Recorder(Callback):
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def __getattribute__(self, name: str):
-        if name in HOOKS:
-            return lambda trainer: object.__getattribute__(self, "calls").append(name)
-        return object.__getattribute__(self, name)
 
 
 def tiny_data(n_train: int = 20, n_test: int = 10, seed: int = 0) -> SimpleNamespace:
@@ -45,7 +35,7 @@ def make_trainer(callbacks, *, epochs=1, batch=10, n_train=20, model="mlp", opti
 
 
 def test_hooks_are_called_in_lbanns_order_for_a_two_batch_run():
-    rec = Recorder()
+    rec = HookRecorder()
     make_trainer([rec]).fit()
     batch = ["on_batch_begin", "on_forward_prop_end", "on_backward_prop_end",
              "on_optimize_begin", "on_optimize_end", "on_batch_end"]
@@ -54,10 +44,10 @@ def test_hooks_are_called_in_lbanns_order_for_a_two_batch_run():
 
 
 def test_test_every_epoch_adds_a_test_after_each_epoch():
-    rec = Recorder()
+    rec = HookRecorder()
     make_trainer([rec], epochs=2, test_every_epoch=True).fit()
     assert rec.calls.count("on_test_begin") == 2
-    rec = Recorder()
+    rec = HookRecorder()
     make_trainer([rec], epochs=2).fit()
     assert rec.calls.count("on_test_begin") == 1
 
