@@ -270,6 +270,7 @@ class KroneckerBlock(Block):
         """
         self._batch = None if a is None or g is None else (a, g)
 
+    @property
     def has_batch(self) -> bool:
         """Whether this step's batch was offered (``set_batch``) and not used yet."""
         return self._batch is not None
@@ -425,6 +426,11 @@ class LinearBlock(KroneckerBlock):
     """
 
     kind = "linear"
+
+    def weight_grad(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """The weight gradient autograd gives one forward call: ``gᵀa`` over every sample row."""
+        rows = a.reshape(-1, a.shape[-1])
+        return (g.reshape(-1, g.shape[-1]).mT @ rows).to(self.dtype)
 
     def gram_terms(self, a: torch.Tensor, g: torch.Tensor, n_global: int) -> list[tuple[torch.Tensor, float]]:
         n = a.shape[0]

@@ -493,7 +493,7 @@ class KFACCallback(Callback):
                 self._print(f"{PREFIX} step {s}: layer {name}: {attr} =\n{mat}")
 
     def _precondition_skipped(self, skipped: dict[str, list[dict[str, Any]]]) -> set[str]:
-        """Gives the layers whose weight gradient backward skipped their gradient (one rank).
+        """Writes the weight gradients that backward skipped (skip_weight_grad, one rank).
 
         Through the batch where possible (no gradient left from before, the preconditioned
         gradient proven finite); else the plain gradient ``Σ gᵀa`` of the skipping calls, exactly
@@ -508,7 +508,7 @@ class KFACCallback(Callback):
         for name, captures in skipped.items():
             block = self.blocks[name]
             weight = block.module.weight
-            if weight.grad is None and block.has_inverses and block.has_batch():
+            if weight.grad is None and block.has_inverses and block.has_batch:
                 weight.grad = torch.empty_like(weight)
                 if block.precondition(f):
                     done.add(name)
@@ -517,8 +517,7 @@ class KFACCallback(Callback):
             for cap in captures:
                 if "g" not in cap:
                     continue  # no backward reached this call
-                a, g = cap["a"], cap["g"]
-                plain = (g.reshape(-1, g.shape[-1]).mT @ a.reshape(-1, a.shape[-1])).to(weight.dtype)
+                plain = block.weight_grad(cap["a"], cap["g"])
                 weight.grad = plain if weight.grad is None else weight.grad.add_(plain)
         return done
 

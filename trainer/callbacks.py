@@ -89,7 +89,6 @@ def rank0_print(comm: Any) -> Callable[[str], None]:
     return _print
 
 
-
 class HookRecorder(Callback):
     """Records the name of every hook the trainer calls, in order (``calls``).
 
@@ -103,6 +102,7 @@ class HookRecorder(Callback):
         if name in HOOKS:
             return lambda trainer: object.__getattribute__(self, "calls").append(name)
         return object.__getattribute__(self, name)
+
 
 class TimerCallback(Callback):
     """Times each training mini-batch and each epoch into ``trainer.stats``."""
