@@ -216,13 +216,15 @@ class Runner:
         t1 = time.perf_counter()
         self.phase = "gradient_allreduce"
         if comm.world_size > 1:
-            flat = torch.cat([p.grad.reshape(-1) for p in self.params])
+            # As the trainer: the gradients backward left (skip_weight_grad leaves some to K-FAC).
+            grads = [p.grad for p in self.params if p.grad is not None]
+            flat = torch.cat([g.reshape(-1) for g in grads])
             comm.allreduce_sum_([flat])
             flat /= comm.world_size
             offset = 0
-            for p in self.params:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
         t2 = time.perf_counter()
         if self.cb:
             self.phase = "kfac"  # the callback names its phases itself (cb.phase)

@@ -276,6 +276,15 @@ class KroneckerBlock(Block):
         return self._batch is not None
 
     @property
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The offered ``(a, g)`` (``set_batch``), or ``None``."""
+        return self._batch
+
+    def batch_finite(self) -> bool:
+        """Whether a batch was offered and its inputs and output gradients are all finite."""
+        return self._batch is not None and all(all_finite(t) for t in self._batch)
+
+    @property
     def has_bias(self) -> bool:
         """Whether the layer has a bias (an extra input of constant 1)."""
         return getattr(self.module, "bias", None) is not None

@@ -27,7 +27,7 @@ from torch import nn
 from kfac_callback.assignment import LayerInfo, assign_owners
 from kfac_callback.blocks import Block, Dampings, is_preconditionable, make_block
 from kfac_callback.config import DAMPING_KEYS, KFACConfig, as_damping_list, validate_kfac
-from kfac_callback.linalg import pack_triangles, unpack_triangles
+from kfac_callback.linalg import all_finite, pack_triangles, unpack_triangles
 from kfac_callback.schedules import DampingSchedule, is_compute_step, is_update_step, update_interval
 from trainer.callbacks import Callback, rank0_print
 from trainer.distributed import SingleProcess
@@ -279,15 +279,17 @@ class KFACCallback(Callback):
     def _skips_weight_grad(self, name: str, a: torch.Tensor) -> bool:
         """Whether this forward call may leave the weight gradient to ``step()`` (skip_weight_grad).
 
-        Only where ``step()`` can rebuild exactly what autograd would have accumulated: one
-        rank (the batch is the whole batch), a bias-free fully connected layer whose cheaper
-        route is the batch's. (Whether a gradient is left from before, to accumulate onto, is
-        known only at ``step()``: the usual loop zeroes gradients between forward and backward.)
+        Only where ``step()`` can rebuild exactly what autograd would have accumulated: a
+        bias-free fully connected layer whose cheaper route is the (gathered) batch's. Every
+        rank decides alike (equal local batches, same layers), so every rank leaves the same
+        gradients out of the gradient all-reduce. (Whether a gradient is left from before, to
+        accumulate onto, is known only at ``step()``: the usual loop zeroes gradients between
+        forward and backward.)
         """
         block = self.blocks[name]
-        return (self.config.skip_weight_grad and self.comm.world_size == 1 and block.kind == "linear"
+        return (self.config.skip_weight_grad and block.kind == "linear"
                 and not block.has_bias and block.module.weight.requires_grad and a.dim() == 2
-                and block.batch_route_cheaper(a.shape[0]))
+                and block.batch_route_cheaper(a.shape[0] * self.comm.world_size))
 
     # -- the step --------------------------------------------------------------------
 
@@ -318,7 +320,7 @@ class KFACCallback(Callback):
         with self._phase("batch_gather"):
             self._offer_batches(captures)
         with self._phase("precondition"):
-            done = self._precondition_skipped(skipped)
+            done = self._precondition_skipped(s, skipped)
             self._precondition(s, done)
         for d in self.dampings:
             d.advance()
@@ -492,34 +494,70 @@ class KFACCallback(Callback):
             if self.config.print_matrix:
                 self._print(f"{PREFIX} step {s}: layer {name}: {attr} =\n{mat}")
 
-    def _precondition_skipped(self, skipped: dict[str, list[dict[str, Any]]]) -> set[str]:
-        """Writes the weight gradients that backward skipped (skip_weight_grad, one rank).
+    def _precondition_skipped(self, s: int, skipped: dict[str, list[dict[str, Any]]]) -> set[str]:
+        """Writes the weight gradients that backward skipped (skip_weight_grad).
 
-        Through the batch where possible (no gradient left from before, the preconditioned
-        gradient proven finite); else the plain gradient ``Σ gᵀa`` of the skipping calls, exactly
-        what autograd would have added, which then goes the usual way (finiteness check,
-        preconditioning).
+        Through the batch (every rank's rows, gathered) where one was offered and no gradient
+        is left from before: a non-finite batch zeroes the gradient on every rank (said, as in
+        ``_precondition``); else the owner writes the preconditioned gradient, or the plain
+        ``gᵀa`` of the batch where it cannot precondition, and the others receive it in the
+        owners' broadcast. Otherwise each rank rebuilds its plain ``Σ gᵀa`` (exactly what
+        autograd would have added), averaged over ranks in one collective; the layer then goes
+        the usual way (finiteness check, preconditioning). Every rank skipped the same layers
+        and sees the same batch flags, so all take the same branches.
 
         Returns:
-            The layers already preconditioned.
+            The layers finished here.
         """
-        done = set()
+        done, rebuild = set(), {}
         f = self.config.learning_rate_factor
         for name, captures in skipped.items():
             block = self.blocks[name]
             weight = block.module.weight
-            if weight.grad is None and block.has_inverses and block.has_batch:
-                weight.grad = torch.empty_like(weight)
-                if block.precondition(f):
-                    done.add(name)
-                    continue
-                weight.grad = None
-            for cap in captures:
-                if "g" not in cap:
-                    continue  # no backward reached this call
-                plain = block.weight_grad(cap["a"], cap["g"])
-                weight.grad = plain if weight.grad is None else weight.grad.add_(plain)
+            if weight.grad is not None or not block.has_batch:
+                rebuild[name] = captures
+                continue
+            done.add(name)
+            a, g = block.batch
+            if not block.batch_finite():
+                self._print(f"{PREFIX} step {s}: layer {name}: non-finite gradient; zeroed for this step")
+                weight.grad = torch.zeros_like(weight)
+                block.set_batch(None, None)
+                continue
+            weight.grad = torch.empty_like(weight)  # on the other ranks, filled by the broadcast
+            if self.owners[name] != self.comm.rank:
+                continue
+            if block.has_inverses and block.precondition(f):
+                continue
+            if block.has_inverses:
+                self._warn_once(name, "precond", f"{PREFIX} step {s}: layer {name}: "
+                                "preconditioned gradient not finite; plain gradient kept")
+            weight.grad = block.weight_grad(a, g)
+            if not all_finite(weight.grad):  # finite rows whose product overflowed
+                self._print(f"{PREFIX} step {s}: layer {name}: non-finite gradient; zeroed for this step")
+                weight.grad.zero_()
+        if rebuild:
+            self._rebuild_plain(rebuild)
         return done
+
+    def _rebuild_plain(self, skipped: dict[str, list[dict[str, Any]]]) -> None:
+        """Adds each layer's rank-averaged ``Σ gᵀa`` to its gradient (none if no rank saw a backward)."""
+        plains, seen = [], []
+        for name, captures in skipped.items():
+            block = self.blocks[name]
+            parts = [block.weight_grad(cap["a"], cap["g"]) for cap in captures if "g" in cap]
+            weight = block.module.weight
+            plains.append(torch.stack(parts).sum(0) if parts else torch.zeros_like(weight))
+            seen.append(float(bool(parts)))
+        counts = torch.tensor(seen, dtype=plains[0].dtype, device=plains[0].device)
+        if self.comm.world_size > 1:
+            self.comm.allreduce_sum_([*plains, counts])
+            for plain in plains:
+                plain /= self.comm.world_size
+        for name, plain, count in zip(skipped, plains, counts.tolist(), strict=True):
+            weight = self.blocks[name].module.weight
+            if count:
+                weight.grad = plain if weight.grad is None else weight.grad.add_(plain)
 
     def _precondition(self, s: int, done: set[str] = frozenset()) -> None:
         # Gradients are identical on all ranks here, so every rank takes the same decisions.

@@ -44,9 +44,11 @@ class KFACConfig:
     print_matrix: bool = False
     print_matrix_summary: bool = False
     inverse_dtype: str = "float32"
-    # One rank: bias-free fully connected layers preconditioned through the batch get no plain
-    # weight gradient from backward (a GEMM per layer saved); step() writes the preconditioned
-    # one, or rebuilds the plain one where it cannot precondition. Until step(), their .grad is None.
+    # Bias-free fully connected layers preconditioned through the batch get no plain weight
+    # gradient from backward (a GEMM per layer saved, and on several ranks their share of the
+    # gradient all-reduce: the batch gather carries what they need); step() writes the
+    # preconditioned one, or rebuilds the plain one where it cannot precondition. Until
+    # step(), their .grad is None.
     skip_weight_grad: bool = False
 
 

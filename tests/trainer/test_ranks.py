@@ -64,6 +64,15 @@ def test_four_and_two_ranks_give_one_ranks_weights_for_every_owner_strategy(mode
     assert max_relative_difference(initial, reference) > 1e-3
 
 
+def test_skip_weight_grad_on_four_ranks_gives_one_ranks_plain_weights(tmp_path):
+    """The trainer path: ip1 and ip2 leave the gradient all-reduce; K-FAC writes their gradients."""
+    overrides = ["model=mlp", *COMMON]
+    run_job(1, tmp_path / "r1", overrides, ["all"])
+    run_job(4, tmp_path / "r4", [*overrides, "kfac.skip_weight_grad=true"], ["balanced"])
+    reference = torch.load(tmp_path / "r1" / "all.pt")
+    assert max_relative_difference(torch.load(tmp_path / "r4" / "balanced.pt"), reference) < 1e-5
+
+
 @pytest.mark.parametrize("backend", ["mpi", "gloo"])
 def test_adam_two_ranks_equal_one_rank_with_each_cpu_backend(backend, tmp_path):
     overrides = ["model=mlp", "optimizer=adam", "trainer.epochs=1", "data.max_train_samples=1000",
