@@ -400,7 +400,7 @@ class Trainer:
 
         A signal may reach one rank only, and each rank sees only its own loss: the flags ride
         in the gradients' buffer, so every rank takes the same decision at the same step
-        without a second collective (one latency less per step: 3.3 of 47 ms at 4 ranks on 2 cores).
+        without a second collective (momentum SGD, 4 ranks on 2 cores: 47.7 → 38.7 ms per step).
 
         Args:
             loss_bad: this rank's loss is not finite.
