@@ -218,13 +218,9 @@ class Runner:
         if comm.world_size > 1:
             # As the trainer: the gradients backward left (skip_weight_grad leaves some to K-FAC).
             grads = [p.grad for p in self.params if p.grad is not None]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            comm.allreduce_sum_([flat])
-            flat /= comm.world_size
-            offset = 0
+            comm.allreduce_sum_(grads)  # one collective: the communicator packs the list
             for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+                g /= comm.world_size
         t2 = time.perf_counter()
         if self.cb:
             self.phase = "kfac"  # the callback names its phases itself (cb.phase)

@@ -494,6 +494,13 @@ class KFACCallback(Callback):
             if self.config.print_matrix:
                 self._print(f"{PREFIX} step {s}: layer {name}: {attr} =\n{mat}")
 
+    def _say_zeroed(self, s: int, name: str) -> None:
+        self._print(f"{PREFIX} step {s}: layer {name}: non-finite gradient; zeroed for this step")
+
+    def _warn_plain_kept(self, s: int, name: str) -> None:
+        self._warn_once(name, "precond", f"{PREFIX} step {s}: layer {name}: "
+                        "preconditioned gradient not finite; plain gradient kept")
+
     def _precondition_skipped(self, s: int, skipped: dict[str, list[dict[str, Any]]]) -> set[str]:
         """Writes the weight gradients that backward skipped (skip_weight_grad).
 
@@ -520,7 +527,7 @@ class KFACCallback(Callback):
             done.add(name)
             a, g = block.batch
             if not block.batch_finite():
-                self._print(f"{PREFIX} step {s}: layer {name}: non-finite gradient; zeroed for this step")
+                self._say_zeroed(s, name)
                 weight.grad = torch.zeros_like(weight)
                 block.set_batch(None, None)
                 continue
@@ -530,11 +537,10 @@ class KFACCallback(Callback):
             if block.has_inverses and block.precondition(f):
                 continue
             if block.has_inverses:
-                self._warn_once(name, "precond", f"{PREFIX} step {s}: layer {name}: "
-                                "preconditioned gradient not finite; plain gradient kept")
+                self._warn_plain_kept(s, name)
             weight.grad = block.weight_grad(a, g)
             if not all_finite(weight.grad):  # finite rows whose product overflowed
-                self._print(f"{PREFIX} step {s}: layer {name}: non-finite gradient; zeroed for this step")
+                self._say_zeroed(s, name)
                 weight.grad.zero_()
         if rebuild:
             self._rebuild_plain(rebuild)
@@ -565,8 +571,7 @@ class KFACCallback(Callback):
             if name in done:
                 continue
             if not block.grads_finite():
-                self._print(f"{PREFIX} step {s}: layer {name}: non-finite gradient; "
-                            "zeroed for this step")
+                self._say_zeroed(s, name)
                 block.zero_grads()
                 if hasattr(block, "set_batch"):
                     block.set_batch(None, None)  # the batch route would bring the gradient back
@@ -576,8 +581,7 @@ class KFACCallback(Callback):
                 continue
             if self.owners[name] == self.comm.rank and block.has_inverses:
                 if not block.precondition(f):
-                    self._warn_once(name, "precond", f"{PREFIX} step {s}: layer {name}: "
-                                    "preconditioned gradient not finite; plain gradient kept")
+                    self._warn_plain_kept(s, name)
         if self.comm.world_size > 1:
             self._broadcast_gradients()
 

@@ -414,14 +414,10 @@ class Trainer:
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         like = grads[0] if grads else next(self.model.parameters())
         flags = torch.tensor([float(stop), float(loss_bad)], dtype=like.dtype, device=like.device)
-        flat = torch.cat([*(g.reshape(-1) for g in grads), flags])
-        self.comm.allreduce_sum_([flat])
-        flat[:-2] /= self.comm.world_size
-        offset = 0
+        self.comm.allreduce_sum_([*grads, flags])  # packed into one buffer by the communicator
         for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
-        stop_any, bad_any = (flat[-2:] > 0).tolist()
+            g /= self.comm.world_size
+        stop_any, bad_any = (flags > 0).tolist()
         return stop_any, bad_any
 
     # -- testing and the training clock ----------------------------------------------------
