@@ -25,12 +25,11 @@ import torch
 from torch import nn
 
 from kfac_callback.assignment import LayerInfo, assign_owners
+from kfac_callback.base import Callback, SingleProcess, rank0_print
 from kfac_callback.blocks import Block, Dampings, is_preconditionable, make_block
 from kfac_callback.config import DAMPING_KEYS, KFACConfig, as_damping_list, validate_kfac
 from kfac_callback.linalg import all_finite, pack_triangles, unpack_triangles
 from kfac_callback.schedules import DampingSchedule, is_compute_step, is_update_step, update_interval
-from trainer.callbacks import Callback, rank0_print
-from trainer.distributed import SingleProcess
 
 if TYPE_CHECKING:
     from trainer.trainer import Trainer

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kfac_callback.base import SingleProcess
 from launcher.env import RankInfo
 
 BACKENDS = ("auto", "mpi", "gloo", "nccl")
@@ -40,25 +41,6 @@ def _unflatten(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
     for t in tensors:
         t.copy_(flat[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
-
-
-class SingleProcess:
-    """The communicator of a one-rank run: every collective is the identity."""
-
-    rank = 0
-    world_size = 1
-    local_rank = 0
-    local_size = 1
-    name = "single"
-
-    def allreduce_sum_(self, tensors: list[torch.Tensor]) -> None:
-        """Sums ``tensors`` over ranks in place (nothing to do with one rank)."""
-
-    def broadcast_(self, tensors: list[torch.Tensor], src: int) -> None:
-        """Copies ``tensors`` from rank ``src`` in place (nothing to do with one rank)."""
-
-    def barrier(self) -> None:
-        """Waits for every rank (nothing to wait for with one rank)."""
 
 
 class MPIComm:

@@ -18,7 +18,7 @@ from typing import IO, TYPE_CHECKING, Any, Optional
 
 from tqdm import tqdm
 
-from trainer.callbacks import Callback
+from kfac_callback.base import Callback
 
 if TYPE_CHECKING:
     from trainer.trainer import Trainer

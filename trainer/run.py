@@ -10,10 +10,11 @@ from typing import Any, Optional
 import torch
 from omegaconf import OmegaConf
 
+from kfac_callback.base import rank0_print
 from launcher.batch import PREEMPTED_FILE
 from launcher.env import RankInfo
 from models import build_model
-from trainer.callbacks import MemoryCallback, PrintCallback, TimerCallback, rank0_print
+from trainer.callbacks import MemoryCallback, PrintCallback, TimerCallback
 from trainer.checkpoint import (
     CHECKPOINT_DIR,
     check_compatible,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Optional
 
-from trainer.callbacks import Callback
+from kfac_callback.base import Callback
 
 if TYPE_CHECKING:
     from trainer.trainer import Trainer

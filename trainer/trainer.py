@@ -23,9 +23,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from kfac_callback.base import Callback
 from launcher.batch import PREEMPTED_FILE
 from trainer import lbann_log
-from trainer.callbacks import Callback
 from trainer.checkpoint import FORMAT, VERSION, StopSignals, nonfinite_names, nonfinite_parameters, save_checkpoint
 from trainer.data import batch_plan, epoch_batches
 
@@ -332,7 +332,7 @@ class Trainer:
         """
         totals = self.totals.clone()
         self.comm.allreduce_sum_([totals])  # the whole epoch so far; rank 0 resumes with it
-        callbacks = {type(cb).__name__: cb.state_dict() for cb in self.callbacks if hasattr(cb, "load_state_dict")}
+        callbacks = self._callback_states()
         np_state = np.random.get_state()
         rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
                "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
@@ -357,6 +357,23 @@ class Trainer:
             "train_time": self.train_time(),
         }
 
+    def _callback_states(self) -> dict[str, dict[str, Any]]:
+        """Every callback's non-empty ``state_dict()`` under its ``state_key`` (collectives on every rank).
+
+        Raises:
+            ValueError: If two callbacks with state share a key (one would overwrite the other).
+        """
+        states: dict[str, dict[str, Any]] = {}
+        for cb in self.callbacks:
+            state = cb.state_dict()
+            if not state:
+                continue
+            if cb.state_key in states:
+                raise ValueError(f"two callbacks save their state under {cb.state_key!r}: give one "
+                                 "of them its own state_key")
+            states[cb.state_key] = state
+        return states
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continues from ``state_dict()``: weights, optimizer, callbacks, RNGs, position, metrics.
 
@@ -369,8 +386,8 @@ class Trainer:
         for group, hyper in zip(self.optimizer.param_groups, fresh, strict=True):
             group.update(hyper)
         for cb in self.callbacks:
-            if hasattr(cb, "load_state_dict") and type(cb).__name__ in state["callbacks"]:
-                cb.load_state_dict(state["callbacks"][type(cb).__name__])
+            if cb.state_key in state["callbacks"]:
+                cb.load_state_dict(state["callbacks"][cb.state_key])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         random.setstate(_as_tuple(rng["python"]))

@@ -23,9 +23,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from kfac_callback import KFACCallback  # noqa: E402
+from kfac_callback.base import SingleProcess  # noqa: E402
 from launcher.env import rank_info  # noqa: E402
 from tests.kfac_callback.test_skip_weight_grad import D, Net, data  # noqa: E402
-from trainer.distributed import SingleProcess, make_communicator  # noqa: E402
+from trainer.distributed import make_communicator  # noqa: E402
 
 SCENARIOS = {
     "cholesky": {},

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfac_callback import KFACCallback, KFACConfig
-from trainer.callbacks import Callback
+from kfac_callback.base import Callback
 
 D = torch.float64
 

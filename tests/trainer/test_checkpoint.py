@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from kfac_callback import KFACCallback
+from kfac_callback.base import Callback, SingleProcess
 from models import build_model
-from trainer.callbacks import Callback
 from trainer.checkpoint import (
     CheckpointError,
     check_compatible,
@@ -25,7 +25,6 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.data import epoch_batches
-from trainer.distributed import SingleProcess
 from trainer.optimizers import OptimizerConfig, build_optimizer
 from trainer.trainer import CheckpointPolicy, NonFiniteError, Trainer
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from kfac_callback.base import SingleProcess
 from models import build_model
-from trainer.callbacks import HookRecorder, TimerCallback
+from tests.support.hooks import HookRecorder
+from trainer.callbacks import TimerCallback
 from trainer.config import Config, validate
-from trainer.distributed import SingleProcess
 from trainer.optimizers import OptimizerConfig, build_optimizer
 from trainer.trainer import Trainer
 

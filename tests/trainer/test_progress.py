@@ -12,9 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from kfac_callback.base import SingleProcess
 from models import build_model
 from trainer.callbacks import PrintCallback, TimerCallback
-from trainer.distributed import SingleProcess
 from trainer.optimizers import OptimizerConfig, build_optimizer
 from trainer.progress import ProgressCallback, progress_enabled
 from trainer.trainer import Trainer

@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import torch
 
+from kfac_callback.base import Callback, SingleProcess
 from models import build_model
-from trainer.callbacks import Callback, TimerCallback
-from trainer.distributed import SingleProcess
+from trainer.callbacks import TimerCallback
 from trainer.optimizers import OptimizerConfig, build_optimizer
 from trainer.report import (
     Run,

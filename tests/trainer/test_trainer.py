@@ -8,9 +8,10 @@ from types import SimpleNamespace
 
 import torch
 
+from kfac_callback.base import SingleProcess
 from models import build_model
-from trainer.callbacks import HookRecorder, MemoryCallback, PrintCallback, TimerCallback
-from trainer.distributed import SingleProcess
+from tests.support.hooks import HookRecorder
+from trainer.callbacks import MemoryCallback, PrintCallback, TimerCallback
 from trainer.optimizers import OptimizerConfig, build_optimizer
 from trainer.trainer import Trainer
 
