@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH_CPU_VERSION ?= 2.13.0
 ARGS ?= --model mlp --optimizer adam --optimizer-learning-rate 1e-4
 
-.PHONY: setup train test test-slow lint data clean
+.PHONY: setup train test lint data clean
 
 setup: $(VENV)/.installed data
 
@@ -35,10 +35,7 @@ train: setup
 	$(PY) kfac.py $(ARGS)
 
 test: setup
-	$(PY) -m pytest -q -m "not slow"
-
-test-slow: setup
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from kfac_callback import KFACCallback
-from kfac_callback.base import Callback, SingleProcess
-from models import build_model
+from kfac_callback.base import Callback
+from tests.support.data import tiny_data
+from tests.support.trainers import make_trainer
 from trainer.checkpoint import (
     CheckpointError,
     check_compatible,
@@ -25,8 +26,7 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.data import epoch_batches
-from trainer.optimizers import OptimizerConfig, build_optimizer
-from trainer.trainer import CheckpointPolicy, NonFiniteError, Trainer
+from trainer.trainer import NonFiniteError, Trainer
 
 
 def state(step: int) -> dict:
@@ -166,25 +166,9 @@ def test_kfac_state_keeps_the_inverses_so_resume_is_exact_between_compute_steps(
         assert torch.equal(a, b)
 
 
-def tiny_data(nan_sample: int | None = None) -> SimpleNamespace:
-    g = torch.Generator().manual_seed(0)
-    train_x = torch.rand(40, 1, 28, 28, generator=g)
-    if nan_sample is not None:
-        train_x[nan_sample, 0, 3, 3] = float("nan")
-    return SimpleNamespace(train_x=train_x, train_y=torch.randint(0, 10, (40,), generator=g),
-                           test_x=torch.rand(10, 1, 28, 28, generator=g), test_y=torch.randint(0, 10, (10,), generator=g))
-
-
-def make_trainer(work_dir, *, epochs=2, data=None, on_nonfinite="skip", callbacks=(), lines=None) -> Trainer:
-    work_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    net = build_model("mlp")
-    opt = build_optimizer(OptimizerConfig(name="adam", learning_rate=0.01), net.parameters())
-    policy = CheckpointPolicy(str(work_dir / "checkpoints"), keep=2, work_dir=str(work_dir))
-    log = lines.append if lines is not None else (lambda line: None)
-    return Trainer(net, opt, data or tiny_data(), epochs=epochs, mini_batch_size=20, callbacks=list(callbacks),
-                   comm=SingleProcess(), device=torch.device("cpu"), seed=1, log=log, checkpoint=policy,
-                   on_nonfinite=on_nonfinite, metrics_path=str(work_dir / "metrics.jsonl"))
+def checkpointed(work_dir, *, epochs=2, callbacks=(), **options) -> Trainer:
+    """The MLP on 40 fake samples, mini-batches of 20, checkpoints and metrics in ``work_dir``."""
+    return make_trainer(callbacks, epochs=epochs, batch=20, n_train=40, work_dir=work_dir, **options)
 
 
 def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -194,21 +178,21 @@ def weights(trainer: Trainer) -> dict[str, torch.Tensor]:
 def test_nonfinite_batch_is_skipped_or_stops_with_a_checkpoint_of_the_state_before(tmp_path):
     lines: list[str] = []
     second = list(epoch_batches(40, 20, 0, 1))[1]
-    bad = tiny_data(nan_sample=int(second[0]))  # a NaN pixel in epoch 0, batch 1 (step 1)
-    trainer = make_trainer(tmp_path / "skip", data=bad, lines=lines)
+    bad = tiny_data(40, nan_sample=int(second[0]))  # a NaN pixel in epoch 0, batch 1 (step 1)
+    trainer = checkpointed(tmp_path / "skip", data=bad, lines=lines)
     trainer.fit()
     assert any(line.startswith("trainer: step 1 (epoch 0, batch 1): non-finite loss (this rank's batch holds "
                                "non-finite inputs); non-finite gradient in ip1.weight") and line.endswith("step skipped")
                for line in lines), lines
     assert all(bool(torch.isfinite(w).all()) for w in weights(trainer).values())
 
-    stopping = make_trainer(tmp_path / "stop", data=bad, on_nonfinite="stop")
+    stopping = checkpointed(tmp_path / "stop", data=bad, on_nonfinite="stop")
     with pytest.raises(NonFiniteError, match=r"step 1 \(epoch 0, batch 1\): non-finite loss.*stopped.*step_000001.pt"):
         stopping.fit()
     saved = load_checkpoint(tmp_path / "stop" / "checkpoints" / "step_000001.pt")
     assert (saved["epoch"], saved["batch"]) == (0, 1)  # the bad batch is not done yet
     # Resumed with on_nonfinite=skip it goes past the bad batch and ends like the skipping run.
-    resumed = make_trainer(tmp_path / "stop", data=bad)
+    resumed = checkpointed(tmp_path / "stop", data=bad)
     resumed.load_state_dict(saved)
     resumed.fit()
     for k, v in weights(trainer).items():
@@ -216,7 +200,7 @@ def test_nonfinite_batch_is_skipped_or_stops_with_a_checkpoint_of_the_state_befo
 
 
 def test_no_checkpoint_is_written_with_nonfinite_weights(tmp_path):
-    trainer = make_trainer(tmp_path)
+    trainer = checkpointed(tmp_path)
     with torch.no_grad():
         trainer.model.ip2.weight[0, 0] = float("inf")
     with pytest.raises(NonFiniteError, match="weights of ip2.weight are not finite; no checkpoint written"):
@@ -237,7 +221,7 @@ class SignalAt(Callback):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
-    reference = make_trainer(tmp_path_factory.mktemp("ref"), epochs=3)
+    reference = checkpointed(tmp_path_factory.mktemp("ref"), epochs=3)
     reference.fit()
     return weights(reference)
 
@@ -245,14 +229,14 @@ def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
 def test_a_signal_checkpoints_at_the_next_step_and_resume_ends_bit_for_bit_the_same(tmp_path, signum, uninterrupted):
     work = tmp_path / "run"
-    stopped = make_trainer(work, epochs=3, callbacks=[SignalAt(3, signum)])
+    stopped = checkpointed(work, epochs=3, callbacks=[SignalAt(3, signum)])
     history = stopped.fit()
     assert stopped.stopped == signal.Signals(signum).name and len(history) == 1
     assert signal.getsignal(signum) is not None  # the handlers are put back
     checkpoint = newest_checkpoint(work)
     assert checkpoint.name == "step_000004.pt"  # the step after the signal: every step is whole
     assert (work / "preempted").read_text().strip() == str(checkpoint)
-    resumed = make_trainer(work, epochs=3)
+    resumed = checkpointed(work, epochs=3)
     resumed.load_state_dict(load_checkpoint(checkpoint))
     assert resumed.fit()[-1]["epoch"] == 2
     for k, v in uninterrupted.items():

@@ -8,36 +8,18 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kfac_callback.base import SingleProcess
-from models import build_model
 from tests.support.hooks import HookRecorder
+from tests.support.trainers import make_trainer
 from trainer.callbacks import TimerCallback
 from trainer.config import Config, validate
-from trainer.optimizers import OptimizerConfig, build_optimizer
-from trainer.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
-
-
-def make_trainer(callbacks, *, epochs=1, n_train=20, lines=None, metrics_path=None, **options) -> Trainer:
-    """The MLP on random data, mini-batches of 10 (``n_train / 10`` steps an epoch), 10 test samples."""
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    data = SimpleNamespace(train_x=torch.rand(n_train, 1, 28, 28, generator=g),
-                           train_y=torch.randint(0, 10, (n_train,), generator=g),
-                           test_x=torch.rand(10, 1, 28, 28, generator=g), test_y=torch.randint(0, 10, (10,), generator=g))
-    net = build_model("mlp")
-    opt = build_optimizer(OptimizerConfig(name="adam", learning_rate=0.01), net.parameters())
-    return Trainer(net, opt, data, epochs=epochs, mini_batch_size=10, callbacks=callbacks, comm=SingleProcess(),
-                   device=torch.device("cpu"), seed=1, metrics_path=metrics_path,
-                   log=lines.append if lines is not None else (lambda line: None), **options)
 
 
 def read(path: Path) -> list[dict]:

@@ -10,14 +10,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 
-from kfac_callback.base import SingleProcess
-from models import build_model
+from tests.support.trainers import make_trainer
 from trainer.callbacks import PrintCallback, TimerCallback
-from trainer.optimizers import OptimizerConfig, build_optimizer
 from trainer.progress import ProgressCallback, progress_enabled
-from trainer.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,24 +58,7 @@ def test_auto_needs_the_bar_stream_and_stdout_to_be_terminals(monkeypatch):
     assert not ProgressCallback.from_setting("auto", 0, stream=FakeTTY(), environ={}).enabled
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The machine may be busy; one thread keeps these tiny runs from thrashing.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_trainer(callbacks, log) -> Trainer:
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    data = SimpleNamespace(train_x=torch.rand(30, 1, 28, 28, generator=g), train_y=torch.randint(0, 10, (30,), generator=g),
-                           test_x=torch.rand(10, 1, 28, 28, generator=g), test_y=torch.randint(0, 10, (10,), generator=g))
-    net = build_model("mlp")
-    opt = build_optimizer(OptimizerConfig(name="sgd", learning_rate=0.01), net.parameters())
-    return Trainer(net, opt, data, epochs=2, mini_batch_size=10, callbacks=callbacks, comm=SingleProcess(),
-                   device=torch.device("cpu"), seed=1, log=log)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_forced_progress_draws_epoch_and_batch_bars_on_the_given_stream():
@@ -87,7 +66,8 @@ def test_forced_progress_draws_epoch_and_batch_bars_on_the_given_stream():
     assert ProgressCallback.from_setting("true", 0, stream=stream, environ={}).enabled
     progress = ProgressCallback(True, stream, mininterval=0)  # every update drawn: no timing in the test
     lines: list[str] = []
-    trainer = tiny_trainer([TimerCallback(), PrintCallback(), progress], progress.wrap(lines.append))
+    trainer = make_trainer([TimerCallback(), PrintCallback(), progress], epochs=2, n_train=30, optimizer="sgd",
+                           log=progress.wrap(lines.append))
     trainer.fit()
     text = stream.getvalue()
     assert "\r" in text
@@ -106,7 +86,7 @@ def test_a_disabled_callback_draws_nothing_and_leaves_the_log_function_alone():
     progress = ProgressCallback(False, stream)
     lines: list[str] = []
     assert progress.wrap(lines.append) == lines.append
-    tiny_trainer([TimerCallback(), PrintCallback(), progress], lines.append).fit()
+    make_trainer([TimerCallback(), PrintCallback(), progress], epochs=2, n_train=30, optimizer="sgd", lines=lines).fit()
     assert stream.getvalue() == ""
     assert lines
 

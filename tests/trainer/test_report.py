@@ -15,12 +15,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-import torch
 
-from kfac_callback.base import Callback, SingleProcess
-from models import build_model
+from kfac_callback.base import Callback
+from tests.support.trainers import make_trainer
 from trainer.callbacks import TimerCallback
-from trainer.optimizers import OptimizerConfig, build_optimizer
 from trainer.report import (
     Run,
     flatten,
@@ -256,23 +254,7 @@ class Damped(Callback):
 
 
 def tiny_trainer(callbacks: list[Callback]) -> Trainer:
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    data = SimpleNamespace(train_x=torch.rand(20, 1, 28, 28, generator=g), train_y=torch.randint(0, 10, (20,), generator=g),
-                           test_x=torch.rand(10, 1, 28, 28, generator=g), test_y=torch.randint(0, 10, (10,), generator=g))
-    net = build_model("mlp")
-    opt = build_optimizer(OptimizerConfig(name="sgd", learning_rate=0.01), net.parameters())
-    return Trainer(net, opt, data, epochs=2, mini_batch_size=10, callbacks=callbacks, comm=SingleProcess(),
-                   device=torch.device("cpu"), seed=1, test_every_epoch=True, log=lambda line: None)
-
-
-@pytest.fixture
-def one_thread():
-    # The machine may be busy; one thread keeps these tiny runs from thrashing.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return make_trainer(callbacks, epochs=2, optimizer="sgd", test_every_epoch=True)
 
 
 def test_tensorboard_callback_writes_the_epoch_scalars_on_rank_0(tmp_path, one_thread):

@@ -4,35 +4,12 @@ from __future__ import annotations
 
 import json
 import re
-from types import SimpleNamespace
 
 import torch
 
-from kfac_callback.base import SingleProcess
-from models import build_model
 from tests.support.hooks import HookRecorder
+from tests.support.trainers import make_trainer
 from trainer.callbacks import MemoryCallback, PrintCallback, TimerCallback
-from trainer.optimizers import OptimizerConfig, build_optimizer
-from trainer.trainer import Trainer
-
-
-def tiny_data(n_train: int = 20, n_test: int = 10, seed: int = 0) -> SimpleNamespace:
-    g = torch.Generator().manual_seed(seed)
-    return SimpleNamespace(train_x=torch.rand(n_train, 1, 28, 28, generator=g),
-                           train_y=torch.randint(0, 10, (n_train,), generator=g),
-                           test_x=torch.rand(n_test, 1, 28, 28, generator=g),
-                           test_y=torch.randint(0, 10, (n_test,), generator=g))
-
-
-def make_trainer(callbacks, *, epochs=1, batch=10, n_train=20, model="mlp", optimizer="adam",
-                 lines=None, metrics_path=None, test_every_epoch=False) -> Trainer:
-    torch.manual_seed(0)
-    net = build_model(model)
-    opt = build_optimizer(OptimizerConfig(name=optimizer, learning_rate=0.01), net.parameters())
-    log = (lines.append if lines is not None else lambda line: None)
-    return Trainer(net, opt, tiny_data(n_train), epochs=epochs, mini_batch_size=batch,
-                   callbacks=callbacks, comm=SingleProcess(), device=torch.device("cpu"), seed=1,
-                   test_every_epoch=test_every_epoch, metrics_path=metrics_path, log=log)
 
 
 def test_hooks_are_called_in_lbanns_order_for_a_two_batch_run():
