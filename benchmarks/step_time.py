@@ -193,7 +193,7 @@ class Runner:
 
     def comm_phase(self) -> str:
         cb = self.cb
-        return cb.phase if self.phase == "kfac" and cb is not None and cb.phase else self.phase
+        return cb.clock.phase if self.phase == "kfac" and cb is not None and cb.clock.phase else self.phase
 
     def warm_up(self, steps: int) -> None:
         """Untimed steps; K-FAC also runs its factor-interval warm-up, so the steady state is timed."""
@@ -202,7 +202,7 @@ class Runner:
         self.phases.clear()
         self.bytes.clear()
         if self.cb:
-            self.cb.phase_times.clear()
+            self.cb.clock.times.clear()
 
     def step(self, timed: bool) -> None:
         x, y = self.batches[self.steps % len(self.batches)]
@@ -223,7 +223,7 @@ class Runner:
                 g /= comm.world_size
         t2 = time.perf_counter()
         if self.cb:
-            self.phase = "kfac"  # the callback names its phases itself (cb.phase)
+            self.phase = "kfac"  # the callback names its phases itself (cb.clock.phase)
             self.cb.step()
         self.optimizer.step()
         comm.barrier()
@@ -238,7 +238,7 @@ class Runner:
             raise SystemExit(f"step_time: the loss diverged ({self.name}); times are meaningless")
         phases = dict(self.phases)
         if self.cb:
-            for name, seconds in self.cb.phase_times.items():
+            for name, seconds in self.cb.clock.times.items():
                 phases[name] = phases.get(name, 0.0) + seconds
         return {"mean": statistics.fmean(self.times), "phases": {k: v / steps for k, v in phases.items()},
                 "bytes": dict(self.bytes), "params": sum(p.numel() for p in self.params), "cb": self.cb}

@@ -1,4 +1,4 @@
-"""Which rank owns each layer's inverses (spec §6). Pure functions.
+"""Which rank owns each layer's inverses (docs/algorithm.md §6). Pure functions.
 
 The owner computes the layer's inverses and preconditioned gradient; the other ranks receive
 the result. LBANN's strategies are ``all``, ``each`` and ``root``; ``balanced`` is ours.

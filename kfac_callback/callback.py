@@ -1,8 +1,9 @@
-"""The K-FAC callback: hooks, schedules, owners and communication (spec §3–§7).
+"""The K-FAC callback: when each part of a K-FAC step runs, and on which rank.
 
-This file decides *when* things run and *who* runs them; the tensor math lives in
-``blocks.py`` and ``linalg.py``. It works with our trainer (through the LBANN hook names) and
-from a plain PyTorch loop::
+The tensor math lives in the blocks (``blocks/``) and ``linalg.py``, the hooks in
+``capture.py``, every buffer layout in ``exchange.py``, every printed line in ``messages.py``
+(docs/algorithm.md §3-§7, docs/design.md). It works with our trainer (through the LBANN hook
+names) and from a plain PyTorch loop::
 
     kfac = KFACCallback(model, damping_act=0.01, damping_err=1.0)
     for x, y in data:
@@ -17,63 +18,25 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
+from kfac_callback import exchange, messages
 from kfac_callback.assignment import LayerInfo, assign_owners
-from kfac_callback.base import Callback, SingleProcess, rank0_print
-from kfac_callback.blocks import Block, Dampings, is_preconditionable, make_block
-from kfac_callback.config import DAMPING_KEYS, KFACConfig, as_damping_list, validate_kfac
-from kfac_callback.linalg import all_finite, pack_triangles, unpack_triangles
+from kfac_callback.base import Callback, Communicator, SingleProcess, rank0_print
+from kfac_callback.blocks import Block, Dampings, LinearBlock, is_preconditionable, make_block
+from kfac_callback.capture import Capture, Recorder
+from kfac_callback.config import DAMPING_KEYS, make_config
+from kfac_callback.linalg import all_finite
+from kfac_callback.phases import PhaseClock
 from kfac_callback.schedules import DampingSchedule, is_compute_step, is_update_step, update_interval
 
-if TYPE_CHECKING:
-    from trainer.trainer import Trainer
-
-PREFIX = "K-FAC callback:"
 # From this compute interval on, explicit inverses (formed once, then GEMMs) beat Cholesky
 # solves at every step (benchmarks/step_time.py).
 EXPLICIT_INVERSE_INTERVAL = 5
-
-
-def make_config(**kwargs: Any) -> KFACConfig:
-    """Builds a validated ``KFACConfig`` from keyword arguments.
-
-    Dampings may be numbers, tuples/lists or ``"init,target"`` strings; ``disable_layers`` may
-    be a comma-separated string.
-
-    Raises:
-        TypeError: For an unknown option.
-        ValueError: Listing every invalid option, each naming its key.
-    """
-    names = {f.name for f in dataclasses.fields(KFACConfig)}
-    unknown = sorted(set(kwargs) - names)
-    if unknown:
-        raise TypeError(f"KFACCallback: unknown option(s) {unknown}; known: {sorted(names)}")
-    for key in DAMPING_KEYS:
-        if key in kwargs:
-            kwargs[key] = as_damping_list(kwargs[key])
-    if isinstance(kwargs.get("disable_layers"), str):
-        kwargs["disable_layers"] = [s for s in kwargs["disable_layers"].split(",") if s.strip()]
-    if "disable_layers" in kwargs:
-        kwargs["disable_layers"] = [str(s).strip() for s in kwargs["disable_layers"]]
-    cfg = KFACConfig(**kwargs)
-    errors = validate_kfac(cfg)
-    if errors:
-        raise ValueError("invalid K-FAC options:\n  " + "\n  ".join(errors))
-    return cfg
-
-
-def _g(x: float) -> str:
-    return f"{x:g}"
-
-
-def _shape(n: int) -> str:
-    return f"{n}x{n}"
 
 
 class KFACCallback(Callback):
@@ -82,8 +45,8 @@ class KFACCallback(Callback):
     Args:
         model: The model; its supported layers not named in ``disable_layers`` are
             preconditioned, every other parameter is left to the base optimizer.
-        comm: The communicator (``rank``, ``world_size``, ``allreduce_sum_``, ``broadcast_``).
-            ``None`` means one process, or the trainer's ``comm`` at ``on_setup_end``.
+        comm: The communicator. ``None`` means one process, or the trainer's ``comm`` at
+            ``on_setup_end``.
         printer: Where lines go; by default printed on rank 0.
         **kwargs: ``KFACConfig`` fields (see ``make_config`` for accepted spellings).
 
@@ -92,39 +55,33 @@ class KFACCallback(Callback):
         blocks: ``{layer name: block}`` in model order.
         owners: ``{layer name: owner rank}``.
         steps: s, the number of completed K-FAC steps.
+        capture: The hooks, and this step's captures.
+        clock: Seconds per phase of ``step()`` (for benchmarks).
 
     Raises:
         ValueError: For invalid options, unknown names in ``disable_layers`` (listing the
             model's preconditionable layers), or a layer K-FAC cannot precondition.
     """
 
-    def __init__(self, model: nn.Module, comm: Any = None,
+    def __init__(self, model: nn.Module, comm: Communicator | None = None,
                  printer: Callable[[str], None] | None = None, **kwargs: Any) -> None:
-        self.config = make_config(**kwargs)
+        self.config = c = make_config(**kwargs)
         self.model = model
         self._comm_given = comm is not None
-        self.comm = comm if comm is not None else SingleProcess()
+        self.comm: Communicator = comm if comm is not None else SingleProcess()
         self._printer = printer
-        self.blocks = self._build_blocks(model, self.config.disable_layers)
-        c = self.config
-        self.dampings = [DampingSchedule(getattr(c, k), c.damping_warmup_steps)
-                         for k in DAMPING_KEYS]
+        self.say = messages.Printer(lambda line: (self._printer or rank0_print(self.comm))(line))
+        self.blocks = _build_blocks(model, c.disable_layers)
+        self.dampings = [DampingSchedule(getattr(c, k), c.damping_warmup_steps) for k in DAMPING_KEYS]
         self.steps = 0
         self.inverse_dtype = getattr(torch, c.inverse_dtype)
         self.owners = self._assign()
-        self._captures: dict[str, dict[str, torch.Tensor]] = {}
-        # Captures of forward calls whose plain weight gradient autograd skips (skip_weight_grad).
-        self._skipped: dict[str, list[dict[str, Any]]] = {}
-        self._warned: set[tuple[str, str]] = set()
         self._need_inverses = True
-        # Seconds spent per phase of step() since construction (nested phases count in both).
-        self.phase_times: dict[str, float] = {}
-        self.phase = ""
-        self._handles = [block.module.register_forward_hook(self._forward_hook(name))
-                         for name, block in self.blocks.items()]
+        self.clock = PhaseClock()
+        self.capture = Recorder({name: b.module for name, b in self.blocks.items()}, self._skips_weight_grad)
 
     @classmethod
-    def from_config(cls, model: nn.Module, cfg: Any, comm: Any = None,
+    def from_config(cls, model: nn.Module, cfg: Any, comm: Communicator | None = None,
                     printer: Callable[[str], None] | None = None) -> KFACCallback:
         """Builds the callback from a ``KFACConfig``, a mapping, or an OmegaConf ``kfac`` node."""
         if dataclasses.is_dataclass(cfg):
@@ -135,71 +92,44 @@ class KFACCallback(Callback):
             raise TypeError(f"from_config: expected a KFACConfig or a mapping, got {type(cfg)}")
         return cls(model, comm=comm, printer=printer, **options)
 
-    # -- construction ----------------------------------------------------------------
-
-    @staticmethod
-    def _build_blocks(model: nn.Module, disable: list[str]) -> dict[str, Block]:
-        candidates = [name for name, m in model.named_modules() if is_preconditionable(m)]
-        unknown = [name for name in disable if name not in candidates]
-        if unknown:
-            raise ValueError(f"kfac.disable_layers: unknown layer(s) {unknown}; the model's "
-                             f"preconditionable layers are {candidates}")
-        blocks = {}
-        for name, module in model.named_modules():
-            if name in disable or not is_preconditionable(module):
-                continue
-            blocks[name] = make_block(name, module)
-        return blocks
-
     def _assign(self) -> dict[str, int]:
         infos = [LayerInfo(name, b.kind, tuple(b.factor_dims())) for name, b in self.blocks.items()]
         return assign_owners(infos, self.comm.world_size, self.config.inverse_strategy)
 
     def remove_hooks(self) -> None:
         """Detaches the callback from the model."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self.capture.remove()
 
-    # -- printing --------------------------------------------------------------------
-
-    def _print(self, line: str) -> None:
-        (self._printer or rank0_print(self.comm))(line)
-
-    def _warn_once(self, layer: str, what: str, line: str) -> None:
-        if (layer, what) not in self._warned:
-            self._warned.add((layer, what))
-            self._print(line)
+    # -- lines -----------------------------------------------------------------------
 
     def setup_lines(self) -> list[str]:
         """The options line, then one line per preconditioned layer with its owner rank."""
         c = self.config
-        damp = " ".join(f"{k}={','.join(_g(v) for v in getattr(c, k))}" for k in DAMPING_KEYS)
-        lines = [
-            f"{PREFIX} {damp} damping_warmup_steps={c.damping_warmup_steps} "
-            f"update_interval={c.update_interval_init}->{c.update_interval_target} over "
-            f"{c.update_interval_steps} steps compute_interval_steps={c.compute_interval_steps} "
-            f"kronecker_decay={_g(c.kronecker_decay)} use_pi={int(c.use_pi)} "
-            f"use_eigen={int(c.use_eigen)} inverse_strategy={c.inverse_strategy} "
-            f"inverse_dtype={c.inverse_dtype} learning_rate_factor={_g(c.learning_rate_factor)} "
-            f"disable_layers={','.join(c.disable_layers) or 'none'} "
-            f"skip_weight_grad={int(c.skip_weight_grad)} ranks={self.comm.world_size}"]
+        options = {k: ",".join(messages.fmt(v) for v in getattr(c, k)) for k in DAMPING_KEYS}
+        options.update({
+            "damping_warmup_steps": str(c.damping_warmup_steps),
+            "update_interval": f"{c.update_interval_init}->{c.update_interval_target} over "
+                               f"{c.update_interval_steps} steps",
+            "compute_interval_steps": str(c.compute_interval_steps),
+            "kronecker_decay": messages.fmt(c.kronecker_decay),
+            "use_pi": str(int(c.use_pi)), "use_eigen": str(int(c.use_eigen)),
+            "inverse_strategy": c.inverse_strategy, "inverse_dtype": c.inverse_dtype,
+            "learning_rate_factor": messages.fmt(c.learning_rate_factor),
+            "disable_layers": ",".join(c.disable_layers) or "none",
+            "skip_weight_grad": str(int(c.skip_weight_grad)), "ranks": str(self.comm.world_size)})
+        lines = [messages.options_line(options)]
         for name, b in self.blocks.items():
-            shapes = ", ".join(f"{f} {_shape(n)}" for f, n in zip(b.factor_names, b.factor_dims(),
-                                                                  strict=True))
-            lines.append(f"{PREFIX} layer {name} ({b.kind}): {shapes}, owner rank "
-                         f"{self.owners[name]}")
+            factors = list(zip(b.factor_names, b.factor_dims(), strict=True))
+            lines.append(messages.layer_line(name, b.kind, factors, self.owners[name]))
         return lines
 
     def damping_line(self, epochs: int) -> str:
         """LBANN's epoch-end line with the current dampings, after ``epochs`` epochs."""
-        d = self.current_dampings()
-        return (f"{PREFIX} changing damping value to {_g(d.act)} (act), {_g(d.err)} (err), "
-                f"{_g(d.bn_act)} (bn_act), {_g(d.bn_err)} (bn_err) at {epochs} epochs")
+        return messages.damping_line(*self.current_dampings(), epochs)
 
     # -- trainer hooks ---------------------------------------------------------------
 
-    def on_setup_end(self, trainer: Trainer) -> None:
+    def on_setup_end(self, trainer: Any) -> None:
         """Adopts the trainer's communicator (if none was given) and prints the setup lines."""
         comm = getattr(trainer, "comm", None)
         if not self._comm_given and comm is not None:
@@ -207,20 +137,19 @@ class KFACCallback(Callback):
             self._comm_given = True
             self.owners = self._assign()
         for line in self.setup_lines():
-            self._print(line)
+            self.say(line)
 
-    def on_batch_begin(self, trainer: Trainer) -> None:
+    def on_batch_begin(self, trainer: Any) -> None:
         """Forgets captures of a step the trainer skipped (a non-finite loss): a new step starts."""
-        self._captures = {}
-        self._skipped = {}
+        self.capture.clear()
 
-    def on_backward_prop_end(self, trainer: Trainer) -> None:
+    def on_backward_prop_end(self, trainer: Any) -> None:
         """Preconditions the (rank-averaged) gradients."""
         self.step()
 
-    def on_epoch_end(self, trainer: Trainer) -> None:
+    def on_epoch_end(self, trainer: Any) -> None:
         """Prints LBANN's damping line; ``trainer.epoch`` is 0-based."""
-        self._print(self.damping_line(trainer.epoch + 1))
+        self.say(self.damping_line(trainer.epoch + 1))
 
     # -- schedules -------------------------------------------------------------------
 
@@ -242,38 +171,10 @@ class KFACCallback(Callback):
         }
 
     def is_update_step(self) -> bool:
-        """Whether the current step updates the factors (and so captures activations)."""
+        """Whether the current step updates the factors."""
         c = self.config
         return is_update_step(self.steps, c.update_interval_init, c.update_interval_target,
                               c.update_interval_steps)
-
-    def _forward_hook(self, name: str) -> Callable[..., Any]:
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-            # Test passes and no-grad evaluation capture nothing. Every training step does:
-            # keeping references costs nothing, factors are computed only on update steps,
-            # and the captures let fully connected layers precondition through the batch.
-            if not (module.training and torch.is_grad_enabled()):
-                return None
-            if not isinstance(output, torch.Tensor) or not output.requires_grad or not args:
-                return None
-            previous = self._captures.get(name)
-            capture = {"a": args[0].detach(), "calls": 1 + (previous["calls"] if previous else 0)}
-            self._captures[name] = capture
-            if previous is None and self._skips_weight_grad(name, args[0]):
-                self._skipped.setdefault(name, []).append(capture)
-                # A new output whose backward gives the input its gradient and hands the output
-                # gradient to the capture; the graph of `output`, with its weight GEMM, is dropped.
-                return _WithoutWeightGrad.apply(args[0], module.weight, _Carry(output.detach(), capture))
-
-            def grad_hook(grad: torch.Tensor) -> None:
-                capture["g"] = grad.detach()
-
-            # A tensor hook (rather than a full backward hook) tolerates in-place ops such as
-            # ReLU(inplace=True) after the layer: it sees the gradient of the layer's output.
-            output.register_hook(grad_hook)
-            return None
-
-        return hook
 
     def _skips_weight_grad(self, name: str, a: torch.Tensor) -> bool:
         """Whether this forward call may leave the weight gradient to ``step()`` (skip_weight_grad).
@@ -286,7 +187,7 @@ class KFACCallback(Callback):
         forward and backward.)
         """
         block = self.blocks[name]
-        return (self.config.skip_weight_grad and block.kind == "linear"
+        return (self.config.skip_weight_grad and isinstance(block, LinearBlock)
                 and not block.has_bias and block.module.weight.requires_grad and a.dim() == 2
                 and block.batch_route_cheaper(a.shape[0] * self.comm.world_size))
 
@@ -307,96 +208,54 @@ class KFACCallback(Callback):
         """
         s = self.steps
         damping = self.current_dampings()
-        captures = self._captures
+        captures, skipped = self.capture.take()
         if captures and self.is_update_step():
-            with self._phase("factors"):
-                self._update_factors(s)
-        self._captures = {}
-        skipped, self._skipped = self._skipped, {}
+            with self.clock("factors"):
+                self._update_factors(s, captures)
         if is_compute_step(s, self.config.compute_interval_steps) or self._need_inverses:
-            with self._phase("inverses"):
+            with self.clock("inverses"):
                 self._compute_inverses(s, damping)
-        with self._phase("batch_gather"):
+        with self.clock("batch_gather"):
             self._offer_batches(captures)
-        with self._phase("precondition"):
+        with self.clock("precondition"):
             done = self._precondition_skipped(s, skipped)
             self._precondition(s, done)
         for d in self.dampings:
             d.advance()
         self.steps += 1
 
-    @contextmanager
-    def _phase(self, name: str) -> Iterator[None]:
-        """Names the running phase (a benchmark's communicator reads ``phase``) and times it."""
-        outer, self.phase = self.phase, name
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.phase_times[name] = self.phase_times.get(name, 0.0) + time.perf_counter() - start
-            self.phase = outer
-
-    def _update_factors(self, s: int) -> None:
+    def _update_factors(self, s: int, captures: dict[str, Capture]) -> None:
+        """Folds this step's factors into the running averages (summed over ranks first)."""
+        decay = self.config.kronecker_decay
         if self.comm.world_size == 1:
-            self._accumulate_factors(s)
+            # One rank: each layer's batch factors go straight into its running averages.
+            for name, block in self.blocks.items():
+                cap = captures.get(name)
+                if cap is not None and cap.complete and not block.accumulate(cap.a, cap.g, cap.a.shape[0], decay):
+                    self._warn_bad_factor(s, name)
+            return
+        if not self.blocks:
             return
         world = self.comm.world_size
-        names = list(self.blocks)
-        dtype = torch.float32
-        for b in self.blocks.values():
-            dtype = torch.promote_types(dtype, b.dtype)
-        parts, dims = [], []
-        present = []
-        for name in names:
-            block, cap = self.blocks[name], self._captures.get(name)
-            layer_dims = block.factor_dims()
-            dims.extend(layer_dims)
-            if cap is not None and "g" in cap:
-                n_global = cap["a"].shape[0] * world
-                mats = block.contributions(cap["a"], cap["g"], n_global)
-                present.append(1.0)
-            else:
-                # Keeps the packed layout identical on every rank; the flag below says the
-                # layer is incomplete.
-                weight = block.module.weight
-                mats = [torch.zeros(n, n, dtype=weight.dtype, device=weight.device)
-                        for n in layer_dims]
-                present.append(0.0)
-            parts.extend(m.to(dtype) for m in mats)
-        if not parts:
-            return
-        # All layers' triangles and the presence flags in one collective (spec §6).
-        device = self.blocks[names[0]].module.weight.device
-        flags = torch.tensor(present, dtype=dtype, device=device)
-        flat = torch.cat([pack_triangles(parts), flags])
-        with self._phase("factor_allreduce"):
-            self.comm.allreduce_sum_([flat])
-        counts = flat[-len(names):].tolist()
-        mats = unpack_triangles(flat[:-len(names)], dims)
-        i = 0
-        for name, count in zip(names, counts, strict=True):
-            block = self.blocks[name]
-            k = len(block.factor_names)
-            layer_mats, i = mats[i:i + k], i + k
-            if round(count) != world:
-                continue  # some rank saw no forward/backward of this layer this step
-            if not block.update_factors(layer_mats, self.config.kronecker_decay):
-                self._warn_bad_factor(s, name)
-
-    def _accumulate_factors(self, s: int) -> None:
-        """One rank: each layer's batch factors go straight into its running averages."""
+        contributions = []
         for name, block in self.blocks.items():
-            cap = self._captures.get(name)
-            if cap is None or "g" not in cap:
-                continue  # no forward/backward of this layer this step
-            if not block.accumulate(cap["a"], cap["g"], cap["a"].shape[0], self.config.kronecker_decay):
+            cap = captures.get(name)
+            complete = cap is not None and cap.complete
+            contributions.append(block.contributions(cap.a, cap.g, cap.a.shape[0] * world) if complete else None)
+        dtype = exchange.widest_dtype([b.module.weight for b in self.blocks.values()], torch.float32)
+        device = next(iter(self.blocks.values())).module.weight.device
+        with self.clock("factor_allreduce"):
+            summed = exchange.sum_factors(self.comm, contributions,
+                                          [b.factor_dims() for b in self.blocks.values()], dtype, device)
+        for (name, block), mats in zip(self.blocks.items(), summed, strict=True):
+            # None: some rank saw no forward/backward of this layer this step.
+            if mats is not None and not block.update_factors(mats, decay):
                 self._warn_bad_factor(s, name)
 
     def _warn_bad_factor(self, s: int, name: str) -> None:
-        self._warn_once(name, "factor", f"{PREFIX} step {s}: layer {name}: non-finite "
-                        "Kronecker factor skipped (running average kept)")
+        self.say.once(name, "factor", messages.layer_note(s, name, messages.BAD_FACTOR))
 
-    def _offer_batches(self, captures: dict[str, dict[str, Any]]) -> None:
+    def _offer_batches(self, captures: dict[str, Capture]) -> None:
         """Lets fully connected layers precondition through this step's batch (cheaper).
 
         A layer qualifies when it ran forward exactly once since the last step (no weight
@@ -404,58 +263,33 @@ class KFACCallback(Callback):
         batch, and when that route costs fewer flops. With several ranks the averaged
         gradient is ``(1/R) Σ_r g_rᵀ a_r``: the ranks' ``a`` and ``g`` rows are gathered in one
         collective, far fewer numbers than the gradient itself for the MLP (N·(in+out) vs in·out).
+        A layer takes the batch route only when every rank could offer it, so all decide alike.
         """
-        linear = {n: b for n, b in self.blocks.items() if hasattr(b, "set_batch")}
+        world = self.comm.world_size
+        linear = {n: b for n, b in self.blocks.items() if isinstance(b, LinearBlock)}
         usable = {}
         for name, block in linear.items():
             block.set_batch(None, None)
-            cap = captures.get(name, {})
-            usable[name] = (block.kind == "linear" and cap.get("calls") == 1 and "g" in cap
-                            and cap["a"].dim() == 2 and block.batch_route_cheaper(cap["a"].shape[0] * self.comm.world_size))
-        if self.comm.world_size == 1:
+            cap = captures.get(name)
+            usable[name] = (cap is not None and cap.calls == 1
+                            and cap.complete and cap.a.dim() == 2
+                            and block.batch_route_cheaper(cap.a.shape[0] * world))
+        present = [captures[n] for n in linear if usable[n]]
+        if world == 1 or not present:
+            # Several ranks with none present: no captures on any rank (the schedule is the same everywhere).
             for name, block in linear.items():
                 if usable[name]:
-                    block.set_batch(captures[name]["a"], captures[name]["g"])
+                    block.set_batch(captures[name].a, captures[name].g)
             return
-        self._gather_batches(linear, captures, usable)
-
-    def _gather_batches(self, linear: dict[str, Block], captures: dict[str, dict[str, Any]],
-                        usable: dict[str, bool]) -> None:
-        """Gathers every rank's ``a`` and ``g`` rows of the qualifying layers in one allreduce.
-
-        Each rank writes its rows into its own slot of a zeroed buffer, so the sum is the
-        gathered batch. A flag per layer counts the ranks that could take part; a layer uses
-        the batch route only when all could, so every rank takes the same decision.
-        """
-        present = [captures[n] for n in linear if usable[n]]
-        if not present:
-            return  # no captures on this step, on any rank (the schedule is the same everywhere)
-        n_local = present[0]["a"].shape[0]
-        world, rank = self.comm.world_size, self.comm.rank
-        dims = {n: (b.in_features(), b.out_features()) for n, b in linear.items()}
-        slot = sum(n_local * (d_in + d_out) for d_in, d_out in dims.values())
-        ref = present[0]["a"]
-        buf = torch.zeros(world * slot + len(linear), dtype=ref.dtype, device=ref.device)
-        offset = rank * slot
-        for i, (name, (d_in, d_out)) in enumerate(dims.items()):
-            size = n_local * (d_in + d_out)
-            cap = captures.get(name, {})
-            if usable[name] and cap["a"].shape[0] == n_local:
-                buf[offset:offset + n_local * d_in] = cap["a"].reshape(-1)
-                buf[offset + n_local * d_in:offset + size] = cap["g"].reshape(-1)
-                buf[world * slot + i] = 1
-            offset += size
-        self.comm.allreduce_sum_([buf])
-        flags = buf[world * slot:].tolist()
-        start = 0
-        for i, (name, (d_in, d_out)) in enumerate(dims.items()):
-            size = n_local * (d_in + d_out)
-            if round(flags[i]) == world:
-                per_rank = buf[:world * slot].view(world, slot)[:, start:start + size]
-                a = per_rank[:, :n_local * d_in].reshape(world * n_local, d_in)
-                g = per_rank[:, n_local * d_in:].reshape(world * n_local, d_out) / world
-                linear[name].set_batch(a, g)
-            start += size
+        n_local = present[0].a.shape[0]
+        rows = [(captures[n].a, captures[n].g) if usable[n] and captures[n].a.shape[0] == n_local else None
+                for n in linear]
+        dims = [(b.in_features(), b.out_features()) for b in linear.values()]
+        ref = present[0].a
+        gathered = exchange.gather_rows(self.comm, rows, n_local, dims, ref.dtype, ref.device)
+        for block, batch in zip(linear.values(), gathered, strict=True):
+            if batch is not None:
+                block.set_batch(batch[0], batch[1] / world)
 
     def _compute_inverses(self, s: int, damping: Dampings) -> None:
         c = self.config
@@ -468,39 +302,26 @@ class KFACCallback(Callback):
                                         explicit=c.compute_interval_steps >= EXPLICIT_INVERSE_INTERVAL)
             elapsed = time.perf_counter() - start
             if c.print_time and block.has_factors:
-                self._print(f"{PREFIX} step {s}: inverses of {name} took {elapsed * 1e3:.3f} ms "
-                            f"on rank {self.comm.rank}")
+                self.say(messages.inverse_time_line(s, name, elapsed, self.comm.rank))
             for note in block.inverse_notes:
-                self._warn_once(name, "inverse " + note.split(":")[0],
-                                f"{PREFIX} step {s}: layer {name}: {note}")
+                self.say.once(name, "inverse " + note.split(":")[0], messages.layer_note(s, name, note))
             if not ok and block.has_factors:
-                self._warn_once(name, "plain", f"{PREFIX} step {s}: layer {name}: no usable "
-                                "inverse; the layer keeps its plain gradient")
+                self.say.once(name, "plain", messages.layer_note(s, name, messages.NO_INVERSE))
             if c.print_matrix_summary or c.print_matrix:
-                self._print_matrices(s, name, block)
+                for label in (*block.factor_names, *(f"{f}_inv" for f in block.factor_names)):
+                    mat = getattr(block, label, None)
+                    if mat is not None:
+                        for line in messages.matrix_lines(s, name, label, mat, c.print_matrix_summary, c.print_matrix):
+                            self.say(line)
         self._need_inverses = False
 
-    def _print_matrices(self, s: int, name: str, block: Block) -> None:
-        inverses = [f"{f}_inv" for f in block.factor_names]
-        for attr in (*block.factor_names, *inverses):
-            mat = getattr(block, attr, None)
-            if mat is None:
-                continue
-            if self.config.print_matrix_summary:
-                self._print(f"{PREFIX} step {s}: layer {name}: {attr} {_shape(mat.shape[0])} "
-                            f"norm {float(mat.norm()):g} min {float(mat.min()):g} "
-                            f"max {float(mat.max()):g} trace {float(mat.trace()):g}")
-            if self.config.print_matrix:
-                self._print(f"{PREFIX} step {s}: layer {name}: {attr} =\n{mat}")
-
     def _say_zeroed(self, s: int, name: str) -> None:
-        self._print(f"{PREFIX} step {s}: layer {name}: non-finite gradient; zeroed for this step")
+        self.say(messages.layer_note(s, name, messages.ZEROED))
 
     def _warn_plain_kept(self, s: int, name: str) -> None:
-        self._warn_once(name, "precond", f"{PREFIX} step {s}: layer {name}: "
-                        "preconditioned gradient not finite; plain gradient kept")
+        self.say.once(name, "precond", messages.layer_note(s, name, messages.PLAIN_KEPT))
 
-    def _precondition_skipped(self, s: int, skipped: dict[str, list[dict[str, Any]]]) -> set[str]:
+    def _precondition_skipped(self, s: int, skipped: dict[str, list[Capture]]) -> set[str]:
         """Writes the weight gradients that backward skipped (skip_weight_grad).
 
         Through the batch (every rank's rows, gathered) where one was offered and no gradient
@@ -545,14 +366,13 @@ class KFACCallback(Callback):
             self._rebuild_plain(rebuild)
         return done
 
-    def _rebuild_plain(self, skipped: dict[str, list[dict[str, Any]]]) -> None:
+    def _rebuild_plain(self, skipped: dict[str, list[Capture]]) -> None:
         """Adds each layer's rank-averaged ``Σ gᵀa`` to its gradient (none if no rank saw a backward)."""
         plains, seen = [], []
         for name, captures in skipped.items():
             block = self.blocks[name]
-            parts = [block.weight_grad(cap["a"], cap["g"]) for cap in captures if "g" in cap]
-            weight = block.module.weight
-            plains.append(torch.stack(parts).sum(0) if parts else torch.zeros_like(weight))
+            parts = [block.weight_grad(cap.a, cap.g) for cap in captures if cap.complete]
+            plains.append(torch.stack(parts).sum(0) if parts else torch.zeros_like(block.module.weight))
             seen.append(float(bool(parts)))
         counts = torch.tensor(seen, dtype=plains[0].dtype, device=plains[0].device)
         if self.comm.world_size > 1:
@@ -572,44 +392,26 @@ class KFACCallback(Callback):
             if not block.grads_finite():
                 self._say_zeroed(s, name)
                 block.zero_grads()
-                if hasattr(block, "set_batch"):
+                if isinstance(block, LinearBlock):
                     block.set_batch(None, None)  # the batch route would bring the gradient back
         f = self.config.learning_rate_factor
         for name, block in self.blocks.items():
             if name in done:
                 continue
-            if self.owners[name] == self.comm.rank and block.has_inverses:
-                if not block.precondition(f):
-                    self._warn_plain_kept(s, name)
+            if self.owners[name] == self.comm.rank and block.has_inverses and not block.precondition(f):
+                self._warn_plain_kept(s, name)
         if self.comm.world_size > 1:
-            self._broadcast_gradients()
-
-    def _broadcast_gradients(self) -> None:
-        """Sends each owner's (preconditioned) gradients to the other ranks, one per owner."""
-        with self._phase("exchange"):
-            self._broadcast_from_owners()
-
-    def _broadcast_from_owners(self) -> None:
-        for owner in range(self.comm.world_size):
-            grads = []
-            for name, block in self.blocks.items():
-                layer_grads = block.grads()
-                if self.owners[name] == owner and layer_grads is not None:
-                    grads.extend(layer_grads)
-            if not grads:
-                continue
-            dtype = grads[0].dtype
-            for g in grads:
-                dtype = torch.promote_types(dtype, g.dtype)
-            flat = torch.cat([g.reshape(-1).to(dtype) for g in grads])
-            self.comm.broadcast_([flat], owner)
-            if self.comm.rank != owner:
-                offset = 0
-                for g in grads:
-                    g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                    offset += g.numel()
+            with self.clock("exchange"):
+                owned = [[g for name, b in self.blocks.items() if self.owners[name] == owner
+                          for g in (b.grads() or [])] for owner in range(self.comm.world_size)]
+                exchange.broadcast_owned(self.comm, owned)
 
     # -- checkpoints -----------------------------------------------------------------
+
+    @property
+    def state_key(self) -> str:
+        """Saved under the class name, as checkpoints always have been."""
+        return "KFACCallback"
 
     def state_dict(self) -> dict[str, Any]:
         """Running averages, update counts, dampings, the step counter and the inverses.
@@ -621,41 +423,10 @@ class KFACCallback(Callback):
         inverses = {name: b.export_inverses() if self.owners[name] == self.comm.rank else {}
                     for name, b in self.blocks.items()}
         if self.comm.world_size > 1 and self.blocks:
-            codes = {torch.float32: 1, torch.float64: 2}
-            slots = [(name, f"{f}.{kind}", n) for name, b in self.blocks.items()
-                     for f, n in zip(b.factor_names, b.factor_dims(), strict=True)
-                     for kind in ("chol", "inverse")]
+            shapes = {name: [(f"{f}.{kind}", n) for f, n in zip(b.factor_names, b.factor_dims(), strict=True)
+                             for kind in ("chol", "inverse")] for name, b in self.blocks.items()}
             device = next(iter(self.blocks.values())).module.weight.device
-            # What each owner holds (dtype codes) and its π, summed so every rank knows.
-            header = torch.zeros(len(slots) + len(self.blocks), dtype=torch.float64, device=device)
-            for i, (name, key, _) in enumerate(slots):
-                if key in inverses[name]:
-                    header[i] = codes[inverses[name][key].dtype]
-            for j, name in enumerate(self.blocks):
-                header[len(slots) + j] = float(inverses[name].get("pi", 0.0))
-            self.comm.allreduce_sum_([header])
-            held = header.tolist()
-            dtypes = {code: dtype for dtype, code in codes.items()}
-            gathered: dict[str, dict[str, Any]] = {name: {} for name in self.blocks}
-            for owner in range(self.comm.world_size):
-                mine = [(i, name, key, n) for i, (name, key, n) in enumerate(slots)
-                        if self.owners[name] == owner and held[i]]
-                if not mine:
-                    continue
-                if self.comm.rank == owner:  # float64 carries float32 values exactly
-                    flat = torch.cat([inverses[name][key].reshape(-1).to(torch.float64)
-                                      for _, name, key, _ in mine])
-                else:
-                    flat = torch.empty(sum(n * n for *_, n in mine), dtype=torch.float64, device=device)
-                self.comm.broadcast_([flat], owner)
-                offset = 0
-                for i, name, key, n in mine:
-                    gathered[name][key] = flat[offset:offset + n * n].view(n, n).to(dtypes[round(held[i])]).clone()
-                    offset += n * n
-            for j, name in enumerate(self.blocks):
-                if gathered[name]:
-                    gathered[name]["pi"] = held[len(slots) + j]
-            inverses = gathered
+            inverses = exchange.gather_inverses(self.comm, inverses, self.owners, shapes, device)
         return {
             "steps": self.steps,
             "dampings": [d.value for d in self.dampings],
@@ -687,35 +458,15 @@ class KFACCallback(Callback):
             block.clear_inverses()
             if inverses is not None and self.owners[name] == self.comm.rank:
                 block.import_inverses(dict(inverses.get(name, {})))
-        self._captures = {}
-        self._skipped = {}
+        self.capture.clear()
         self._need_inverses = inverses is None or bool(state.get("need_inverses", False))
 
 
-class _Carry:
-    """An already computed output and its capture, passed through ``_WithoutWeightGrad``
-    untouched by autograd (an output that is also an input would become a view, which
-    in-place ops such as ReLU(inplace=True) after the layer may not modify)."""
-
-    def __init__(self, output: torch.Tensor, capture: dict[str, Any]) -> None:
-        self.output, self.capture = output, capture
-
-
-class _WithoutWeightGrad(torch.autograd.Function):
-    """``y = x Wᵀ`` (computed by the layer already) whose backward computes only ``∂L/∂x = g W``.
-
-    W gets no gradient from backward: ``KFACCallback.step()`` writes it. The output gradient g
-    goes to the layer's capture, as the tensor hook of the ordinary path would put it.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, carry: _Carry) -> torch.Tensor:
-        ctx.capture = carry.capture
-        ctx.save_for_backward(weight)
-        return carry.output
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
-        ctx.capture["g"] = grad.detach()
-        (weight,) = ctx.saved_tensors
-        return (grad @ weight if ctx.needs_input_grad[0] else None), None, None
+def _build_blocks(model: nn.Module, disable: list[str]) -> dict[str, Block]:
+    candidates = [name for name, m in model.named_modules() if is_preconditionable(m)]
+    unknown = [name for name in disable if name not in candidates]
+    if unknown:
+        raise ValueError(f"kfac.disable_layers: unknown layer(s) {unknown}; the model's "
+                         f"preconditionable layers are {candidates}")
+    return {name: make_block(name, module) for name, module in model.named_modules()
+            if name not in disable and is_preconditionable(module)}

@@ -7,6 +7,7 @@ so a bad sweep fails at compose time instead of hours into a run.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ DAMPING_KEYS = ("damping_act", "damping_err", "damping_bn_act", "damping_bn_err"
 
 @dataclass
 class KFACConfig:
-    """Options of the K-FAC callback (spec §1, §4, §5).
+    """Options of the K-FAC callback (docs/algorithm.md §1, §4, §5).
 
     Each damping is a list: one value is a constant, two values are ``[init, target]`` and the
     damping warms down from init to target over ``damping_warmup_steps`` steps.
@@ -73,7 +74,7 @@ def _fmt(x: float) -> str:
 
 
 def _damping_errors(key: str, values: list[float], warmup_steps: int) -> list[str]:
-    """Errors of one damping entry; see spec §4 for the warm-up rule."""
+    """Errors of one damping entry; see docs/algorithm.md §4 for the warm-up rule."""
     if len(values) not in (1, 2):
         return [f"kfac.{key}: expected one value or [init, target], got {len(values)} values"]
     errors = []
@@ -143,3 +144,31 @@ def validate_kfac(cfg: Any) -> list[str]:
     if not math.isfinite(factor) or factor <= 0:
         errors.append(f"kfac.learning_rate_factor: must be a finite value > 0, got {_fmt(factor)}")
     return errors
+
+
+def make_config(**kwargs: Any) -> KFACConfig:
+    """Builds a validated ``KFACConfig`` from keyword arguments.
+
+    Dampings may be numbers, tuples/lists or ``"init,target"`` strings; ``disable_layers`` may
+    be a comma-separated string.
+
+    Raises:
+        TypeError: For an unknown option.
+        ValueError: Listing every invalid option, each naming its key.
+    """
+    names = {f.name for f in dataclasses.fields(KFACConfig)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise TypeError(f"KFACCallback: unknown option(s) {unknown}; known: {sorted(names)}")
+    for key in DAMPING_KEYS:
+        if key in kwargs:
+            kwargs[key] = as_damping_list(kwargs[key])
+    if isinstance(kwargs.get("disable_layers"), str):
+        kwargs["disable_layers"] = [s for s in kwargs["disable_layers"].split(",") if s.strip()]
+    if "disable_layers" in kwargs:
+        kwargs["disable_layers"] = [str(s).strip() for s in kwargs["disable_layers"]]
+    cfg = KFACConfig(**kwargs)
+    errors = validate_kfac(cfg)
+    if errors:
+        raise ValueError("invalid K-FAC options:\n  " + "\n  ".join(errors))
+    return cfg

@@ -1,6 +1,6 @@
-"""Dense linear algebra of K-FAC: damped inverses, π, and triangle packing.
+"""Dense linear algebra of K-FAC: damped inverses and π.
 
-Everything here is a pure function of tensors. The robustness ladder of spec §5 lives in
+Everything here is a pure function of tensors. The robustness ladder of docs/algorithm.md §5 lives in
 ``damped_inverse``: a failure never produces a tensor, only ``None`` and a note, so that
 nothing non-finite can reach the weights.
 """
@@ -11,14 +11,14 @@ import ctypes
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 Damping = float | torch.Tensor
 
-# How often and by how much the damping grows before a layer gives up (spec §5).
+# How often and by how much the damping grows before a layer gives up (docs/algorithm.md §5).
 DAMPING_RETRIES = 3
 DAMPING_GROWTH = 10.0
 
@@ -182,7 +182,7 @@ def _describe(damping: Damping) -> str:
 
 def damped_inverse(mat: torch.Tensor, damping: Damping, dtype: torch.dtype = torch.float32,
                    use_eigen: bool = False, cholesky_only: bool = False) -> InverseResult:
-    """Inverse of ``mat + diag(damping)`` with the robustness ladder of spec §5.
+    """Inverse of ``mat + diag(damping)`` with the robustness ladder of docs/algorithm.md §5.
 
     Tries ``dtype``; on a failed decomposition or a non-finite result retries in float64,
     then in float64 with the damping grown ×10 up to ``DAMPING_RETRIES`` times.
@@ -260,7 +260,7 @@ class DampedInverse:
 
 
 def pi_factor(a: torch.Tensor, g: torch.Tensor) -> float:
-    """π of spec §4: ``sqrt((tr A / dim A) / (tr G / dim G))``.
+    """π of docs/algorithm.md §4: ``sqrt((tr A / dim A) / (tr G / dim G))``.
 
     Returns 1 when a trace is not positive and finite, since π only rebalances damping
     between the two factors and must not make it non-finite.
@@ -270,75 +270,3 @@ def pi_factor(a: torch.Tensor, g: torch.Tensor) -> float:
     if not (math.isfinite(ta) and math.isfinite(tg)) or ta <= 0 or tg <= 0:
         return 1.0
     return math.sqrt(ta / tg)
-
-
-def triangle_size(n: int) -> int:
-    """Number of entries of the upper triangle (diagonal included) of an n×n matrix."""
-    return n * (n + 1) // 2
-
-
-# Packing uses the rectangular full packed (RFP) layout of LAPACK: split a symmetric matrix at
-# m = ceil(n/2) into a leading block P (m×m), a trailing block Q (k×k, k = n - m) and the
-# off-diagonal block R (k×m). The lower triangle of P and the upper triangle of Q interlock into
-# one rectangle T (n even: (m+1)×m, P's triangle one row down; n odd: m×m, Q's triangle one
-# column right), so T and R hold exactly n(n+1)/2 numbers and both are cut out of the matrix
-# by slicing: dense passes instead of a gather by index, several times faster on CPUs.
-
-
-def _pack_one(mat: torch.Tensor) -> torch.Tensor:
-    n = mat.shape[0]
-    m = n - n // 2
-    k = n - m
-    if n % 2 == 0:
-        rect = mat.new_zeros(m + 1, m)
-        rect[1:] = mat[:m, :m].tril()
-        rect[:m] += mat[m:, m:].triu()
-    else:
-        rect = mat[:m, :m].tril()
-        rect[:k, 1:] += mat[m:, m:].triu()
-    return torch.cat([rect.reshape(-1), mat[m:, :m].reshape(-1)])
-
-
-def _unpack_one(values: torch.Tensor, n: int) -> torch.Tensor:
-    m = n - n // 2
-    k = n - m
-    rows = m + 1 if n % 2 == 0 else m
-    rect = values[:rows * m].view(rows, m)
-    out = values.new_empty(n, n)
-    lead, trail = out[:m, :m], out[m:, m:]
-    if n % 2 == 0:
-        lead.copy_(rect[1:].tril())
-        trail.copy_(rect[:m].triu())
-    else:
-        lead.copy_(rect.tril())
-        trail.copy_(rect[:k, 1:].triu())
-    lead += lead.tril(-1).mT  # mirror each triangle into its empty half
-    trail += trail.triu(1).mT
-    off = values[rows * m:].view(k, m)
-    out[m:, :m] = off
-    out[:m, m:] = off.mT
-    return out
-
-
-def pack_triangles(mats: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Concatenates the triangles of symmetric matrices into one flat tensor.
-
-    A symmetric n×n matrix needs only n(n+1)/2 numbers on the wire (spec §6). The layout is
-    linear, so the sum over ranks of packed factors is the packed sum.
-    """
-    parts = [_pack_one(m) for m in mats]
-    return torch.cat(parts) if parts else torch.empty(0)
-
-
-def unpack_triangles(flat: torch.Tensor, dims: Sequence[int]) -> list[torch.Tensor]:
-    """Inverse of ``pack_triangles``: rebuilds full symmetric matrices of sizes ``dims``."""
-    total = sum(triangle_size(n) for n in dims)
-    if total != flat.numel():
-        raise ValueError(f"unpack_triangles: {flat.numel()} values for dims {list(dims)} "
-                         f"(expected {total})")
-    mats = []
-    offset = 0
-    for n in dims:
-        mats.append(_unpack_one(flat[offset:offset + triangle_size(n)], n))
-        offset += triangle_size(n)
-    return mats

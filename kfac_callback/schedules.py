@@ -1,4 +1,4 @@
-"""Damping warm-up and the factor-update / inverse-compute schedules (spec §4).
+"""Damping warm-up and the factor-update / inverse-compute schedules (docs/algorithm.md §4).
 
 ``s`` counts completed training steps from 0; the step being taken has index ``s``.
 """
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 
 class DampingSchedule:
-    """One damping value, constant or warming down from ``d0`` to ``d1`` (spec §4).
+    """One damping value, constant or warming down from ``d0`` to ``d1`` (docs/algorithm.md §4).
 
     With a pair, ``alpha = 2·log10(d0/d1)/W`` and ``d <- (1-alpha)·d + alpha·d1`` is applied
     every step starting before the first, so the value used at step ``s`` is

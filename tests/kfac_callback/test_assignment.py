@@ -1,4 +1,4 @@
-"""Owner rank of each layer for every strategy (spec §6)."""
+"""Owner rank of each layer for every strategy (docs/algorithm.md §6)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 
 from kfac_callback.assignment import LayerInfo, assign_owners, inverse_cost
 
-# The CNN of spec §2 plus two BatchNorms, in model order.
+# The CNN of docs/algorithm.md §2 plus two BatchNorms, in model order.
 LAYERS = [
     LayerInfo("conv1", "conv2d", (25, 20)),
     LayerInfo("bn1", "batchnorm", (40,)),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import io
-import threading
 from collections import OrderedDict
 from types import SimpleNamespace
 from typing import Any
@@ -16,6 +15,7 @@ from torch import nn
 
 from kfac_callback import KFACCallback, KFACConfig
 from kfac_callback.base import Callback
+from tests.support.threads import ThreadComm, run_ranks
 
 D = torch.float64
 
@@ -136,11 +136,11 @@ def test_captures_in_training_with_grad_and_factors_only_on_update_steps() -> No
     with torch.no_grad():
         model.train()
         model(x)
-    assert cb._captures == {}
+    assert cb.capture.captures == {}
     model.train()
     for s in range(4):
         backward(model, x, y)
-        assert set(cb._captures) == set(cb.blocks)  # every step: the batch route needs them
+        assert set(cb.capture.captures) == set(cb.blocks)  # every step: the batch route needs them
         cb.step()
         assert [b.updates for b in cb.blocks.values()] == [s // 2 + 1] * 4  # updates at s = 0, 2
     assert [b.updates for b in cb.blocks.values()] == [2, 2, 2, 2]
@@ -223,7 +223,7 @@ def test_non_finite_factor_from_input_keeps_running_average_and_is_said_once() -
     a_before = cb.blocks["ip1"].A.clone()
     for seed in (2, 3):
         backward(model, *batch(4, seed))
-        cb._captures["ip1"]["a"][0, 0] = float("nan")  # poisons only ip1's factor
+        cb.capture.captures["ip1"].a[0, 0] = float("nan")  # poisons only ip1's factor
         cb.step()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     torch.testing.assert_close(cb.blocks["ip1"].A, a_before, rtol=0, atol=0)
@@ -334,36 +334,6 @@ def test_state_dict_round_trip_gives_identical_next_step() -> None:
 # -- two ranks (threads standing in for processes) ---------------------------------------
 
 
-class ThreadComm:
-    """A 2-rank communicator over threads: real collectives semantics, no MPI."""
-
-    def __init__(self, rank: int, shared: SimpleNamespace) -> None:
-        self.rank, self.world_size, self.local_rank = rank, shared.world, rank
-        self.shared = shared
-        self.calls: list[str] = []
-
-    def allreduce_sum_(self, tensors: list[torch.Tensor]) -> None:
-        self.calls.append("allreduce")
-        self.shared.slots[self.rank] = [t.clone() for t in tensors]
-        self.shared.barrier.wait()
-        for i, t in enumerate(tensors):
-            t.copy_(sum(slot[i] for slot in self.shared.slots))
-        self.shared.barrier.wait()
-
-    def broadcast_(self, tensors: list[torch.Tensor], src: int) -> None:
-        self.calls.append(f"broadcast{src}")
-        if self.rank == src:
-            self.shared.slots[src] = [t.clone() for t in tensors]
-        self.shared.barrier.wait()
-        if self.rank != src:
-            for t, s in zip(tensors, self.shared.slots[src], strict=True):
-                t.copy_(s)
-        self.shared.barrier.wait()
-
-    def barrier(self) -> None:
-        self.shared.barrier.wait()
-
-
 def mlp_conv() -> nn.Module:
     torch.manual_seed(1)
     return nn.Sequential(OrderedDict(
@@ -386,38 +356,23 @@ def test_two_ranks_equal_one_rank_on_the_same_global_batch(strategy: str) -> Non
         ref.step()
         ref_grads.append(grads(ref_model))
 
-    shared = SimpleNamespace(world=2, barrier=threading.Barrier(2, timeout=30), slots=[None, None])
-    results: dict[int, Any] = {}
+    def rank_main(comm: ThreadComm) -> Any:
+        model = models[comm.rank]
+        cb = KFACCallback(model, comm=comm, **options)
+        out = []
+        for x, y in batches:
+            part = slice(4 * comm.rank, 4 * comm.rank + 4)
+            backward(model, x[part], y[part])  # mean over the LOCAL batch
+            params = [p.grad for p in model.parameters()]
+            comm.allreduce_sum_(params)  # what the trainer does before the callback
+            for g in params:
+                g.div_(2)
+            cb.step()
+            out.append(grads(model))
+        return out, cb.owners, comm.calls
 
-    def rank_main(rank: int) -> None:
-        try:
-            model = models[rank]
-            comm = ThreadComm(rank, shared)
-            cb = KFACCallback(model, comm=comm, **options)
-            out = []
-            for x, y in batches:
-                part = slice(4 * rank, 4 * rank + 4)
-                backward(model, x[part], y[part])  # mean over the LOCAL batch
-                params = [p.grad for p in model.parameters()]
-                comm.allreduce_sum_(params)  # what the trainer does before the callback
-                for g in params:
-                    g.div_(2)
-                cb.step()
-                out.append(grads(model))
-            results[rank] = (out, cb.owners, comm.calls)
-        except BaseException as exc:  # re-raised in the main thread
-            results[rank] = exc
-            shared.barrier.abort()
-
-    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for rank in range(2):
-        if isinstance(results[rank], BaseException):
-            raise results[rank]
-        out, owners, calls = results[rank]
+    results = run_ranks(2, rank_main)
+    for out, owners, calls in results:
         assert set(owners.values()) == {0, 1}  # both ranks own layers
         # Per step: gradient average (test), one factor collective, one broadcast per owner.
         assert calls[:4] == ["allreduce", "allreduce", "broadcast0", "broadcast1"]

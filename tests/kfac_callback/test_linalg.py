@@ -1,4 +1,4 @@
-"""Damped inverses (Cholesky and eigen), the robustness ladder, π and triangle packing."""
+"""Damped inverses (Cholesky and eigen), the robustness ladder, and π."""
 
 from __future__ import annotations
 
@@ -14,10 +14,7 @@ from kfac_callback.linalg import (
     cholesky_lower_,
     damped_inverse,
     lapack_potrf,
-    pack_triangles,
     pi_factor,
-    triangle_size,
-    unpack_triangles,
 )
 
 D = torch.float64
@@ -95,28 +92,6 @@ def test_pi_formula() -> None:
     g = torch.diag(torch.tensor([0.5, 0.0], dtype=D))  # tr/dim = 0.25
     assert pi_factor(a, g) == pytest.approx(math.sqrt(2 / 0.25))
     assert pi_factor(a, torch.zeros(2, 2, dtype=D)) == 1.0
-
-
-def test_triangle_pack_unpack_round_trip() -> None:
-    dims = [1, 2, 3, 4, 5, 8, 11]  # odd and even sizes take different layouts
-    mats = [(m + m.T) / 2 for m in (spd(n, n) for n in dims)]  # exactly symmetric
-    flat = pack_triangles(mats)
-    assert flat.numel() == sum(triangle_size(n) for n in dims) == sum(n * (n + 1) // 2 for n in dims)
-    for got, want in zip(unpack_triangles(flat, dims), mats, strict=True):
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
-    # The numbers on the wire are exactly one triangle of each matrix, no more.
-    offset = 0
-    for n, m in zip(dims, mats, strict=True):
-        rows, cols = torch.triu_indices(n, n)
-        sent = flat[offset:offset + triangle_size(n)]
-        torch.testing.assert_close(sent.sort().values, m[rows, cols].sort().values, rtol=0, atol=0)
-        offset += triangle_size(n)
-    # Linear: the sum over ranks of packed factors is the packed sum.
-    other = [(m + m.T) / 2 for m in (spd(n, n + 1) for n in dims)]
-    torch.testing.assert_close(pack_triangles(mats) + pack_triangles(other),
-                               pack_triangles([a + b for a, b in zip(mats, other, strict=True)]))
-    with pytest.raises(ValueError):
-        unpack_triangles(flat, [1, 3])
 
 
 def test_damped_inverse_solves_on_both_sides_in_both_forms() -> None:

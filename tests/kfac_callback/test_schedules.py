@@ -1,4 +1,4 @@
-"""Damping warm-up, update-interval interpolation and compute steps (spec §4)."""
+"""Damping warm-up, update-interval interpolation and compute steps (docs/algorithm.md §4)."""
 
 from __future__ import annotations
 

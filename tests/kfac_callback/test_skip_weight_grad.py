@@ -147,9 +147,9 @@ def test_evaluation_and_frozen_layers_are_left_alone() -> None:
     x, y = data(0)
     with torch.no_grad():
         model(x)
-    assert cb._skipped == {}
+    assert cb.capture.skipped == {}
     F.cross_entropy(model(x), y).backward()
-    assert set(cb._skipped) == {"l1"} and model.l2.weight.grad is None and not model.l2.weight.requires_grad
+    assert set(cb.capture.skipped) == {"l1"} and model.l2.weight.grad is None and not model.l2.weight.requires_grad
     cb.step()
     assert model.l1.weight.grad is not None and model.l2.weight.grad is None
 

@@ -1,0 +1,131 @@
+"""What the callback sees of each step: layer inputs and output gradients, caught by hooks.
+
+A forward hook on every preconditioned layer keeps the layer's input ``a``; a tensor hook on its
+output keeps the gradient ``g`` of the loss with respect to that output when backward reaches
+it (a tensor hook rather than a module backward hook: it tolerates in-place ops such as
+``ReLU(inplace=True)`` after the layer). With ``skip_weight_grad`` a fully connected layer's
+output is replaced by ``WithoutWeightGrad``, whose backward computes only the input gradient;
+the callback then writes the weight gradient itself (docs/algorithm.md §5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Capture:
+    """One layer's capture since the last step.
+
+    Attributes:
+        a: The input of the layer's latest forward call (detached).
+        calls: How many forward calls the layer had since the last step (1 unless shared or
+            accumulated: only then is the gradient exactly ``gᵀa`` of this batch).
+        g: The gradient of the loss with respect to that call's output, once backward ran.
+    """
+
+    a: torch.Tensor
+    calls: int
+    g: torch.Tensor | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether backward reached the layer (``g`` is known)."""
+        return self.g is not None
+
+
+class Recorder:
+    """Hooks on the preconditioned layers; holds the step's captures until the callback takes them.
+
+    Args:
+        modules: ``{layer name: module}``.
+        skips_weight_grad: ``(name, input) -> bool``: whether this forward call may leave the
+            weight gradient to the callback (skip_weight_grad); asked once per layer and step.
+
+    Attributes:
+        captures: ``{layer name: Capture}`` of training-mode forward calls since the last step.
+        skipped: ``{layer name: [Capture]}``: the calls whose weight gradient autograd skips.
+    """
+
+    def __init__(self, modules: dict[str, nn.Module],
+                 skips_weight_grad: Callable[[str, torch.Tensor], bool]) -> None:
+        self.captures: dict[str, Capture] = {}
+        self.skipped: dict[str, list[Capture]] = {}
+        self._skips_weight_grad = skips_weight_grad
+        self._handles = [module.register_forward_hook(self._hook(name)) for name, module in modules.items()]
+
+    def take(self) -> tuple[dict[str, Capture], dict[str, list[Capture]]]:
+        """The captures and skipped calls so far; the recorder starts afresh."""
+        taken = self.captures, self.skipped
+        self.clear()
+        return taken
+
+    def clear(self) -> None:
+        """Forgets every capture (a step the trainer skipped, a restored state)."""
+        self.captures, self.skipped = {}, {}
+
+    def remove(self) -> None:
+        """Detaches the hooks from the model."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, name: str) -> Callable[..., Any]:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            # Test passes and no-grad evaluation capture nothing. Every training step does:
+            # keeping references costs nothing, factors are computed only on update steps,
+            # and the captures let fully connected layers precondition through the batch.
+            if not (module.training and torch.is_grad_enabled()):
+                return None
+            if not isinstance(output, torch.Tensor) or not output.requires_grad or not args:
+                return None
+            previous = self.captures.get(name)
+            capture = Capture(args[0].detach(), 1 + (previous.calls if previous else 0))
+            self.captures[name] = capture
+            if previous is None and self._skips_weight_grad(name, args[0]):
+                self.skipped.setdefault(name, []).append(capture)
+                # A new output whose backward gives the input its gradient and hands the output
+                # gradient to the capture; the graph of `output`, with its weight GEMM, is dropped.
+                return WithoutWeightGrad.apply(args[0], module.weight, _Carry(output.detach(), capture))
+
+            def grad_hook(grad: torch.Tensor) -> None:
+                capture.g = grad.detach()
+
+            output.register_hook(grad_hook)
+            return None
+
+        return hook
+
+
+class _Carry:
+    """An already computed output and its capture, passed through ``WithoutWeightGrad``
+    untouched by autograd (an output that is also an input would become a view, which
+    in-place ops such as ReLU(inplace=True) after the layer may not modify)."""
+
+    def __init__(self, output: torch.Tensor, capture: Capture) -> None:
+        self.output, self.capture = output, capture
+
+
+class WithoutWeightGrad(torch.autograd.Function):
+    """``y = x Wᵀ`` (computed by the layer already) whose backward computes only ``∂L/∂x = g W``.
+
+    W gets no gradient from backward: ``KFACCallback.step()`` writes it. The output gradient g
+    goes to the layer's capture, as the tensor hook of the ordinary path would put it.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, carry: _Carry) -> torch.Tensor:
+        ctx.capture = carry.capture
+        ctx.save_for_backward(weight)
+        return carry.output
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None, None]:
+        ctx.capture.g = grad.detach()
+        (weight,) = ctx.saved_tensors
+        return (grad @ weight if ctx.needs_input_grad[0] else None), None, None
