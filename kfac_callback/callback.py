@@ -30,16 +30,16 @@ from kfac_callback.base import Callback, Communicator, SingleProcess, rank0_prin
 from kfac_callback.blocks import Block, Dampings, LinearBlock, is_preconditionable, make_block
 from kfac_callback.capture import Capture, Recorder
 from kfac_callback.config import DAMPING_KEYS, make_config
-from kfac_callback.linalg import all_finite
 from kfac_callback.phases import PhaseClock
 from kfac_callback.schedules import DampingSchedule, is_compute_step, is_update_step, update_interval
+from kfac_callback.skip_weight_grad import SkipWeightGrad
 
 # From this compute interval on, explicit inverses (formed once, then GEMMs) beat Cholesky
 # solves at every step (benchmarks/step_time.py).
 EXPLICIT_INVERSE_INTERVAL = 5
 
 
-class KFACCallback(Callback):
+class KFACCallback(SkipWeightGrad, Callback):
     """Kronecker-factored preconditioning of Linear, Conv2d and affine BatchNorm layers.
 
     Args:
@@ -104,24 +104,9 @@ class KFACCallback(Callback):
 
     def setup_lines(self) -> list[str]:
         """The options line, then one line per preconditioned layer with its owner rank."""
-        c = self.config
-        options = {k: ",".join(messages.fmt(v) for v in getattr(c, k)) for k in DAMPING_KEYS}
-        options.update({
-            "damping_warmup_steps": str(c.damping_warmup_steps),
-            "update_interval": f"{c.update_interval_init}->{c.update_interval_target} over "
-                               f"{c.update_interval_steps} steps",
-            "compute_interval_steps": str(c.compute_interval_steps),
-            "kronecker_decay": messages.fmt(c.kronecker_decay),
-            "use_pi": str(int(c.use_pi)), "use_eigen": str(int(c.use_eigen)),
-            "inverse_strategy": c.inverse_strategy, "inverse_dtype": c.inverse_dtype,
-            "learning_rate_factor": messages.fmt(c.learning_rate_factor),
-            "disable_layers": ",".join(c.disable_layers) or "none",
-            "skip_weight_grad": str(int(c.skip_weight_grad)), "ranks": str(self.comm.world_size)})
-        lines = [messages.options_line(options)]
-        for name, b in self.blocks.items():
-            factors = list(zip(b.factor_names, b.factor_dims(), strict=True))
-            lines.append(messages.layer_line(name, b.kind, factors, self.owners[name]))
-        return lines
+        layers = [(name, b.kind, list(zip(b.factor_names, b.factor_dims(), strict=True)), self.owners[name])
+                  for name, b in self.blocks.items()]
+        return messages.setup_lines(self.config, layers, self.comm.world_size)
 
     def damping_line(self, epochs: int) -> str:
         """LBANN's epoch-end line with the current dampings, after ``epochs`` epochs."""
@@ -175,21 +160,6 @@ class KFACCallback(Callback):
         c = self.config
         return is_update_step(self.steps, c.update_interval_init, c.update_interval_target,
                               c.update_interval_steps)
-
-    def _skips_weight_grad(self, name: str, a: torch.Tensor) -> bool:
-        """Whether this forward call may leave the weight gradient to ``step()`` (skip_weight_grad).
-
-        Only where ``step()`` can rebuild exactly what autograd would have accumulated: a
-        bias-free fully connected layer whose cheaper route is the (gathered) batch's. Every
-        rank decides alike (equal local batches, same layers), so every rank leaves the same
-        gradients out of the gradient all-reduce. (Whether a gradient is left from before, to
-        accumulate onto, is known only at ``step()``: the usual loop zeroes gradients between
-        forward and backward.)
-        """
-        block = self.blocks[name]
-        return (self.config.skip_weight_grad and isinstance(block, LinearBlock)
-                and not block.has_bias and block.module.weight.requires_grad and a.dim() == 2
-                and block.batch_route_cheaper(a.shape[0] * self.comm.world_size))
 
     # -- the step --------------------------------------------------------------------
 
@@ -320,69 +290,6 @@ class KFACCallback(Callback):
 
     def _warn_plain_kept(self, s: int, name: str) -> None:
         self.say.once(name, "precond", messages.layer_note(s, name, messages.PLAIN_KEPT))
-
-    def _precondition_skipped(self, s: int, skipped: dict[str, list[Capture]]) -> set[str]:
-        """Writes the weight gradients that backward skipped (skip_weight_grad).
-
-        Through the batch (every rank's rows, gathered) where one was offered and no gradient
-        is left from before: a non-finite batch zeroes the gradient on every rank (said, as in
-        ``_precondition``); else the owner writes the preconditioned gradient, or the plain
-        ``gᵀa`` of the batch where it cannot precondition, and the others receive it in the
-        owners' broadcast. Otherwise each rank rebuilds its plain ``Σ gᵀa`` (exactly what
-        autograd would have added), averaged over ranks in one collective; the layer then goes
-        the usual way (finiteness check, preconditioning). Every rank skipped the same layers
-        and sees the same batch flags, so all take the same branches.
-
-        Returns:
-            The layers finished here.
-        """
-        done, rebuild = set(), {}
-        f = self.config.learning_rate_factor
-        for name, captures in skipped.items():
-            block = self.blocks[name]
-            weight = block.module.weight
-            if weight.grad is not None or not block.has_batch:
-                rebuild[name] = captures
-                continue
-            done.add(name)
-            a, g = block.batch
-            if not block.batch_finite():
-                self._say_zeroed(s, name)
-                weight.grad = torch.zeros_like(weight)
-                block.set_batch(None, None)
-                continue
-            weight.grad = torch.empty_like(weight)  # on the other ranks, filled by the broadcast
-            if self.owners[name] != self.comm.rank:
-                continue
-            if block.has_inverses and block.precondition(f):
-                continue
-            if block.has_inverses:
-                self._warn_plain_kept(s, name)
-            weight.grad = block.weight_grad(a, g)
-            if not all_finite(weight.grad):  # finite rows whose product overflowed
-                self._say_zeroed(s, name)
-                weight.grad.zero_()
-        if rebuild:
-            self._rebuild_plain(rebuild)
-        return done
-
-    def _rebuild_plain(self, skipped: dict[str, list[Capture]]) -> None:
-        """Adds each layer's rank-averaged ``Σ gᵀa`` to its gradient (none if no rank saw a backward)."""
-        plains, seen = [], []
-        for name, captures in skipped.items():
-            block = self.blocks[name]
-            parts = [block.weight_grad(cap.a, cap.g) for cap in captures if cap.complete]
-            plains.append(torch.stack(parts).sum(0) if parts else torch.zeros_like(block.module.weight))
-            seen.append(float(bool(parts)))
-        counts = torch.tensor(seen, dtype=plains[0].dtype, device=plains[0].device)
-        if self.comm.world_size > 1:
-            self.comm.allreduce_sum_([*plains, counts])
-            for plain in plains:
-                plain /= self.comm.world_size
-        for name, plain, count in zip(skipped, plains, counts.tolist(), strict=True):
-            weight = self.blocks[name].module.weight
-            if count:
-                weight.grad = plain if weight.grad is None else weight.grad.add_(plain)
 
     def _precondition(self, s: int, done: set[str] = frozenset()) -> None:
         # Gradients are identical on all ranks here, so every rank takes the same decisions.

@@ -6,6 +6,8 @@ from collections.abc import Callable
 
 import torch
 
+from kfac_callback.config import DAMPING_KEYS, KFACConfig
+
 PREFIX = "K-FAC callback:"
 
 
@@ -19,15 +21,22 @@ def square(n: int) -> str:
     return f"{n}x{n}"
 
 
-def options_line(options: dict[str, str]) -> str:
-    """The setup line of the options, ``key=value`` in the given order."""
-    return f"{PREFIX} " + " ".join(f"{k}={v}" for k, v in options.items())
-
-
-def layer_line(name: str, kind: str, factors: list[tuple[str, int]], owner: int) -> str:
-    """The setup line of one preconditioned layer: its factors' shapes and its owner rank."""
-    shapes = ", ".join(f"{f} {square(n)}" for f, n in factors)
-    return f"{PREFIX} layer {name} ({kind}): {shapes}, owner rank {owner}"
+def setup_lines(c: KFACConfig, layers: list[tuple[str, str, list[tuple[str, int]], int]], ranks: int) -> list[str]:
+    """The options line, then per layer ``(name, kind, [(factor, size)], owner)`` its line."""
+    damp = " ".join(f"{k}={','.join(fmt(v) for v in getattr(c, k))}" for k in DAMPING_KEYS)
+    lines = [
+        f"{PREFIX} {damp} damping_warmup_steps={c.damping_warmup_steps} "
+        f"update_interval={c.update_interval_init}->{c.update_interval_target} over "
+        f"{c.update_interval_steps} steps compute_interval_steps={c.compute_interval_steps} "
+        f"kronecker_decay={fmt(c.kronecker_decay)} use_pi={int(c.use_pi)} "
+        f"use_eigen={int(c.use_eigen)} inverse_strategy={c.inverse_strategy} "
+        f"inverse_dtype={c.inverse_dtype} learning_rate_factor={fmt(c.learning_rate_factor)} "
+        f"disable_layers={','.join(c.disable_layers) or 'none'} "
+        f"skip_weight_grad={int(c.skip_weight_grad)} ranks={ranks}"]
+    for name, kind, factors, owner in layers:
+        shapes = ", ".join(f"{f} {square(n)}" for f, n in factors)
+        lines.append(f"{PREFIX} layer {name} ({kind}): {shapes}, owner rank {owner}")
+    return lines
 
 
 def damping_line(act: float, err: float, bn_act: float, bn_err: float, epochs: int) -> str:

@@ -1,0 +1,103 @@
+"""skip_weight_grad: fully connected weights whose gradient K-FAC writes instead of autograd.
+
+A bias-free fully connected layer preconditioned through the batch needs only the batch's
+``a`` and ``g`` (docs/algorithm.md §5), so autograd's weight GEMM is wasted work: with
+``kfac.skip_weight_grad`` its forward call is wrapped by ``capture.WithoutWeightGrad``, the
+layer leaves the gradient all-reduce, and ``step()`` writes the weight gradient here: the
+preconditioned one, or exactly the plain one autograd would have accumulated where it cannot.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from kfac_callback.blocks import LinearBlock
+from kfac_callback.capture import Capture
+from kfac_callback.linalg import all_finite
+
+if TYPE_CHECKING:
+    from kfac_callback.callback import KFACCallback
+
+
+class SkipWeightGrad:
+    """The skip_weight_grad part of ``KFACCallback`` (a mixin: it reads the callback's state)."""
+
+    def _skips_weight_grad(self: KFACCallback, name: str, a: torch.Tensor) -> bool:
+        """Whether this forward call may leave the weight gradient to ``step()`` (skip_weight_grad).
+
+        Only where ``step()`` can rebuild exactly what autograd would have accumulated: a
+        bias-free fully connected layer whose cheaper route is the (gathered) batch's. Every
+        rank decides alike (equal local batches, same layers), so every rank leaves the same
+        gradients out of the gradient all-reduce. (Whether a gradient is left from before, to
+        accumulate onto, is known only at ``step()``: the usual loop zeroes gradients between
+        forward and backward.)
+        """
+        block = self.blocks[name]
+        return (self.config.skip_weight_grad and isinstance(block, LinearBlock)
+                and not block.has_bias and block.module.weight.requires_grad and a.dim() == 2
+                and block.batch_route_cheaper(a.shape[0] * self.comm.world_size))
+
+    def _precondition_skipped(self: KFACCallback, s: int, skipped: dict[str, list[Capture]]) -> set[str]:
+        """Writes the weight gradients that backward skipped (skip_weight_grad).
+
+        Through the batch (every rank's rows, gathered) where one was offered and no gradient
+        is left from before: a non-finite batch zeroes the gradient on every rank (said, as in
+        ``_precondition``); else the owner writes the preconditioned gradient, or the plain
+        ``gᵀa`` of the batch where it cannot precondition, and the others receive it in the
+        owners' broadcast. Otherwise each rank rebuilds its plain ``Σ gᵀa`` (exactly what
+        autograd would have added), averaged over ranks in one collective; the layer then goes
+        the usual way (finiteness check, preconditioning). Every rank skipped the same layers
+        and sees the same batch flags, so all take the same branches.
+
+        Returns:
+            The layers finished here.
+        """
+        done, rebuild = set(), {}
+        f = self.config.learning_rate_factor
+        for name, captures in skipped.items():
+            block = self.blocks[name]
+            weight = block.module.weight
+            if weight.grad is not None or not block.has_batch:
+                rebuild[name] = captures
+                continue
+            done.add(name)
+            a, g = block.batch
+            if not block.batch_finite():
+                self._say_zeroed(s, name)
+                weight.grad = torch.zeros_like(weight)
+                block.set_batch(None, None)
+                continue
+            weight.grad = torch.empty_like(weight)  # on the other ranks, filled by the broadcast
+            if self.owners[name] != self.comm.rank:
+                continue
+            if block.has_inverses and block.precondition(f):
+                continue
+            if block.has_inverses:
+                self._warn_plain_kept(s, name)
+            weight.grad = block.weight_grad(a, g)
+            if not all_finite(weight.grad):  # finite rows whose product overflowed
+                self._say_zeroed(s, name)
+                weight.grad.zero_()
+        if rebuild:
+            self._rebuild_plain(rebuild)
+        return done
+
+    def _rebuild_plain(self: KFACCallback, skipped: dict[str, list[Capture]]) -> None:
+        """Adds each layer's rank-averaged ``Σ gᵀa`` to its gradient (none if no rank saw a backward)."""
+        plains, seen = [], []
+        for name, captures in skipped.items():
+            block = self.blocks[name]
+            parts = [block.weight_grad(cap.a, cap.g) for cap in captures if cap.complete]
+            plains.append(torch.stack(parts).sum(0) if parts else torch.zeros_like(block.module.weight))
+            seen.append(float(bool(parts)))
+        counts = torch.tensor(seen, dtype=plains[0].dtype, device=plains[0].device)
+        if self.comm.world_size > 1:
+            self.comm.allreduce_sum_([*plains, counts])
+            for plain in plains:
+                plain /= self.comm.world_size
+        for name, plain, count in zip(skipped, plains, counts.tolist(), strict=True):
+            weight = self.blocks[name].module.weight
+            if count:
+                weight.grad = plain if weight.grad is None else weight.grad.add_(plain)
