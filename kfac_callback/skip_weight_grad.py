@@ -9,22 +9,18 @@ preconditioned one, or exactly the plain one autograd would have accumulated whe
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from kfac_callback.blocks import LinearBlock
 from kfac_callback.capture import Capture
 from kfac_callback.linalg import all_finite
 
-if TYPE_CHECKING:
-    from kfac_callback.callback import KFACCallback
-
 
 class SkipWeightGrad:
-    """The skip_weight_grad part of ``KFACCallback`` (a mixin: it reads the callback's state)."""
+    """The skip_weight_grad part of ``KFACCallback``: a mixin that reads the callback's
+    ``config``, ``blocks``, ``owners``, ``comm`` and its messages."""
 
-    def _skips_weight_grad(self: KFACCallback, name: str, a: torch.Tensor) -> bool:
+    def _skips_weight_grad(self, name: str, a: torch.Tensor) -> bool:
         """Whether this forward call may leave the weight gradient to ``step()`` (skip_weight_grad).
 
         Only where ``step()`` can rebuild exactly what autograd would have accumulated: a
@@ -39,7 +35,7 @@ class SkipWeightGrad:
                 and not block.has_bias and block.module.weight.requires_grad and a.dim() == 2
                 and block.batch_route_cheaper(a.shape[0] * self.comm.world_size))
 
-    def _precondition_skipped(self: KFACCallback, s: int, skipped: dict[str, list[Capture]]) -> set[str]:
+    def _precondition_skipped(self, s: int, skipped: dict[str, list[Capture]]) -> set[str]:
         """Writes the weight gradients that backward skipped (skip_weight_grad).
 
         Through the batch (every rank's rows, gathered) where one was offered and no gradient
@@ -84,7 +80,7 @@ class SkipWeightGrad:
             self._rebuild_plain(rebuild)
         return done
 
-    def _rebuild_plain(self: KFACCallback, skipped: dict[str, list[Capture]]) -> None:
+    def _rebuild_plain(self, skipped: dict[str, list[Capture]]) -> None:
         """Adds each layer's rank-averaged ``Σ gᵀa`` to its gradient (none if no rank saw a backward)."""
         plains, seen = [], []
         for name, captures in skipped.items():
