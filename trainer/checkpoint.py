@@ -1,7 +1,7 @@
 """Checkpoints: written atomically, found, checked against the run, and the stop signals.
 
 A run's checkpoints live in ``<work dir>/checkpoints/step_000123.pt``; the trainer decides
-what goes in them (``Trainer.state_dict``), this file how they are written and read:
+what goes in them (``trainer/state.py``), this file how they are written and read:
 
 - ``save_checkpoint``: a temporary file, fsync, rename, fsync of the folder, so a crash
   mid-write leaves the previous checkpoint as it was; then only the newest ``keep`` remain.
@@ -9,7 +9,7 @@ what goes in them (``Trainer.state_dict``), this file how they are written and r
 - ``run_identity`` / ``check_compatible``: what must match between the checkpoint and the run
   (model, optimizer, K-FAC on/off, parameter shapes, the keys that fix the data order).
 - ``resolve_resume``: ``trainer.resume`` (a file, a work dir, ``latest`` or ``auto``) → a file.
-- ``StopSignals``: SIGTERM / SIGUSR1 ask the trainer to checkpoint and stop at the next step.
+- ``CheckpointPolicy``: when and where the trainer writes them.
 """
 
 from __future__ import annotations
@@ -18,16 +18,12 @@ import hashlib
 import json
 import os
 import re
-import signal
-import threading
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-
-from kfac_callback.linalg import all_finite
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT = "kfac-mnist-checkpoint"
@@ -39,6 +35,27 @@ _WORK_DIR = re.compile(r"\d{8}_\d{6}_(?P<job>.+?)(?:_\d+)?\Z")
 # the optimizer's state layout and the global data order. Epochs and learning rates may change.
 MATCH_KEYS = ("model.name", "optimizer.name", "kfac.enabled", "seed", "trainer.mini_batch_size",
               "trainer.dtype", "data.max_train_samples")
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """When and where the trainer writes checkpoints (``every_steps=0``: not by step count).
+
+    Attributes:
+        directory: The run's checkpoint folder.
+        every_steps: Write every this many steps (0: off).
+        every_epoch: Also write at every epoch end.
+        keep: Keep the newest this many.
+        identity: ``checkpoint.run_identity`` of the run, stored in every checkpoint.
+        work_dir: Where the ``preempted`` marker goes (``None``: nowhere).
+    """
+
+    directory: str
+    every_steps: int = 0
+    every_epoch: bool = False
+    keep: int = 3
+    identity: Mapping[str, Any] = field(default_factory=dict)
+    work_dir: Optional[str] = None
 
 
 class CheckpointError(ValueError):
@@ -133,20 +150,6 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def nonfinite_names(named: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
-    """The names of the tensors holding NaN or Inf (empty: all finite).
-
-    Runs on every training step (gradients), so it uses K-FAC's cheap test: one sum per
-    tensor, the element-wise test only when that sum is not finite.
-    """
-    return [name for name, t in named if not all_finite(t.detach())]
-
-
-def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
-    """The names of the parameters holding NaN or Inf (empty: all finite)."""
-    return nonfinite_names(model.named_parameters())
 
 
 def save_checkpoint(state: Mapping[str, Any], directory: str | os.PathLike[str], step: int, keep: int) -> Path:
@@ -260,38 +263,3 @@ def _latest(experiment_dir: Path, job_name: str) -> Path:
         raise CheckpointError(f"trainer.resume=latest: no checkpoints in the work dirs of job {job_name!r} "
                               f"under {experiment_dir}")
     return max(candidates)[1].resolve()
-
-
-# --- stop signals -----------------------------------------------------------------------------
-
-
-class StopSignals:
-    """Remembers that SIGTERM or SIGUSR1 arrived; the trainer stops at the next step boundary.
-
-    The handlers only set a flag: checkpointing inside a signal handler could interrupt a
-    collective half-way. ``request()`` does the same from code (tests, other callbacks).
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.received: Optional[str] = None
-
-    def request(self, reason: str = "request") -> None:
-        """Asks for a stop at the next step boundary."""
-        self.received = self.received or reason
-
-    @contextmanager
-    def installed(self) -> Iterator[None]:
-        """Handles the signals while inside (main thread only; elsewhere signals are left alone)."""
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        saved = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
-        for sig in self.SIGNALS:
-            signal.signal(sig, lambda signum, frame: self.request(signal.Signals(signum).name))
-        try:
-            yield
-        finally:
-            for sig, handler in saved.items():
-                signal.signal(sig, handler)

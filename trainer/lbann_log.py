@@ -6,9 +6,7 @@ iostream's default format, which is printf's ``%g`` (six significant digits).
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -107,9 +105,3 @@ def host_memory_line(peak_rss: int) -> str:
     """The CPU counterpart of LBANN's GPU memory line: this process's peak resident set."""
     return f"Model 0 host memory usage statistics : {g(peak_rss / GIB)} GiB peak RSS"
 
-
-def append_metrics(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
-    """Appends one JSON object (one epoch) as a line of ``metrics.jsonl``."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()

@@ -17,6 +17,7 @@ from models import build_model
 from trainer.callbacks import MemoryCallback, PrintCallback, TimerCallback
 from trainer.checkpoint import (
     CHECKPOINT_DIR,
+    CheckpointPolicy,
     check_compatible,
     load_checkpoint,
     model_shapes,
@@ -28,7 +29,7 @@ from trainer.data import default_data_dir, ensure_mnist, load_mnist
 from trainer.distributed import make_communicator
 from trainer.optimizers import OptimizerConfig, build_optimizer
 from trainer.progress import ProgressCallback
-from trainer.trainer import CheckpointPolicy, Trainer
+from trainer.trainer import Trainer
 
 
 def choose_device(name: str, local_rank: int) -> torch.device:

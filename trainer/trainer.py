@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
-import os
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -26,35 +22,22 @@ from torch.nn import functional as F
 from kfac_callback.base import Callback
 from launcher.batch import PREEMPTED_FILE
 from trainer import lbann_log
-from trainer.checkpoint import FORMAT, VERSION, StopSignals, nonfinite_names, nonfinite_parameters, save_checkpoint
+from trainer.checkpoint import CheckpointPolicy, save_checkpoint
+from trainer.clock import TrainClock
 from trainer.data import batch_plan, epoch_batches
+from trainer.gradients import (
+    ON_NONFINITE,
+    NonFiniteError,
+    average_gradients,
+    describe_nonfinite,
+    nonfinite_gradients,
+    nonfinite_parameters,
+)
+from trainer.metrics import append_metrics, rewrite_metrics
+from trainer.signals import StopSignals
+from trainer.state import load_trainer_state, trainer_state
 
-ON_NONFINITE = ("skip", "stop")
-
-
-class NonFiniteError(RuntimeError):
-    """Training stopped on NaN/Inf (``on_nonfinite=stop``); the message is one line with the step."""
-
-
-@dataclass(frozen=True)
-class CheckpointPolicy:
-    """When and where the trainer writes checkpoints (``every_steps=0``: not by step count).
-
-    Attributes:
-        directory: The run's checkpoint folder.
-        every_steps: Write every this many steps (0: off).
-        every_epoch: Also write at every epoch end.
-        keep: Keep the newest this many.
-        identity: ``checkpoint.run_identity`` of the run, stored in every checkpoint.
-        work_dir: Where the ``preempted`` marker goes (``None``: nowhere).
-    """
-
-    directory: str
-    every_steps: int = 0
-    every_epoch: bool = False
-    keep: int = 3
-    identity: Mapping[str, Any] = field(default_factory=dict)
-    work_dir: Optional[str] = None
+__all__ = ["ON_NONFINITE", "CheckpointPolicy", "NonFiniteError", "Stats", "Trainer"]
 
 
 @dataclass
@@ -136,8 +119,7 @@ class Trainer:
         self.test_records: list[dict[str, Any]] = []  # "kind": "test" records (test_every_steps > 0)
         self.reached: Optional[float] = None  # the test accuracy that met stop_at_test_accuracy
         self._eval: Optional[tuple[int, float, float]] = None  # (step, loss, accuracy) of the last test
-        self._train_time = 0.0  # training seconds before the clock last stopped
-        self._clock: Optional[float] = None  # perf_counter() when the clock last started (None: stopped)
+        self.clock = TrainClock()  # training seconds, tests left out
         self.loss: Optional[torch.Tensor] = None
         self.shape = self._epoch_shape()
         self._start = time.time()
@@ -167,14 +149,14 @@ class Trainer:
         """
         self._dispatch("on_train_begin")
         first = self.epoch
-        self._start_clock()
+        self.clock.start()
         cut_short = False
         # Without a place for checkpoints a signal keeps its usual meaning (it ends the process).
         with self.signals.installed() if self.checkpoint else contextlib.nullcontext():
             for epoch in range(first, self.epochs):
                 self.epoch = epoch
                 if not self.train_epoch():
-                    self._stop_clock()
+                    self.clock.stop()
                     return self.history
                 # The test accuracy is a sum over all ranks: every rank takes the same decision.
                 last = self.epoch == self.epochs - 1 or self.reached is not None
@@ -192,7 +174,7 @@ class Trainer:
                 self.batch = 0
                 if last:
                     break
-        self._stop_clock()
+        self.clock.stop()
         if cut_short:
             self.log(f"trainer: test accuracy {self.reached:.2f}% >= trainer.stop_at_test_accuracy="
                      f"{self.stop_at_test_accuracy:g} at step {self.step} (epoch {self.epoch}) after "
@@ -236,8 +218,9 @@ class Trainer:
             self._dispatch("on_forward_prop_end")
             self.optimizer.zero_grad(set_to_none=True)
             self.loss.backward()
-            stop, bad_loss = self.average_gradients(not bool(torch.isfinite(self.loss)))
-            bad = self._nonfinite_gradients()
+            stop, bad_loss = average_gradients(self.model, self.comm, self.checkpoint is not None and
+                                               self.signals.received is not None, not bool(torch.isfinite(self.loss)))
+            bad = nonfinite_gradients(self.model)
             if bad_loss or bad:
                 self._nonfinite(bad_loss, bad, x)  # raises for on_nonfinite=stop
             else:
@@ -271,29 +254,20 @@ class Trainer:
 
     # -- stopping, faults and checkpoints -------------------------------------------------
 
-    def _nonfinite_gradients(self) -> list[str]:
-        """Parameters whose (rank-averaged, so identical everywhere) gradient holds NaN/Inf."""
-        return nonfinite_names((n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None)
-
     def _nonfinite(self, bad_loss: bool, bad: list[str], x: torch.Tensor) -> None:
         """Reports a NaN/Inf step, then skips it (no optimizer step) or stops with a checkpoint."""
-        what = []
-        if bad_loss:
-            inputs = "" if bool(torch.isfinite(x).all()) else " (this rank's batch holds non-finite inputs)"
-            what.append(f"non-finite loss{inputs}")
-        if bad:
-            what.append("non-finite gradient in " + ", ".join(bad))
+        what = describe_nonfinite(bad_loss, bad, x)
         where = f"step {self.step} (epoch {self.epoch}, batch {self.batch})"
         self.optimizer.zero_grad(set_to_none=True)
         if self.on_nonfinite == "skip":
-            self.log(f"trainer: {where}: {'; '.join(what)}; step skipped")
+            self.log(f"trainer: {where}: {what}; step skipped")
             return
         saved = ""
         if self.checkpoint:
             # The weights are still those before this step: resuming retries (or, with
             # trainer.on_nonfinite=skip, skips) this very batch.
             saved = f"; checkpoint {self.save() or 'written by rank 0'}"
-        raise NonFiniteError(f"{where}: {'; '.join(what)}; stopped (trainer.on_nonfinite=stop){saved}")
+        raise NonFiniteError(f"{where}: {what}; stopped (trainer.on_nonfinite=stop){saved}")
 
     def _stop(self) -> None:
         """Checkpoints on every rank's agreed step and leaves the ``preempted`` marker."""
@@ -325,117 +299,17 @@ class Trainer:
         return self.last_checkpoint
 
     def state_dict(self, epoch_done: bool = False) -> dict[str, Any]:
-        """Everything a resumed run needs to continue bit for bit (a collective with several ranks).
-
-        Args:
-            epoch_done: Called after the epoch's record: the position is the next epoch's start.
-        """
-        totals = self.totals.clone()
-        self.comm.allreduce_sum_([totals])  # the whole epoch so far; rank 0 resumes with it
-        callbacks = self._callback_states()
-        np_state = np.random.get_state()
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate(),
-               "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
-               "numpy_rest": [int(np_state[2]), int(np_state[3]), float(np_state[4])]}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        return {
-            "format": FORMAT, "version": VERSION,
-            "identity": dict(self.checkpoint.identity) if self.checkpoint else {},
-            "step": self.step,
-            "epoch": self.epoch + 1 if epoch_done else self.epoch,
-            "batch": 0 if epoch_done else self.batch,
-            "world_size": self.comm.world_size,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "callbacks": callbacks,
-            "rng": rng,
-            "epoch_totals": torch.zeros(3, dtype=torch.float64) if epoch_done else totals,
-            "batch_times": [] if epoch_done else list(self.stats.batch_times),
-            "history": json.loads(json.dumps(self.history)),
-            "test_records": json.loads(json.dumps(self.test_records)),
-            "train_time": self.train_time(),
-        }
-
-    def _callback_states(self) -> dict[str, dict[str, Any]]:
-        """Every callback's non-empty ``state_dict()`` under its ``state_key`` (collectives on every rank).
-
-        Raises:
-            ValueError: If two callbacks with state share a key (one would overwrite the other).
-        """
-        states: dict[str, dict[str, Any]] = {}
-        for cb in self.callbacks:
-            state = cb.state_dict()
-            if not state:
-                continue
-            if cb.state_key in states:
-                raise ValueError(f"two callbacks save their state under {cb.state_key!r}: give one "
-                                 "of them its own state_key")
-            states[cb.state_key] = state
-        return states
+        """The checkpoint's content (``trainer.state.trainer_state``; a collective with several ranks)."""
+        return trainer_state(self, epoch_done)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continues from ``state_dict()``: weights, optimizer, callbacks, RNGs, position, metrics.
+        """Continues from ``state_dict()`` (``trainer.state.load_trainer_state``).
 
-        The optimizer's hyperparameters stay those of this run's config (a resumed run may
-        change the learning rate); its state comes from the checkpoint.
+        The metrics file then says what the checkpoint says: records written after it are dropped.
         """
-        self.model.load_state_dict(state["model"])
-        fresh = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])
-        for group, hyper in zip(self.optimizer.param_groups, fresh, strict=True):
-            group.update(hyper)
-        for cb in self.callbacks:
-            if cb.state_key in state["callbacks"]:
-                cb.load_state_dict(state["callbacks"][cb.state_key])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        random.setstate(_as_tuple(rng["python"]))
-        pos, has_gauss, cached = rng["numpy_rest"]
-        np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        self.step, self.epoch, self.batch = int(state["step"]), int(state["epoch"]), int(state["batch"])
-        # The saved totals are the sum over the old ranks: rank 0 carries them, the others start at 0.
-        self.totals = state["epoch_totals"].clone().cpu() if self.comm.rank == 0 else torch.zeros(3, dtype=torch.float64)
-        self.stats.batch_times = list(state["batch_times"])
-        self.history = list(state["history"])
-        self.test_records = list(state.get("test_records", []))  # absent from older checkpoints
-        self._train_time = float(state.get("train_time", 0.0))
+        load_trainer_state(self, state)
         if self.metrics_path and self.comm.rank == 0:
-            # The metrics file says what the checkpoint says: records written after it are dropped.
-            tmp = f"{self.metrics_path}.tmp"
-            os.makedirs(os.path.dirname(os.path.abspath(tmp)), exist_ok=True)
-            # In the order they were written: a test at an epoch's last step precedes its record.
-            records = sorted(self.history + self.test_records, key=lambda r: (r["step"], r.get("kind") != "test"))
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
-            os.replace(tmp, self.metrics_path)
-
-    def average_gradients(self, loss_bad: bool = False) -> tuple[bool, bool]:
-        """Averages the gradients over ranks, and agrees on two flags, in ONE collective.
-
-        A signal may reach one rank only, and each rank sees only its own loss: the flags ride
-        in the gradients' buffer, so every rank takes the same decision at the same step
-        without a second collective (momentum SGD, 4 ranks on 2 cores: 47.7 → 38.7 ms per step).
-
-        Args:
-            loss_bad: this rank's loss is not finite.
-
-        Returns:
-            (a stop was requested on some rank, some rank's loss is not finite).
-        """
-        stop = self.checkpoint is not None and self.signals.received is not None
-        if self.comm.world_size == 1:
-            return stop, loss_bad
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        like = grads[0] if grads else next(self.model.parameters())
-        flags = torch.tensor([float(stop), float(loss_bad)], dtype=like.dtype, device=like.device)
-        self.comm.allreduce_sum_([*grads, flags])  # packed into one buffer by the communicator
-        for g in grads:
-            g /= self.comm.world_size
-        stop_any, bad_any = (flags > 0).tolist()
-        return stop_any, bad_any
+            rewrite_metrics(self.metrics_path, self.history, self.test_records)
 
     # -- testing and the training clock ----------------------------------------------------
 
@@ -444,24 +318,11 @@ class Trainer:
 
         Rank 0's value goes into the records; a resumed run continues from its checkpoint's.
         """
-        running = time.perf_counter() - self._clock if self._clock is not None else 0.0
-        return self._train_time + running
-
-    def _start_clock(self) -> None:
-        if self._clock is None:
-            self._clock = time.perf_counter()
-
-    def _stop_clock(self) -> bool:
-        """Stops the training clock; returns whether it was running."""
-        if self._clock is None:
-            return False
-        self._train_time += time.perf_counter() - self._clock
-        self._clock = None
-        return True
+        return self.clock.elapsed()
 
     def test(self) -> None:
         """Evaluates the test set with its hooks (LBANN's test lines); the training clock stops meanwhile."""
-        running = self._stop_clock()
+        running = self.clock.stop()
         self.model.eval()
         self._dispatch("on_test_begin")
         self.stats.test_loss, self.stats.test_accuracy = self.evaluate()
@@ -469,18 +330,18 @@ class Trainer:
         self.model.train()
         self._after_test()
         if running:
-            self._start_clock()
+            self.clock.start()
 
     def periodic_test(self) -> None:
         """The test of ``test_every_steps``: no hooks (the epoch's record and lines stay as they were),
         one progress line and one ``"kind": "test"`` record; the training clock stops meanwhile."""
-        running = self._stop_clock()
+        running = self.clock.stop()
         loss, accuracy = self.evaluate()
         self.log(f"trainer: step {self.step} (epoch {self.epoch}): test accuracy {accuracy:.2f}%, "
                  f"objective {loss:.6g}, {self.train_time():.1f}s of training")
         self._after_test()
         if running:
-            self._start_clock()
+            self.clock.start()
 
     def _after_test(self) -> None:
         """Writes the test record (with ``test_every_steps``) and checks the target accuracy."""
@@ -494,7 +355,7 @@ class Trainer:
             }
             self.test_records.append(record)
             if self.metrics_path and self.comm.rank == 0:
-                lbann_log.append_metrics(self.metrics_path, record)
+                append_metrics(self.metrics_path, record)
         if self.stop_at_test_accuracy is not None and accuracy >= self.stop_at_test_accuracy:
             self.reached = accuracy
 
@@ -556,9 +417,5 @@ class Trainer:
                 record.update(extra())
         self.history.append(record)
         if self.metrics_path and self.comm.rank == 0:
-            lbann_log.append_metrics(self.metrics_path, record)
+            append_metrics(self.metrics_path, record)
 
-
-def _as_tuple(value: Any) -> Any:
-    """``random.setstate`` wants tuples; a loaded checkpoint may hand back lists."""
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -1,0 +1,32 @@
+"""The training clock: seconds of training, tests left out, carried across a resume."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+
+class TrainClock:
+    """Accumulates the time between ``start()`` and ``stop()``; ``total`` holds what was stopped."""
+
+    def __init__(self, total: float = 0.0) -> None:
+        self.total = total  # seconds before the clock last stopped (a resumed run sets its checkpoint's)
+        self._since: Optional[float] = None  # perf_counter() when the clock last started (None: stopped)
+
+    def elapsed(self) -> float:
+        """Seconds so far, the running stretch included."""
+        running = time.perf_counter() - self._since if self._since is not None else 0.0
+        return self.total + running
+
+    def start(self) -> None:
+        """Starts the clock (no-op if it runs)."""
+        if self._since is None:
+            self._since = time.perf_counter()
+
+    def stop(self) -> bool:
+        """Stops the clock; returns whether it was running."""
+        if self._since is None:
+            return False
+        self.total += time.perf_counter() - self._since
+        self._since = None
+        return True
