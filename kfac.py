@@ -31,11 +31,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.batch import SubmitError, choose_work_dir
+from launcher.batch import SubmitError
 from launcher.config import LauncherConfig
 from launcher.env import LAUNCHED, rank_info
 from launcher.flags import FlagError, help_text, translate
 from launcher.launch import LaunchError, Run, start
+from launcher.workdir import ERR_LOG, choose_work_dir
 from trainer.checkpoint import CheckpointError
 from trainer.config import Config, section, validate
 from trainer.data import DataError
@@ -195,7 +196,7 @@ def launch(cfg: DictConfig) -> None:
     except (LaunchError, SubmitError) as err:
         fail(str(err))
     if status:
-        print(f"kfac.py: the run ended with status {status}; see {work_dir / 'err.log'}", file=sys.stderr)
+        print(f"kfac.py: the run ended with status {status}; see {work_dir / ERR_LOG}", file=sys.stderr)
         sys.exit(status)
 
 

@@ -1,16 +1,9 @@
-"""The work dir of a run, its ``batch.sh`` (a plain bash script, or one with ``#SBATCH`` lines), run or submit.
+"""A run's ``batch.sh`` (a plain bash script, or one with ``#SBATCH`` lines): render, write, run or submit.
 
-Pure: ``work_dir_name``, ``choose_work_dir`` (given ``exists``), ``format_time``, ``header_lines``,
-``body_lines`` and ``render_batch_script``; they read no clock, environment or
-file system of their own. The I/O lives in the thin functions at the bottom: ``write_work_dir``,
-``run_batch_script`` and ``submit``.
-
-A work dir holds::
-
-    batch.sh      the script below (executable)
-    config.yaml   the composed config of the run
-    out.log       what the ranks wrote to stdout (sbatch's --output, or the tee of run_batch_script)
-    err.log       what they wrote to stderr
+Pure: ``format_time``, ``header_lines``, ``body_lines`` and ``render_batch_script``; they read
+no clock, environment or file system of their own. The I/O lives in the thin functions at the
+bottom: ``write_work_dir``, ``run_batch_script`` and ``submit``. What a work dir is (its name,
+its files) lives in ``launcher.workdir``.
 
 Both kinds of script run in the work dir (``--chdir`` for SLURM, a ``cd`` line for bash), so a
 launch argv must name ``kfac.py`` by its absolute path.
@@ -26,63 +19,27 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import BinaryIO, Optional, TextIO
 
+from launcher.workdir import (
+    CONFIG_NAME,
+    ERR_LOG,
+    OUT_LOG,
+    PREEMPTED_FILE,  # noqa: F401 (trainer imports it from here, for now)
+    SCRIPT_NAME,
+    atomic_write_text,
+)
+
 SCHEDULERS = ("slurm", "mpiexec")
-SCRIPT_NAME = "batch.sh"
-CONFIG_NAME = "config.yaml"
-OUT_LOG = "out.log"
-ERR_LOG = "err.log"
-PREEMPTED_FILE = "preempted"  # rank 0 writes it after a signal made the run checkpoint and stop
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 class SubmitError(RuntimeError):
     """``sbatch`` is missing or refused the script; the message is one line with sbatch's stderr."""
-
-
-# --- work dir --------------------------------------------------------------------------------------
-
-
-def work_dir_name(job_name: str, now: datetime) -> str:
-    """The name of a run's work dir: ``YYYYmmdd_HHMMSS_<job_name>``.
-
-    Args:
-        job_name: The job's name (``launcher.job_name``).
-        now: The time the run was started, passed in by the caller.
-
-    Returns:
-        For example ``20240131_235959_kfac``.
-    """
-    return f"{now:%Y%m%d_%H%M%S}_{job_name}"
-
-
-def choose_work_dir(experiment_dir: str | os.PathLike[str], job_name: str, now: datetime,
-                    exists: Callable[[str], bool] = os.path.exists) -> Path:
-    """The first free work dir for this run: ``<name>``, else ``<name>_2``, ``<name>_3`` ...
-
-    Makes nothing; pure given ``exists``. The path is absolute when ``experiment_dir`` is.
-
-    Args:
-        experiment_dir: The folder that holds the work dirs of all runs.
-        job_name: The job's name.
-        now: The time the run was started.
-        exists: Says whether a path is taken (``os.path.exists``; a set's ``__contains__`` in tests).
-
-    Returns:
-        ``experiment_dir / work_dir_name(job_name, now)``, with a suffix when that is taken.
-    """
-    base = Path(experiment_dir) / work_dir_name(job_name, now)
-    candidate, n = base, 1
-    while exists(os.fspath(candidate)):
-        n += 1
-        candidate = base.with_name(f"{base.name}_{n}")
-    return candidate
 
 
 # --- the script ------------------------------------------------------------------------------------
@@ -230,16 +187,6 @@ def render_batch_script(spec: BatchSpec) -> str:
 # --- I/O at the edge -------------------------------------------------------------------------------
 
 
-def _write_atomically(path: Path, text: str, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
-
-
 def write_work_dir(work_dir: str | os.PathLike[str], script_text: str, config_yaml_text: str) -> None:
     """Makes the work dir (and its parents) and writes ``batch.sh`` (executable) and ``config.yaml``.
 
@@ -252,8 +199,8 @@ def write_work_dir(work_dir: str | os.PathLike[str], script_text: str, config_ya
     """
     path = Path(work_dir)
     path.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path / CONFIG_NAME, config_yaml_text, 0o644)
-    _write_atomically(path / SCRIPT_NAME, script_text, 0o755)
+    atomic_write_text(path / CONFIG_NAME, config_yaml_text, mode=0o644)
+    atomic_write_text(path / SCRIPT_NAME, script_text, mode=0o755)
 
 
 def _tee(source: BinaryIO, log: BinaryIO, terminal: TextIO) -> None:

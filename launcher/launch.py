@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, TextIO
 
-from launcher.batch import ERR_LOG, OUT_LOG, BatchSpec, render_batch_script, run_batch_script, submit, write_work_dir
+from launcher.batch import BatchSpec, render_batch_script, run_batch_script, submit, write_work_dir
 from launcher.commands import script_argv
 from launcher.config import LauncherConfig
 from launcher.env import LAUNCHED, inside_slurm_allocation
-
-JOB_ID_FILE = "job_id"
+from launcher.workdir import ERR_LOG, JOB_ID_FILE, OUT_LOG, SCRIPT_NAME, atomic_write_text
 
 
 class LaunchError(RuntimeError):
@@ -166,11 +165,11 @@ def start(run: Run, train_here: Callable[[Path], None], environ: Optional[Mappin
     write_work_dir(run.work_dir, render_batch_script(spec), run.config_yaml)
     print(f"work dir: {run.work_dir}", flush=True)
     if cfg.setup_only:
-        print(f"setup only: run it with  bash {run.work_dir / 'batch.sh'}", flush=True)
+        print(f"setup only: run it with  bash {run.work_dir / SCRIPT_NAME}", flush=True)
         return 0
     if cfg.batch_job:
         job_id = submit(run.work_dir)
-        (run.work_dir / JOB_ID_FILE).write_text(job_id + "\n")
+        atomic_write_text(run.work_dir / JOB_ID_FILE, job_id + "\n")
         print(f"submitted batch job {job_id}", flush=True)
         return 0
     if ranks == 1 and scheduler != "slurm":

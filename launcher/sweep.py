@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import shlex
 import sys
 import time
@@ -21,8 +20,7 @@ from typing import Any, Optional
 
 from hydra.experimental.callback import Callback as HydraCallback
 
-from launcher.batch import OUT_LOG
-from launcher.launch import JOB_ID_FILE
+from launcher.workdir import JOB_ID_FILE, METRICS_FILE, OUT_LOG, SCRIPT_NAME, atomic_write_text, epoch_records, read_metrics
 
 COLUMNS = ["run", "overrides", "final_test_accuracy", "best_test_accuracy", "final_train_objective",
            "epochs", "time_s", "status"]
@@ -35,9 +33,7 @@ def run_dirs(sweep_dir: Path) -> list[Path]:
 
 def summary_row(run_dir: Path, overrides: str) -> dict[str, Any]:
     """One run's row from its ``metrics.jsonl``."""
-    path = run_dir / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    records = [r for r in records if r.get("kind", "epoch") == "epoch"]  # not test_every_steps' test records
+    records = epoch_records(read_metrics(run_dir / METRICS_FILE))  # not test_every_steps' test records
     tested = [r["test_accuracy"] for r in records if "test_accuracy" in r]
     finished = (run_dir / OUT_LOG).exists() and "Finished at" in (run_dir / OUT_LOG).read_text(errors="replace")
     status = "done" if records and len(tested) and (finished or not (run_dir / JOB_ID_FILE).exists()) else "incomplete"
@@ -53,7 +49,7 @@ def summary_row(run_dir: Path, overrides: str) -> dict[str, Any]:
 
 def run_overrides(run_dir: Path) -> str:
     """The overrides that made this run, read back from its ``batch.sh``."""
-    script = run_dir / "batch.sh"
+    script = run_dir / SCRIPT_NAME
     if not script.exists():
         return ""
     for line in script.read_text().splitlines():
@@ -94,7 +90,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 def write_summary(sweep_dir: Path) -> str:
     """Writes ``summary.csv`` into the sweep dir and returns the printed table."""
     rows = summarize(sweep_dir)
-    (sweep_dir / "summary.csv").write_text(to_csv(rows))
+    atomic_write_text(sweep_dir / "summary.csv", to_csv(rows))
     return f"sweep summary ({sweep_dir / 'summary.csv'}):\n{format_table(rows)}"
 
 

@@ -10,14 +10,13 @@ import pytest
 from launcher.batch import (
     BatchSpec,
     SubmitError,
-    choose_work_dir,
     format_time,
     render_batch_script,
     run_batch_script,
     submit,
-    work_dir_name,
     write_work_dir,
 )
+from launcher.workdir import choose_work_dir, work_dir_name
 
 NOW = datetime(2024, 1, 31, 23, 59, 59)
 
