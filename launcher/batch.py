@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Optional, TextIO
 
+from launcher.config import requeue_without_slurm
 from launcher.workdir import (
     CONFIG_NAME,
     ERR_LOG,
@@ -82,7 +83,7 @@ class BatchSpec:
 
     def __post_init__(self) -> None:
         errors = []
-        if self.requeue and self.scheduler != "slurm":
+        if requeue_without_slurm(self.requeue, self.scheduler):
             errors.append("requeue: needs the slurm scheduler")
         if self.scheduler not in SCHEDULERS:
             errors.append(f"scheduler: {self.scheduler!r} is not one of {', '.join(SCHEDULERS)}")

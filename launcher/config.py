@@ -2,10 +2,40 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Optional
 
 SCHEDULERS = ("auto", "local", "mpiexec", "slurm")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def group_options(group: str, config_dirs: Sequence[str] = ()) -> tuple[str, ...]:
+    """The options of a config group: the names of its ``configs/<group>/*.yaml`` files, sorted.
+
+    The files are the one home of the choices (``--model``, ``--optimizer``, ``experiment=``).
+
+    Args:
+        group: The group's folder name, e.g. ``model``.
+        config_dirs: Further config folders (``--config-dir``) searched after ``configs/``.
+    """
+    folders = [os.path.join(d, group) for d in (CONFIG_DIR, *config_dirs)]
+    return tuple(sorted({f[:-5] for d in folders if os.path.isdir(d) for f in os.listdir(d) if f.endswith(".yaml")}))
+
+
+def requeue_without_slurm(requeue: bool, scheduler: str) -> bool:
+    """The requeue rule, the one place it is stated: a requeuing run must be started by SLURM.
+
+    Args:
+        requeue: ``launcher.requeue``.
+        scheduler: ``launcher.scheduler`` as configured (``auto`` may still become SLURM), or the
+            scheduler a run was resolved to.
+
+    Returns:
+        True when ``requeue`` is set and ``scheduler`` can never be SLURM.
+    """
+    return requeue and scheduler not in ("auto", "slurm")
 
 
 @dataclass
@@ -39,7 +69,7 @@ def validate_launcher(cfg: LauncherConfig) -> list[str]:
         errors.append(f"launcher.time_limit: must be >= 1 minute, got {cfg.time_limit}")
     if cfg.signal_seconds < 0:
         errors.append(f"launcher.signal_seconds: must be >= 0 (0: no signal), got {cfg.signal_seconds}")
-    if cfg.requeue and cfg.scheduler in ("local", "mpiexec"):
+    if requeue_without_slurm(cfg.requeue, cfg.scheduler):
         errors.append(f"launcher.requeue: needs SLURM, but launcher.scheduler={cfg.scheduler} "
                       "(use launcher=slurm or --batch-job)")
     if not cfg.job_name or "/" in cfg.job_name:

@@ -12,8 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
-from models import MODELS
-from trainer.optimizers import OPTIMIZERS
+from launcher.config import group_options
 
 STRATEGIES = ("all", "each", "root", "balanced")
 
@@ -81,6 +80,13 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str, str], str]:
     return parse
 
 
+def _group(group: str) -> Callable[[str, str], str]:
+    """A choice among a config group's files (``configs/<group>/*.yaml``), looked up when parsed."""
+    def parse(flag: str, text: str) -> str:
+        return _choice(group_options(group))(flag, text)
+    return parse
+
+
 def _name(flag: str, text: str) -> str:
     if not text or any(c in text for c in "/=,[]'\" \t"):
         raise FlagError(f"{flag}: expected a plain name, got {text!r}")
@@ -100,45 +106,44 @@ class Flag:
 
     key: str
     parse: Optional[Callable[[str, str], str]]  # None: a switch that sets the key to true
-    help: str
-    default: str = ""
+    help: str  # no default here: the config (``--cfg job``) is the one home of the defaults
 
 
 FLAGS: dict[str, Flag] = {
-    "--nodes": Flag("launcher.nodes", _int(1), "number of nodes", "1"),
-    "--procs-per-node": Flag("launcher.procs_per_node", _int(1), "MPI ranks per node", "1"),
+    "--nodes": Flag("launcher.nodes", _int(1), "number of nodes"),
+    "--procs-per-node": Flag("launcher.procs_per_node", _int(1), "MPI ranks per node"),
     "--partition": Flag("launcher.partition", _name, "scheduler partition"),
     "--account": Flag("launcher.account", _name, "scheduler account"),
     "--reservation": Flag("launcher.reservation", _name, "scheduler reservation"),
     "--time-limit": Flag("launcher.time_limit", _int(1), "job time limit in minutes"),
-    "--job-name": Flag("launcher.job_name", _name, "job name", "kfac"),
+    "--job-name": Flag("launcher.job_name", _name, "job name"),
     "--setup-only": Flag("launcher.setup_only", None, "write the work directory, run nothing"),
     "--batch-job": Flag("launcher.batch_job", None, "submit the batch script with sbatch"),
-    "--num-epochs": Flag("trainer.epochs", _int(0), "epochs", "20"),
-    "--mini-batch-size": Flag("trainer.mini_batch_size", _int(1), "GLOBAL mini-batch size", "100"),
-    "--model": Flag("model", _choice(tuple(MODELS)), "mlp or cnn", "mlp"),
-    "--optimizer": Flag("optimizer", _choice(OPTIMIZERS), " | ".join(OPTIMIZERS), "adam"),
-    "--optimizer-learning-rate": Flag("optimizer.learning_rate", _positive_float, "learning rate", "0.001"),
+    "--num-epochs": Flag("trainer.epochs", _int(0), "epochs"),
+    "--mini-batch-size": Flag("trainer.mini_batch_size", _int(1), "GLOBAL mini-batch size"),
+    "--model": Flag("model", _group("model"), "a configs/model/ file"),
+    "--optimizer": Flag("optimizer", _group("optimizer"), "a configs/optimizer/ file"),
+    "--optimizer-learning-rate": Flag("optimizer.learning_rate", _positive_float, "learning rate"),
     "--kfac": Flag("kfac.enabled", None, "attach the K-FAC callback"),
-    "--kfac-damping-act": Flag("kfac.damping_act", _damping, "activation damping: v or init,target", "0.03"),
-    "--kfac-damping-err": Flag("kfac.damping_err", _damping, "error damping: v or init,target", "0.03"),
-    "--kfac-damping-bn-act": Flag("kfac.damping_bn_act", _damping, "BatchNorm act damping", "0.03"),
-    "--kfac-damping-bn-err": Flag("kfac.damping_bn_err", _damping, "BatchNorm err damping", "0.03"),
-    "--kfac-damping-warmup-steps": Flag("kfac.damping_warmup_steps", _int(1), "damping warm-up steps", "100"),
-    "--kfac-update-interval-init": Flag("kfac.update_interval_init", _int(1), "initial factor-update interval", "1"),
-    "--kfac-update-interval-target": Flag("kfac.update_interval_target", _int(1), "final factor-update interval", "1"),
-    "--kfac-update-interval-steps": Flag("kfac.update_interval_steps", _int(0), "steps to reach the final interval", "0"),
-    "--kfac-compute-interval-steps": Flag("kfac.compute_interval_steps", _int(1), "recompute inverses every N steps", "1"),
+    "--kfac-damping-act": Flag("kfac.damping_act", _damping, "activation damping: v or init,target"),
+    "--kfac-damping-err": Flag("kfac.damping_err", _damping, "error damping: v or init,target"),
+    "--kfac-damping-bn-act": Flag("kfac.damping_bn_act", _damping, "BatchNorm act damping"),
+    "--kfac-damping-bn-err": Flag("kfac.damping_bn_err", _damping, "BatchNorm err damping"),
+    "--kfac-damping-warmup-steps": Flag("kfac.damping_warmup_steps", _int(1), "damping warm-up steps"),
+    "--kfac-update-interval-init": Flag("kfac.update_interval_init", _int(1), "initial factor-update interval"),
+    "--kfac-update-interval-target": Flag("kfac.update_interval_target", _int(1), "final factor-update interval"),
+    "--kfac-update-interval-steps": Flag("kfac.update_interval_steps", _int(0), "steps to reach the final interval"),
+    "--kfac-compute-interval-steps": Flag("kfac.compute_interval_steps", _int(1), "recompute inverses every N steps"),
     "--kfac-use-pi": Flag("kfac.use_pi", None, "pi-damping"),
     "--use-eigen": Flag("kfac.use_eigen", None, "eigendecompositions instead of Cholesky"),
-    "--kfac-kronecker-decay": Flag("kfac.kronecker_decay", _decay, "running-average weight on the old value", "0.99"),
-    "--kfac-inverse-strategy": Flag("kfac.inverse_strategy", _choice(STRATEGIES), " | ".join(STRATEGIES), "all"),
+    "--kfac-kronecker-decay": Flag("kfac.kronecker_decay", _decay, "running-average weight on the old value"),
+    "--kfac-inverse-strategy": Flag("kfac.inverse_strategy", _choice(STRATEGIES), " | ".join(STRATEGIES)),
     "--kfac-disable-layers": Flag("kfac.disable_layers", _names, "layers left to the base optimizer (ip1,ip2)"),
-    "--kfac-learning-rate-factor": Flag("kfac.learning_rate_factor", _positive_float, "scales the preconditioned gradient", "1"),
+    "--kfac-learning-rate-factor": Flag("kfac.learning_rate_factor", _positive_float, "scales the preconditioned gradient"),
     "--print-matrix": Flag("kfac.print_matrix", None, "print the K-FAC matrices"),
     "--print-matrix-summary": Flag("kfac.print_matrix_summary", None, "print K-FAC matrix summaries"),
     "--kfac-print-time": Flag("kfac.print_time", None, "print each inverse's timing"),
-    "--seed": Flag("seed", _int(0), "random seed", "42"),
+    "--seed": Flag("seed", _int(0), "random seed"),
 }
 
 # Hydra's own command-line arguments, with how many values each takes.
@@ -202,7 +207,7 @@ def help_text() -> str:
              "LBANN flags (hyphens and underscores are interchangeable):"]
     for name, flag in FLAGS.items():
         value = "" if flag.parse is None else " VALUE"
-        default = f" [default: {flag.default}]" if flag.default else ""
-        lines.append(f"  {name + value:36s} {flag.help}{default}  -> {flag.key}")
-    lines += ["", "Hydra overrides (key=value) and -m/--multirun, --cfg job, --info work too.", ""]
+        lines.append(f"  {name + value:36s} {flag.help}  -> {flag.key}")
+    lines += ["", "Defaults: python3 kfac.py --cfg job prints the composed config (add flags to see their effect).",
+              "Hydra overrides (key=value) and -m/--multirun, --cfg job, --info work too.", ""]
     return "\n".join(lines)

@@ -25,7 +25,7 @@ from typing import Optional, TextIO
 
 from launcher.batch import BatchSpec, render_batch_script, run_batch_script, submit, write_work_dir
 from launcher.commands import script_argv
-from launcher.config import LauncherConfig
+from launcher.config import LauncherConfig, requeue_without_slurm
 from launcher.env import LAUNCHED, inside_slurm_allocation
 from launcher.workdir import ERR_LOG, JOB_ID_FILE, OUT_LOG, SCRIPT_NAME, atomic_write_text
 
@@ -156,7 +156,7 @@ def start(run: Run, train_here: Callable[[Path], None], environ: Optional[Mappin
     if scheduler == "mpiexec" and ranks > 1:
         mpiexec = find_mpiexec()
         flavor = local_mpi_flavor(mpiexec)
-    if cfg.requeue and scheduler != "slurm":
+    if requeue_without_slurm(cfg.requeue, scheduler):
         raise LaunchError(f"launcher.requeue needs SLURM, but this run uses {scheduler}: add --batch-job "
                           "or use launcher=slurm")
     if scheduler == "slurm" and not cfg.batch_job and not shutil.which("srun"):
