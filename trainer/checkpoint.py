@@ -15,6 +15,7 @@ what goes in them (``trainer/state.py``), this file how they are written and rea
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from launcher.workdir import atomic_write_bytes
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT = "kfac-mnist-checkpoint"
@@ -144,14 +147,6 @@ def check_compatible(state: Mapping[str, Any], identity: Mapping[str, Any], path
 # --- writing and reading ----------------------------------------------------------------------
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(state: Mapping[str, Any], directory: str | os.PathLike[str], step: int, keep: int) -> Path:
     """Writes ``state`` as ``<directory>/step_<step>.pt`` atomically; keeps the newest ``keep``.
 
@@ -169,17 +164,9 @@ def save_checkpoint(state: Mapping[str, Any], directory: str | os.PathLike[str],
     for stale in folder.glob(".step_*.tmp*"):  # left by a writer that was killed
         stale.unlink(missing_ok=True)
     path = folder / checkpoint_name(step)
-    tmp = folder / f".{path.name}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(folder)  # the rename itself survives a crash only once the folder is synced
+    buffer = io.BytesIO()
+    torch.save(dict(state), buffer)
+    atomic_write_bytes(path, buffer.getvalue())  # a temporary file, fsync, rename, fsync of the folder
     for old in list_checkpoints(folder)[:-keep]:
         old.unlink(missing_ok=True)
     return path

@@ -5,13 +5,12 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-import tempfile
 import zlib
-from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 import numpy as np
+
+from launcher.workdir import atomic_write_bytes
 
 # IDX type byte -> big-endian numpy dtype (the IDX format is big-endian throughout).
 _IDX_DTYPES = {
@@ -29,46 +28,6 @@ _GZIP_MAGIC = b"\x1f\x8b"
 
 class DataError(Exception):
     """MNIST data is missing, corrupt, or could not be fetched; the message names the file."""
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> None:
-    """Writes a file so that it either appears complete or not at all.
-
-    The content goes to a temporary file in the same directory (so ``os.replace`` is a
-    rename on one file system), is fsynced, and only then renamed over ``path``. A crash
-    or exception leaves at most a hidden ``.tmp`` file, never a truncated ``path``.
-
-    Args:
-        path: Destination file; its directory must exist.
-        write: Called with the open binary temporary file; writes the content.
-    """
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes the file private (0600); give it the mode a plain open would,
-        # so a directory staged for a cluster stays readable by the group.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    # Persist the rename itself; not every platform lets a directory be opened.
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def gunzip_if_gzip(raw: bytes, source: str | os.PathLike[str]) -> bytes:
@@ -153,4 +112,4 @@ def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> None:
     if str(path).endswith(".gz"):
         # mtime=0 makes the gzip output reproducible byte for byte.
         data = gzip.compress(data, mtime=0)
-    atomic_write(path, lambda handle: handle.write(data))
+    atomic_write_bytes(path, data)

@@ -1,4 +1,7 @@
-"""``metrics.jsonl``: one JSON object a line, per epoch and per periodic test; its one writer and reader.
+"""``metrics.jsonl``: one JSON object a line, per epoch and per periodic test; its one writer.
+
+The reader (``read_metrics``, ``parse_metrics``, ``epoch_records``) is ``launcher.workdir``'s,
+re-exported here.
 
 An epoch record has no ``kind``; a test record of ``trainer.test_every_steps`` has ``"kind": "test"``.
 """
@@ -10,7 +13,9 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
+from launcher.workdir import METRICS_FILE, atomic_write_text, epoch_records, parse_metrics, read_metrics
+
+__all__ = ["METRICS_FILE", "append_metrics", "epoch_records", "parse_metrics", "read_metrics", "rewrite_metrics"]
 
 
 def append_metrics(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
@@ -26,28 +31,7 @@ def rewrite_metrics(path: str | os.PathLike[str], history: Iterable[dict[str, An
 
     A resumed run calls it so the file says what its checkpoint says: later records are dropped.
     """
-    tmp = f"{path}.tmp"
-    os.makedirs(os.path.dirname(os.path.abspath(tmp)), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     # A test at an epoch's last step precedes that epoch's record.
     records = sorted([*history, *test_records], key=lambda r: (r["step"], r.get("kind") != "test"))
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    os.replace(tmp, path)
-
-
-def parse_metrics(text: str) -> list[dict[str, Any]]:
-    """Every JSON object of a metrics.jsonl text; blank and unfinished (partial) lines are skipped."""
-    records = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def epoch_records(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The per-epoch records (those without a ``kind`` other than ``epoch``)."""
-    return [r for r in records if r.get("kind", "epoch") == "epoch"]
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in records))

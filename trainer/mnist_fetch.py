@@ -31,9 +31,9 @@ from typing import IO, Any
 
 import numpy as np
 
+from launcher.workdir import atomic_write_bytes
 from trainer.idx import (  # noqa: F401  (re-exported: the data room's one import of the IDX format)
     DataError,
-    atomic_write,
     gunzip_if_gzip,
     idx_bytes,
     parse_idx,
@@ -352,7 +352,7 @@ def ensure_mnist(
     for name in missing:
         path = data_dir / name
         content = found[name]
-        atomic_write(path, lambda handle, content=content: handle.write(content))
+        atomic_write_bytes(path, content)
         check_sha256(path.read_bytes(), SHA256[name], path)
     log(f"MNIST: stored {len(missing)} file(s) in {data_dir} ({time.monotonic() - start:.1f} s)")
     return data_dir

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import re
 import sys
@@ -28,7 +27,9 @@ from typing import Any, Optional
 
 import yaml
 
-METRICS = "metrics.jsonl"
+from trainer.metrics import METRICS_FILE, epoch_records, parse_metrics
+
+METRICS = METRICS_FILE
 # Keys that differ between runs without making them different experiments.
 IGNORED = {"launcher.experiment_dir", "data.dir", "trainer.progress", "trainer.tensorboard",
            "kfac.print_time", "kfac.print_matrix", "kfac.print_matrix_summary"}
@@ -80,20 +81,8 @@ def find_metrics(paths: Sequence[str | Path]) -> list[Path]:
 
 
 def parse_records(text: str) -> list[dict[str, Any]]:
-    """The per-epoch JSON objects of a metrics.jsonl text.
-
-    Blank and unfinished (partial) lines are skipped, and so are the ``"kind": "test"`` records
-    of ``trainer.test_every_steps`` (epoch records have no ``kind``).
-    """
-    records = []
-    for line in text.splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and record.get("kind", "epoch") == "epoch":
-            records.append(record)
-    return records
+    """The per-epoch JSON objects of a metrics.jsonl text (blank, partial and test lines skipped)."""
+    return epoch_records(parse_metrics(text))
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -11,8 +11,8 @@ import torch
 from omegaconf import OmegaConf
 
 from kfac_callback.base import rank0_print
-from launcher.batch import PREEMPTED_FILE
 from launcher.env import RankInfo
+from launcher.workdir import METRICS_FILE, PREEMPTED_FILE
 from models import build_model
 from trainer.callbacks import MemoryCallback, PrintCallback, TimerCallback
 from trainer.checkpoint import (
@@ -94,7 +94,7 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
 
         callbacks.append(TensorBoardCallback(os.path.join(output_dir, "tensorboard"), comm.rank))
 
-    metrics_path = os.path.join(output_dir, "metrics.jsonl") if output_dir else None
+    metrics_path = os.path.join(output_dir, METRICS_FILE) if output_dir else None
     identity = run_identity(cfg, model_shapes(model))
     policy = None
     if output_dir:

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from kfac_callback.base import Callback
-from launcher.batch import PREEMPTED_FILE
+from launcher.workdir import PREEMPTED_FILE, atomic_write_text
 from trainer import lbann_log
 from trainer.checkpoint import CheckpointPolicy, save_checkpoint
 from trainer.clock import TrainClock
@@ -274,7 +274,7 @@ class Trainer:
         path = self.save()
         self.stopped = self.signals.received or "a signal to another rank"
         if self.comm.rank == 0 and self.checkpoint.work_dir:
-            Path(self.checkpoint.work_dir, PREEMPTED_FILE).write_text(f"{path}\n")
+            atomic_write_text(Path(self.checkpoint.work_dir, PREEMPTED_FILE), f"{path}\n")
         self.comm.barrier()  # no rank leaves before rank 0's checkpoint is on disk
         self.log(f"trainer: stopped by {self.stopped} at step {self.step} (epoch {self.epoch}, batch "
                  f"{self.batch}); checkpoint {path}; resume with trainer.resume={self.checkpoint.work_dir or path}")

@@ -11,7 +11,6 @@ import time
 import urllib.error
 import zipfile
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 import pytest
@@ -21,7 +20,6 @@ from trainer import mnist_fetch
 from trainer.mnist_fetch import (
     FILE_NAMES,
     DataError,
-    atomic_write,
     default_data_dir,
     ensure_mnist,
     idx_bytes,
@@ -98,31 +96,6 @@ def test_mnist_arrays_from_pickle_rebuilds_pixels_and_joins_train() -> None:
         mnist_arrays_from_pickle(bad, "test")
     with pytest.raises(DataError, match="expected three"):
         mnist_arrays_from_pickle(obj[:2], "test")
-
-
-# ---------------------------------------------------------------------------- atomic write
-
-
-def test_atomic_write_leaves_no_file_on_failure(tmp_path: Path) -> None:
-    target = tmp_path / "train-images-idx3-ubyte"
-
-    def fail_midway(handle: IO[bytes]) -> None:
-        handle.write(b"\x00\x00\x08\x03 half a file")
-        raise RuntimeError("killed")
-
-    with pytest.raises(RuntimeError, match="killed"):
-        atomic_write(target, fail_midway)
-    assert list(tmp_path.iterdir()) == []
-    target.write_bytes(b"old")
-    with pytest.raises(RuntimeError):
-        atomic_write(target, fail_midway)
-    assert target.read_bytes() == b"old"
-    assert [p.name for p in tmp_path.iterdir()] == [target.name]
-    atomic_write(target, lambda handle: handle.write(b"new"))
-    assert target.read_bytes() == b"new"
-
-
-# ---------------------------------------------------------------------------- fetching
 
 
 def test_default_data_dir_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

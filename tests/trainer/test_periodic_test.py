@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,13 +16,10 @@ from tests.support.hooks import HookRecorder
 from tests.support.trainers import make_trainer
 from trainer.callbacks import TimerCallback
 from trainer.config import Config, validate
+from trainer.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
-
-
-def read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def slow_tests(trainer, seconds: float, accuracies=None) -> list[int]:
@@ -54,7 +50,7 @@ def test_test_records_at_every_nth_step_with_a_clock_that_leaves_tests_out(tmp_p
     start = time.perf_counter()
     t.fit()
     elapsed = time.perf_counter() - start
-    records = read(path)
+    records = read_metrics(path)
     tests = [r for r in records if r.get("kind") == "test"]
     assert [r["step"] for r in tests] == [3, 6, 9, 12] and evaluated == [3, 6, 9, 12]
     assert [r["epoch"] for r in tests] == [0, 1, 2, 2]
@@ -93,7 +89,7 @@ def test_an_epoch_test_at_a_periodic_tests_step_reuses_it(tmp_path):
     evaluated = slow_tests(t, 0.0)
     t.fit()
     assert evaluated == [2, 4]
-    assert [r["step"] for r in read(tmp_path / "m.jsonl") if r.get("kind") == "test"] == [2, 4]
+    assert [r["step"] for r in read_metrics(tmp_path / "m.jsonl") if r.get("kind") == "test"] == [2, 4]
 
 
 def test_stop_at_test_accuracy_ends_the_run_mid_epoch_like_a_last_epoch(tmp_path):
@@ -135,7 +131,7 @@ def test_test_records_and_the_clock_survive_a_checkpoint(tmp_path):
     resumed = make_trainer([TimerCallback()], epochs=3, metrics_path=str(tmp_path / "m.jsonl"))
     resumed.load_state_dict(t.state_dict(epoch_done=True))
     assert resumed.train_time() == pytest.approx(t.train_time())
-    assert [(r["step"], r.get("kind", "epoch")) for r in read(tmp_path / "m.jsonl")] == [
+    assert [(r["step"], r.get("kind", "epoch")) for r in read_metrics(tmp_path / "m.jsonl")] == [
         (1, "test"), (2, "test"), (2, "epoch"), (3, "test"), (4, "test"), (4, "epoch")]
 
 
@@ -183,6 +179,6 @@ def test_kfac_py_stops_at_the_target_on_every_rank_with_exit_0(ranks, tmp_path):
     assert "trainer: test accuracy " in result.stdout
     assert ">= trainer.stop_at_test_accuracy=10 at step 2 (epoch 0)" in result.stdout
     (work_dir,) = tmp_path.iterdir()
-    records = read(work_dir / "metrics.jsonl")
+    records = read_metrics(work_dir / "metrics.jsonl")
     assert [(r.get("kind", "epoch"), r["step"]) for r in records] == [("test", 2), ("epoch", 2)]
     assert records[0]["test_accuracy"] >= 10 and records[1]["test_accuracy"] == records[0]["test_accuracy"]
