@@ -27,6 +27,7 @@ from typing import Any, Optional
 
 import yaml
 
+from trainer.lbann_log import g
 from trainer.metrics import METRICS_FILE, epoch_records, parse_metrics
 
 METRICS = METRICS_FILE
@@ -173,7 +174,7 @@ def format_value(key: str, value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, float):
-        return f"{value:g}"
+        return g(value)
     if isinstance(value, tuple):
         return ",".join(format_value(key, v) for v in value)
     return str(value)
@@ -322,8 +323,8 @@ def plot_heatmap(grid: tuple[str, str, list[float], list[float], list[list[float
     fig = Figure(figsize=(1.3 * len(cols) + 3, 1.0 * len(rows) + 2.5), layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(values, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(cols)), [f"{c:g}" for c in cols])
-    ax.set_yticks(range(len(rows)), [f"{r:g}" for r in rows])
+    ax.set_xticks(range(len(cols)), [g(c) for c in cols])
+    ax.set_yticks(range(len(rows)), [g(r) for r in rows])
     ax.set(xlabel=ck, ylabel=rk, title="Final test accuracy (%)")
     finite = [v for line in values for v in line if not math.isnan(v)]
     middle = (min(finite) + max(finite)) / 2 if finite else 0.0

@@ -177,7 +177,7 @@ class Trainer:
         self.clock.stop()
         if cut_short:
             self.log(f"trainer: test accuracy {self.reached:.2f}% >= trainer.stop_at_test_accuracy="
-                     f"{self.stop_at_test_accuracy:g} at step {self.step} (epoch {self.epoch}) after "
+                     f"{lbann_log.g(self.stop_at_test_accuracy)} at step {self.step} (epoch {self.epoch}) after "
                      f"{self.train_time():.1f}s of training; run stopped")
         if self.epochs == 0:
             self._dispatch("on_train_end")
