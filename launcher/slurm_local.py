@@ -13,7 +13,8 @@ root (slurmd starts jobs as their users) and need Debian's ``slurmctld slurmd sl
     python -m launcher.slurm_local stop
 
 Daemons are stopped by the pids this module started (checked against /proc first), never by name.
-``render_slurm_conf`` and ``daemon_argvs`` are pure; the rest is I/O.
+The pure part (the folders, slurm.conf, the daemons' argv) lives in ``launcher.slurm_conf``;
+this module is the I/O.
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-DAEMONS = ("munged", "slurmctld", "slurmd")
+from launcher.slurm_conf import DAEMONS, SlurmPaths, daemon_argvs, render_slurm_conf  # noqa: F401 (re-exported)
+
 CLIENTS = ("sbatch", "srun", "sinfo", "squeue", "scontrol")
 FINISHED_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
                              "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"})
@@ -42,110 +43,6 @@ FINISHED_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NOD
 
 class LocalSlurmError(RuntimeError):
     """The local SLURM could not be started, stopped or asked; the message carries the daemons' logs."""
-
-
-@dataclass(frozen=True)
-class SlurmPaths:
-    """Where everything of one local SLURM lives, all below ``root``."""
-
-    root: Path
-
-    @property
-    def conf(self) -> Path:
-        return self.root / "slurm.conf"
-
-    @property
-    def pids(self) -> Path:
-        return self.root / "pids.json"
-
-    @property
-    def run(self) -> Path:
-        return self.root / "run"  # open to all: munge clients need x on the socket's folders
-
-    @property
-    def munge_dir(self) -> Path:
-        return self.root / "munge"  # private: munged refuses a key others can read
-
-    @property
-    def munge_key(self) -> Path:
-        return self.munge_dir / "munge.key"
-
-    @property
-    def munge_socket(self) -> Path:
-        return self.run / "munge.sock"
-
-    @property
-    def state(self) -> Path:
-        return self.root / "state"
-
-    @property
-    def spool(self) -> Path:
-        return self.root / "spool"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "log"
-
-
-def render_slurm_conf(paths: SlurmPaths, hostname: str, ctld_port: int, slurmd_port: int, *,
-                      cpus: int = 4, real_memory_mb: int = 1000, cluster_name: str = "kfactest") -> str:
-    """The slurm.conf of a one-node cluster on 127.0.0.1.
-
-    Args:
-        paths: The cluster's folders.
-        hostname: This machine's short host name (slurmctld insists on its own name).
-        ctld_port: slurmctld's port.
-        slurmd_port: slurmd's port.
-        cpus: CPUs the node claims; ``config_overrides`` lets it claim more than it has.
-        real_memory_mb: Memory the node claims, in MB.
-        cluster_name: ``ClusterName``.
-
-    Returns:
-        The file's text.
-    """
-    lines = [
-        "# A private one-node SLURM for tests, written by launcher.slurm_local.",
-        f"ClusterName={cluster_name}",
-        f"SlurmctldHost={hostname}(127.0.0.1)",
-        f"SlurmctldPort={ctld_port}",
-        f"SlurmdPort={slurmd_port}",
-        "SlurmUser=root",
-        "SlurmdUser=root",
-        "AuthType=auth/munge",
-        "CredType=cred/munge",
-        f"AuthInfo=socket={paths.munge_socket}",
-        "MpiDefault=none",
-        "ProctrackType=proctrack/linuxproc",
-        "TaskPlugin=task/none",
-        "SelectType=select/cons_tres",
-        "SelectTypeParameters=CR_CPU",
-        "SchedulerType=sched/builtin",
-        "SlurmdParameters=config_overrides",
-        "ReturnToService=2",
-        "MailProg=/bin/true",
-        "KillWait=5",
-        "MinJobAge=600",
-        f"StateSaveLocation={paths.state}",
-        f"SlurmdSpoolDir={paths.spool}",
-        f"SlurmctldPidFile={paths.run / 'slurmctld.pid'}",
-        f"SlurmdPidFile={paths.run / 'slurmd.pid'}",
-        f"SlurmctldLogFile={paths.log / 'slurmctld.log'}",
-        f"SlurmdLogFile={paths.log / 'slurmd.log'}",
-        f"NodeName={hostname} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={real_memory_mb} State=UNKNOWN",
-        f"PartitionName=debug Nodes={hostname} Default=YES MaxTime=INFINITE State=UP",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def daemon_argvs(paths: SlurmPaths, binaries: Mapping[str, str], hostname: str) -> dict[str, list[str]]:
-    """The argv of each daemon, in start order, each in the foreground (its pid is the one we keep)."""
-    return {
-        "munged": [binaries["munged"], "--foreground", f"--socket={paths.munge_socket}",
-                   f"--key-file={paths.munge_key}", f"--pid-file={paths.run / 'munged.pid'}",
-                   f"--seed-file={paths.munge_dir / 'munged.seed'}", f"--log-file={paths.log / 'munged.log'}"],
-        "slurmctld": [binaries["slurmctld"], "-D", "-f", str(paths.conf)],
-        "slurmd": [binaries["slurmd"], "-D", "-f", str(paths.conf), "-N", hostname],
-    }
 
 
 def find_binary(name: str) -> Optional[str]:
