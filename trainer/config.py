@@ -17,10 +17,10 @@ from launcher.config import LauncherConfig, validate_launcher
 from models import MODELS
 from trainer.distributed import BACKENDS
 from trainer.optimizers import OptimizerConfig, validate_optimizer
-from trainer.trainer import ON_NONFINITE
 
 DEVICES = ("auto", "cpu", "cuda")
 PROGRESS = ("auto", "true", "false")
+ON_NONFINITE = ("skip", "stop")  # trainer.on_nonfinite: what a step with a NaN/Inf loss or gradient does
 
 
 @dataclass
