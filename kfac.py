@@ -25,24 +25,33 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 # ruff: noqa: E402 (the path above must be set before the project's imports)
+# Only the pure launcher modules and Hydra here: --help must not load torch. The schema, the
+# checks that need the trainer and the training itself are imported where they are used.
 import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.batch import SubmitError
-from launcher.config import LauncherConfig
+from launcher.config import CONFIG_DIR, LauncherConfig, group_options
 from launcher.env import LAUNCHED, rank_info
 from launcher.flags import FlagError, help_text, translate
-from launcher.launch import LaunchError, Run, start
 from launcher.workdir import ERR_LOG, choose_work_dir
-from trainer.checkpoint import CheckpointError
-from trainer.config import Config, section, validate
-from trainer.data import DataError
 
-ConfigStore.instance().store(name="schema", node=Config)
-CONFIG_DIR = os.path.join(HERE, "configs")
+
+def register_schema(stand_in: bool = False) -> None:
+    """Stores the dataclass schema (trainer/config.py) that ``configs/config.yaml`` composes onto.
+
+    Args:
+        stand_in: Store an empty node instead, for ``--help``, which composes only to list the
+            config groups and must not import the trainer (and torch) for that.
+    """
+    if stand_in:
+        ConfigStore.instance().store(name="schema", node={})
+        return
+    from trainer.config import Config
+
+    ConfigStore.instance().store(name="schema", node=Config)
 
 
 def fail(message: str) -> None:
@@ -74,13 +83,20 @@ def sweep_points(overrides: list[str], limit: int = 16) -> list[list[str]]:
 
 def check_group_options(overrides: list[str], config_dirs: list[str]) -> None:
     """Refuses ``sweep=nope`` / ``experiment=nope``, which Hydra would silently ignore."""
-    for override in overrides:
-        key, _, value = override.lstrip("+").partition("=")
-        if key not in GROUPS_CHECKED or not value or value == "null":
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # precompose reports the unparsable override
+        return
+    for override in parsed:
+        key = override.get_key_element().lstrip("+~")
+        if key not in GROUPS_CHECKED or override.value() is None:
             continue
-        folders = [os.path.join(d, key) for d in (CONFIG_DIR, *config_dirs)]
-        known = sorted({f[:-5] for d in folders if os.path.isdir(d) for f in os.listdir(d) if f.endswith(".yaml")})
-        for name in value.split(","):
+        names = list(override.sweep_string_iterator()) if override.is_sweep_override() else \
+            [override.get_value_element_as_str()]
+        known = group_options(key, config_dirs)
+        for name in names:
             if name not in known:
                 fail(f"{key}={name}: no such {key} config (known: {', '.join(known) or 'none'})")
 
@@ -105,6 +121,8 @@ def precompose(overrides: list[str], config_dirs: list[str] = (), multirun: bool
     each parameter of the sweep file, so a bad key in a sweep file is found here too.
     """
     from hydra import compose, initialize_config_dir
+
+    from trainer.config import validate
 
     check_group_options(overrides, list(config_dirs))
     search = [f"hydra.searchpath=[{','.join('file://' + os.path.abspath(d) for d in config_dirs)}]"] if config_dirs else []
@@ -161,10 +179,14 @@ def main(cfg: DictConfig) -> None:
     Bad data, a bad checkpoint or a numerical stop end in one line (Hydra would print a
     traceback for an exception that leaves this function).
     """
+    from trainer.checkpoint import CheckpointError
+    from trainer.config import validate
+    from trainer.data import DataError
+    from trainer.trainer import NonFiniteError
+
     errors = validate(cfg)
     if errors:
         fail("; ".join(errors))
-    from trainer.trainer import NonFiniteError
 
     try:
         launch(cfg)
@@ -177,12 +199,16 @@ def main(cfg: DictConfig) -> None:
 
 def launch(cfg: DictConfig) -> None:
     """Trains here as one rank of a started job, or starts the run's ranks."""
+    from trainer.config import section
     from trainer.run import train
 
     hydra_cfg = HydraConfig.get()
     if os.environ.get(LAUNCHED):  # this process is one rank of a started job
         train(cfg, hydra_cfg.runtime.output_dir, rank_info(os.environ))
         return
+    from launcher.batch import SubmitError
+    from launcher.launch import LaunchError, Run, start
+
     overrides = resume_source(cfg, list(hydra_cfg.overrides.task))
     launcher = section(cfg.launcher, LauncherConfig)
     if hydra_cfg.mode == RunMode.MULTIRUN:
@@ -215,6 +241,24 @@ def split_hydra_args(args: list[str]) -> tuple[list[str], list[str], bool]:
     return overrides, config_dirs, multirun
 
 
+def show_help(hydra_args: list[str]) -> None:
+    """Prints the LBANN flag table, then Hydra's help; all at once, so a closed pipe is one check."""
+    import contextlib
+    import io
+
+    register_schema(stand_in=True)
+    sys.argv = [sys.argv[0], *hydra_args]
+    hydra_help = io.StringIO()
+    with contextlib.redirect_stdout(hydra_help):
+        try:
+            main()
+        except SystemExit as end:
+            if end.code:
+                raise
+    sys.stdout.write(help_text() + "\n" + hydra_help.getvalue())
+    sys.stdout.flush()
+
+
 def cli(argv: list[str]) -> None:
     """Translates LBANN flags, checks the config, then hands over to Hydra."""
     try:
@@ -222,16 +266,22 @@ def cli(argv: list[str]) -> None:
     except FlagError as err:
         fail(str(err))
     if "--help" in hydra_args or "-h" in hydra_args:
-        print(help_text())
-    else:
-        informational = {"--cfg", "-c", "--info", "-i", "--hydra-help", "--version", "--shell-completion", "-sc",
-                         "-cp", "-cn", "--config-path", "--config-name", "--experimental-rerun"}
-        if not informational.intersection(a.partition("=")[0] for a in hydra_args):
-            overrides, config_dirs, multirun = split_hydra_args(hydra_args)
-            precompose(overrides, config_dirs, multirun)
+        show_help(hydra_args)
+        return
+    register_schema()
+    informational = {"--cfg", "-c", "--info", "-i", "--hydra-help", "--version", "--shell-completion", "-sc",
+                     "-cp", "-cn", "--config-path", "--config-name", "--experimental-rerun"}
+    if not informational.intersection(a.partition("=")[0] for a in hydra_args):
+        overrides, config_dirs, multirun = split_hydra_args(hydra_args)
+        precompose(overrides, config_dirs, multirun)
     sys.argv = [sys.argv[0], *hydra_args]
     main()
 
 
 if __name__ == "__main__":
-    cli(sys.argv[1:])
+    try:
+        cli(sys.argv[1:])
+        sys.stdout.flush()
+    except BrokenPipeError:  # `kfac.py --help | head -1`: the reader left; that is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
