@@ -1,0 +1,87 @@
+"""Every file under configs/ composes onto the schema and validates; --help loads no torch.
+
+The sweep files are composed with the first value of each swept key, as ``kfac.py -m`` would
+start their first run.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import OmegaConf
+
+from launcher.config import CONFIG_DIR, group_options
+from trainer.config import Config, validate
+
+ROOT = Path(__file__).resolve().parent.parent
+GROUPS = ("model", "optimizer", "kfac", "launcher", "experiment", "sweep")
+ConfigStore.instance().store(name="schema", node=Config)
+
+
+def options() -> list[tuple[str, str]]:
+    return [(group, name) for group in GROUPS for name in group_options(group)]
+
+
+def compose_config(overrides: list[str], hydra: bool = False):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
+
+
+def first_point(params: dict) -> list[str]:
+    """``key=first value`` of each swept key of a sweep file's ``hydra.sweeper.params``."""
+    parsed = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    first = [next(iter(o.sweep_string_iterator())) if o.is_sweep_override() else o.get_value_element_as_str()
+             for o in parsed]
+    return [f"{o.get_key_element()}={value}" for o, value in zip(parsed, first, strict=True)]
+
+
+def test_every_group_has_its_files_listed():
+    assert {"mlp", "cnn"} <= set(group_options("model"))
+    assert set(group_options("launcher")) == {"auto", "local", "mpiexec", "slurm"}
+    assert len(options()) == sum(len(list((ROOT / "configs" / g).glob("*.yaml"))) for g in GROUPS)
+
+
+def test_the_primary_config_composes_and_validates():
+    cfg = compose_config([])
+    assert validate(cfg) == []
+    assert cfg.model.name == "mlp" and cfg.optimizer.name == "adam" and cfg.launcher.scheduler == "auto"
+
+
+@pytest.mark.parametrize("group,name", options(), ids=lambda x: x)
+def test_every_config_file_composes_and_validates(group, name):
+    if group == "sweep":
+        params = compose_config([f"sweep={name}"], hydra=True).hydra.sweeper.params
+        assert params, f"sweep/{name}.yaml sweeps nothing"
+        cfg = compose_config([f"sweep={name}", *first_point(OmegaConf.to_container(params))])
+    else:
+        cfg = compose_config([f"{group}={name}"])
+    assert validate(cfg) == [], f"{group}/{name}.yaml"
+    if group == "launcher":
+        assert cfg.launcher.scheduler == name
+    if group in ("model", "optimizer"):
+        assert cfg[group].name == name
+
+
+def test_help_loads_no_torch():
+    code = ("import runpy, sys; sys.argv = ['kfac.py', '--help']\n"
+            "try:\n    runpy.run_path('kfac.py', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "sys.stderr.write(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('torch', 'trainer', 'models', 'kfac_callback'))))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--kfac-damping-act" in result.stdout and "Powered by Hydra" in result.stdout
+    assert result.stderr == "", f"--help loaded: {result.stderr}"
+
+
+def test_help_into_a_closed_pipe_prints_no_traceback():
+    result = subprocess.run(f"{sys.executable} kfac.py --help | head -1", shell=True, cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.stdout.startswith("kfac.py: ") and result.stdout.count("\n") == 1
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
