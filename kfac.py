@@ -39,16 +39,8 @@ from launcher.flags import FlagError, help_text, translate
 from launcher.workdir import ERR_LOG, choose_work_dir
 
 
-def register_schema(stand_in: bool = False) -> None:
-    """Stores the dataclass schema (trainer/config.py) that ``configs/config.yaml`` composes onto.
-
-    Args:
-        stand_in: Store an empty node instead, for ``--help``, which composes only to list the
-            config groups and must not import the trainer (and torch) for that.
-    """
-    if stand_in:
-        ConfigStore.instance().store(name="schema", node={})
-        return
+def register_schema() -> None:
+    """Stores the dataclass schema (trainer/config.py) that ``configs/config.yaml`` composes onto."""
     from trainer.config import Config
 
     ConfigStore.instance().store(name="schema", node=Config)
@@ -241,21 +233,18 @@ def split_hydra_args(args: list[str]) -> tuple[list[str], list[str], bool]:
     return overrides, config_dirs, multirun
 
 
-def show_help(hydra_args: list[str]) -> None:
-    """Prints the LBANN flag table, then Hydra's help; all at once, so a closed pipe is one check."""
-    import contextlib
-    import io
+def show_help() -> None:
+    """Prints the LBANN flag table and the config groups, in the shape of Hydra's app help.
 
-    register_schema(stand_in=True)
-    sys.argv = [sys.argv[0], *hydra_args]
-    hydra_help = io.StringIO()
-    with contextlib.redirect_stdout(hydra_help):
-        try:
-            main()
-        except SystemExit as end:
-            if end.code:
-                raise
-    sys.stdout.write(help_text() + "\n" + hydra_help.getvalue())
+    Written here rather than by Hydra: Hydra's help would compose the config, which needs the
+    schema, the trainer and torch, and take seconds for a page of text.
+    """
+    groups = sorted(d for d in os.listdir(CONFIG_DIR) if os.path.isdir(os.path.join(CONFIG_DIR, d)))
+    lines = [help_text(), "== Configuration groups ==", "Compose your configuration from those groups (group=option)", ""]
+    lines += [f"{group}: {', '.join(group_options(group))}" for group in groups]
+    lines += ["", "== Config ==", "Override anything in the config (foo.bar=value); --cfg job prints it composed.", "",
+              "Powered by Hydra (https://hydra.cc)", "Use --hydra-help to view Hydra specific help", ""]
+    sys.stdout.write("\n".join(lines))
     sys.stdout.flush()
 
 
@@ -266,7 +255,7 @@ def cli(argv: list[str]) -> None:
     except FlagError as err:
         fail(str(err))
     if "--help" in hydra_args or "-h" in hydra_args:
-        show_help(hydra_args)
+        show_help()
         return
     register_schema()
     informational = {"--cfg", "-c", "--info", "-i", "--hydra-help", "--version", "--shell-completion", "-sc",
