@@ -9,8 +9,6 @@ from torch import nn
 
 from kfac_callback.linalg import all_finite
 
-ON_NONFINITE = ("skip", "stop")
-
 
 class NonFiniteError(RuntimeError):
     """Training stopped on NaN/Inf (``on_nonfinite=stop``); the message is one line with the step."""

@@ -24,9 +24,9 @@ from launcher.workdir import PREEMPTED_FILE, atomic_write_text
 from trainer import lbann_log
 from trainer.checkpoint import CheckpointPolicy, save_checkpoint
 from trainer.clock import TrainClock
+from trainer.config import ON_NONFINITE
 from trainer.data import batch_plan, epoch_batches
 from trainer.gradients import (
-    ON_NONFINITE,
     NonFiniteError,
     average_gradients,
     describe_nonfinite,
