@@ -152,13 +152,11 @@ def resume_source(cfg: DictConfig, overrides: list[str]) -> list[str]:
     as it is: it means the (new) work dir's own checkpoints, found by the ranks.
     """
     from models import build_model
-    from trainer.checkpoint import check_compatible, load_checkpoint, model_shapes, resolve_resume, run_identity
+    from trainer.checkpoint import checked_resume
 
-    value = cfg.trainer.resume
-    if value in (None, "", "auto"):
+    if cfg.trainer.resume in (None, "", "auto"):
         return overrides
-    path = resolve_resume(value, experiment_dir=cfg.launcher.experiment_dir, job_name=cfg.launcher.job_name)
-    check_compatible(load_checkpoint(path), run_identity(cfg, model_shapes(build_model(cfg.model.name))), path)
+    path, _ = checked_resume(cfg, lambda: build_model(cfg.model.name))
     cfg.trainer.resume = str(path)
     kept = [o for o in overrides if o.lstrip("+~").partition("=")[0] != "trainer.resume"]
     return [*kept, f"trainer.resume={hydra_value(str(path))}"]

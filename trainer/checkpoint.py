@@ -19,7 +19,7 @@ import io
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -235,6 +235,33 @@ def resolve_resume(value: Optional[str], *, work_dir: Optional[str | os.PathLike
     if not path.exists():
         raise CheckpointError(f"trainer.resume={value}: no such file or directory")
     return path.resolve()
+
+
+def checked_resume(cfg: Any, build_model: Callable[[], torch.nn.Module], *, work_dir: Optional[str | os.PathLike[str]] = None,
+                   device: str | torch.device = "cpu") -> tuple[Optional[Path], Optional[dict[str, Any]]]:
+    """The checkpoint this run resumes from, loaded and checked against the run's identity.
+
+    The one resume rule, for the launching process (before any work dir exists, ``work_dir``
+    ``None``) and for each rank (a requeued job prefers its own work dir's newest checkpoint).
+
+    Args:
+        cfg: The composed config (``trainer.resume``, ``launcher.*`` and the identity keys).
+        build_model: Builds a model of this run's architecture (only its parameter shapes
+            are read; called only when there is a checkpoint).
+
+    Returns:
+        ``(path, state)``, or ``(None, None)`` for a fresh start.
+
+    Raises:
+        CheckpointError: For a checkpoint that cannot be found, read, or does not fit this run.
+    """
+    path = resolve_resume(cfg.trainer.resume, work_dir=work_dir, experiment_dir=cfg.launcher.experiment_dir,
+                          job_name=cfg.launcher.job_name, prefer_work_dir=bool(cfg.launcher.requeue))
+    if path is None:
+        return None, None
+    state = load_checkpoint(path, device)
+    check_compatible(state, run_identity(cfg, model_shapes(build_model())), path)
+    return path, state
 
 
 def _latest(experiment_dir: Path, job_name: str) -> Path:

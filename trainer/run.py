@@ -15,15 +15,7 @@ from launcher.env import RankInfo
 from launcher.workdir import METRICS_FILE, PREEMPTED_FILE
 from models import build_model
 from trainer.callbacks import MemoryCallback, PrintCallback, TimerCallback
-from trainer.checkpoint import (
-    CHECKPOINT_DIR,
-    CheckpointPolicy,
-    check_compatible,
-    load_checkpoint,
-    model_shapes,
-    resolve_resume,
-    run_identity,
-)
+from trainer.checkpoint import CHECKPOINT_DIR, CheckpointPolicy, checked_resume, model_shapes, run_identity
 from trainer.config import DataConfig, TrainerConfig, section
 from trainer.data import default_data_dir, ensure_mnist, load_mnist
 from trainer.distributed import make_communicator
@@ -61,9 +53,8 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
     device = choose_device(tcfg.device, info.local_rank)
     comm = make_communicator(info, tcfg.backend, device.type, multi_node=cfg.launcher.nodes > 1)
     # Before the data: a bad checkpoint is refused at once. A requeued job prefers its own newest.
-    resume = resolve_resume(tcfg.resume, work_dir=output_dir, experiment_dir=cfg.launcher.experiment_dir,
-                            job_name=cfg.launcher.job_name, prefer_work_dir=cfg.launcher.requeue)
-    state = load_checkpoint(resume, device) if resume is not None else None
+    # (The model built for its shapes draws from the RNG; the seed is set again below.)
+    resume, state = checked_resume(cfg, lambda: build_model(cfg.model.name), work_dir=output_dir, device=device)
     progress = ProgressCallback.from_setting(tcfg.progress, comm.rank)
     log = progress.wrap(rank0_print(comm))  # bar-safe: bars are cleared around each line
     dtype = getattr(torch, tcfg.dtype)
@@ -100,8 +91,6 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
     if output_dir:
         policy = CheckpointPolicy(os.path.join(output_dir, CHECKPOINT_DIR), tcfg.checkpoint_every_steps,
                                   tcfg.checkpoint_every_epoch, tcfg.keep_checkpoints, identity, output_dir)
-    if state is not None:
-        check_compatible(state, identity, resume)
     if output_dir and comm.rank == 0:  # a new start: the marker of an earlier stop is stale
         os.makedirs(output_dir, exist_ok=True)
         Path(output_dir, PREEMPTED_FILE).unlink(missing_ok=True)
