@@ -29,7 +29,7 @@ from launcher.workdir import (
     CONFIG_NAME,
     ERR_LOG,
     OUT_LOG,
-    PREEMPTED_FILE,  # noqa: F401 (trainer imports it from here, for now)
+    PREEMPTED_FILE,
     SCRIPT_NAME,
     atomic_write_text,
 )

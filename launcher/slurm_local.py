@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Optional
 
-from launcher.slurm_conf import DAEMONS, SlurmPaths, daemon_argvs, render_slurm_conf  # noqa: F401 (re-exported)
+from launcher.slurm_conf import DAEMONS, SlurmPaths, daemon_argvs, render_slurm_conf
 
 CLIENTS = ("sbatch", "srun", "sinfo", "squeue", "scontrol")
 FINISHED_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
