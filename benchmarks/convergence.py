@@ -2,11 +2,13 @@
 
 Runs each recipe through ``kfac.py`` (one after another, so they do not share the cores),
 with the test set evaluated after every epoch, then prints a Markdown table per recipe and
-a summary, and writes them to ``--out``.
+a summary, and writes them to ``--out`` as ``convergence.md``. The run dirs and each recipe's
+``<recipe>.log`` go to ``--runs``: ``--out`` when that is given, else the git-ignored
+``benchmarks/runs/convergence``.
 
     python benchmarks/convergence.py --recipes adam_mlp momentum_cnn
-    python benchmarks/convergence.py --recipes kfac_mlp kfac_cnn adam_mlp sgd_mlp --out results/
-    python benchmarks/convergence.py --recipes adam_mlp --out results/ --tables-only   # tables again
+    python benchmarks/convergence.py --recipes kfac_mlp kfac_cnn adam_mlp sgd_mlp --out /tmp/conv
+    python benchmarks/convergence.py --recipes adam_mlp --tables-only   # tables again
 """
 
 from __future__ import annotations
@@ -70,17 +72,21 @@ def table(name: str, records: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    parser.add_argument("--out", default="benchmarks/results/convergence")
+    parser.add_argument("--out", help="convergence.md; default: benchmarks/results/convergence")
+    parser.add_argument("--runs", help="run dirs and logs; default: --out when given, else "
+                                       "benchmarks/runs/convergence (git-ignored)")
     parser.add_argument("--tables-only", action="store_true",
-                        help="run nothing: build the tables from the runs already under --out")
+                        help="run nothing: build the tables from the runs already under --runs")
     parser.add_argument("extra", nargs="*", help="more kfac.py flags or overrides for every recipe")
     args = parser.parse_args()
-    out = Path(args.out)
+    out = Path(args.out or "benchmarks/results/convergence")
+    runs = Path(args.runs or args.out or "benchmarks/runs/convergence")
     out.mkdir(parents=True, exist_ok=True)
+    runs.mkdir(parents=True, exist_ok=True)
     sections, summary = [], ["| recipe | final train objective | final test acc % | best test acc % | "
                              "mean epoch time s |", "|---|---:|---:|---:|---:|"]
     for name in args.recipes:
-        records = read_records(out / name) if args.tables_only else run(name, args.extra, out)
+        records = read_records(runs / name) if args.tables_only else run(name, args.extra, runs)
         sections.append(table(name, records))
         final = records[-1]
         summary.append(f"| {name} | {final['train_objective']:.6g} | {final['test_accuracy']:.2f} | "

@@ -10,10 +10,12 @@ when none reaches any, the best final accuracy); K-FAC's times are given as rati
 
 The clock is rank 0's training time: ``fit()`` less every test evaluation (the ``train_time``
 of the ``"kind": "test"`` records in each run's ``metrics.jsonl``), so a time is known to within
-one test interval. Written to ``--out``: ``time_to_accuracy.md`` (the table),
-``time_to_accuracy.csv`` (every curve point), ``time_to_accuracy.png`` (accuracy against time),
-``benchmark.json`` (the settings, and each recipe's flags and exit status, for ``--tables-only``),
-and per recipe its ``<recipe>.log`` and experiment dir ``<recipe>/``.
+one test interval. Written to ``--out`` (the summaries): ``time_to_accuracy.md`` (the table),
+``time_to_accuracy.csv`` (every curve point), ``time_to_accuracy.png`` (accuracy against time).
+Written to ``--runs`` (git-ignored by default, never committed): ``benchmark.json`` (the
+settings, and each recipe's flags and exit status, for ``--tables-only``), and per recipe its
+``<recipe>.log`` and experiment dir ``<recipe>/``. ``--runs`` defaults to ``--out`` when that is
+given, else to ``benchmarks/runs/time_to_accuracy/<model>_<ranks>ranks``.
 
     python benchmarks/time_to_accuracy.py --model mlp --ranks 1
     python benchmarks/time_to_accuracy.py --model cnn --ranks 4 --out /tmp/tta_cnn_4
@@ -340,7 +342,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                      epilog="Other arguments (kfac.py flags or Hydra overrides) go to every run.")
     parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
     parser.add_argument("--ranks", type=int, default=1, help="MPI ranks per run (1 node; 100 %% ranks == 0)")
-    parser.add_argument("--out", help="default: benchmarks/results/time_to_accuracy/<model>_<ranks>ranks")
+    parser.add_argument("--out", help="the table, CSV and plot; default: "
+                                      "benchmarks/results/time_to_accuracy/<model>_<ranks>ranks")
+    parser.add_argument("--runs", help="run dirs, logs and benchmark.json; default: --out when given, "
+                                       "else benchmarks/runs/time_to_accuracy/<model>_<ranks>ranks (git-ignored)")
     parser.add_argument("--targets", type=_floats, default=list(TARGETS), help="test accuracies in %%, e.g. 97.5,98")
     parser.add_argument("--test-every-steps", type=int, help="default: 100 (mlp), 50 (cnn)")
     parser.add_argument("--max-epochs", type=int, default=10)
@@ -349,17 +354,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              '--kfac"; repeatable')
     parser.add_argument("--only", action="append", metavar="NAMES",
                         help="run (or tabulate) only these recipes: comma-separated, repeatable")
-    parser.add_argument("--tables-only", action="store_true", help="run nothing: rebuild from the runs under --out")
+    parser.add_argument("--tables-only", action="store_true", help="run nothing: rebuild from the runs under --runs")
     parser.add_argument("--ylim", type=float, nargs=2, default=(95.0, 99.5))
     args, extra = parser.parse_known_args(argv)
     if args.ranks < 1 or args.max_epochs < 1 or (args.test_every_steps is not None and args.test_every_steps < 1):
         parser.error("--ranks, --max-epochs and --test-every-steps must be >= 1")
     out = Path(args.out or ROOT / "benchmarks/results/time_to_accuracy" / f"{args.model}_{args.ranks}ranks")
+    runs = Path(args.runs or args.out or ROOT / "benchmarks/runs/time_to_accuracy" / f"{args.model}_{args.ranks}ranks")
     out.mkdir(parents=True, exist_ok=True)
+    runs.mkdir(parents=True, exist_ok=True)
     test_every = args.test_every_steps or TEST_EVERY_STEPS[args.model]
     stop_at = max(args.targets)
 
-    saved = out / "benchmark.json"
+    saved = runs / "benchmark.json"
     state = json.loads(saved.read_text()) if saved.is_file() else {"settings": {}, "recipes": {}}
     known = {r.name: r for r in default_recipes()}
     # Custom recipes of earlier runs, so --tables-only still knows their flags.
@@ -382,16 +389,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for i, recipe in enumerate(recipes, 1):
         status = state["recipes"].get(recipe.name, {}).get("status", "ok")
         if not args.tables_only:
-            cmd = command(recipe, args.model, args.ranks, out, test_every, stop_at, args.max_epochs, extra)
+            cmd = command(recipe, args.model, args.ranks, runs, test_every, stop_at, args.max_epochs, extra)
             print(f"[{i}/{len(recipes)}] {recipe.name}: {shlex.join(cmd[1:])}", flush=True)
             start = time.time()
-            status = run_recipe(recipe, cmd, out)
+            status = run_recipe(recipe, cmd, runs)
             print(f"[{i}/{len(recipes)}] {recipe.name}: {status} after {time.time() - start:.0f}s wall", flush=True)
             state["recipes"][recipe.name] = {"family": recipe.family, "flags": recipe.flags, "status": status}
             saved.write_text(json.dumps(state, indent=1) + "\n")
-        records = read_metrics(out / recipe.name)
+        records = read_metrics(runs / recipe.name)
         if not records and args.tables_only:
-            print(f"{recipe.name}: no run under {out / recipe.name}; skipped", flush=True)
+            print(f"{recipe.name}: no run under {runs / recipe.name}; skipped", flush=True)
             continue
         result = make_result(recipe, records, args.targets, status)
         results.append(result)
