@@ -10,16 +10,13 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from kfac_callback.base import Callback
 from trainer.checkpoint import FORMAT, VERSION
-
-if TYPE_CHECKING:
-    from trainer.trainer import Trainer
 
 
 def rng_state() -> dict[str, Any]:
@@ -73,7 +70,7 @@ def load_callback_states(callbacks: Iterable[Callback], states: Mapping[str, Any
             cb.load_state_dict(states[cb.state_key])
 
 
-def trainer_state(trainer: Trainer, epoch_done: bool = False) -> dict[str, Any]:
+def trainer_state(trainer: Any, epoch_done: bool = False) -> dict[str, Any]:
     """Everything a resumed run needs to continue bit for bit (a collective with several ranks).
 
     Args:
@@ -103,7 +100,7 @@ def trainer_state(trainer: Trainer, epoch_done: bool = False) -> dict[str, Any]:
     }
 
 
-def load_trainer_state(trainer: Trainer, state: Mapping[str, Any]) -> None:
+def load_trainer_state(trainer: Any, state: Mapping[str, Any]) -> None:
     """Continues from ``trainer_state()``: weights, optimizer, callbacks, RNGs, position, metrics.
 
     The optimizer's hyperparameters stay those of this run's config (a resumed run may

@@ -26,6 +26,7 @@ from trainer.checkpoint import CheckpointPolicy, save_checkpoint
 from trainer.clock import TrainClock
 from trainer.config import ON_NONFINITE
 from trainer.data import batch_plan, epoch_batches
+from trainer.evaluate import evaluate
 from trainer.gradients import (
     NonFiniteError,
     average_gradients,
@@ -359,42 +360,17 @@ class Trainer:
         if self.stop_at_test_accuracy is not None and accuracy >= self.stop_at_test_accuracy:
             self.reached = accuracy
 
-    @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
         """(Objective, accuracy in %) on the (never shuffled) test set; every rank evaluates its share.
 
-        The sums are all-reduced, so every rank gets the same numbers. A second call at the same
-        step (an epoch-end test right after a periodic one) returns the first call's result.
+        Every rank gets the same numbers. A second call at the same step (an epoch-end test
+        right after a periodic one) returns the first call's result.
         """
-        if self._eval is not None and self._eval[0] == self.step:
-            return self._eval[1], self._eval[2]
-        was_training = self.model.training
-        self.model.eval()
-        totals = torch.zeros(3, dtype=torch.float64)
-        batches = epoch_batches(
-            len(self.data.test_y),
-            self.mini_batch_size,
-            0,
-            self.seed,
-            self.comm.rank,
-            self.comm.world_size,
-            shuffle=False,
-        )
-        for index in batches:
-            x = self.data.test_x[index].to(self.device, non_blocking=True)
-            y = self.data.test_y[index].to(self.device, non_blocking=True)
-            logits = self.model(x)
-            totals += torch.tensor(
-                [
-                    F.cross_entropy(logits, y, reduction="sum").item(),
-                    (logits.argmax(1) == y).sum().item(),
-                    len(y),
-                ],
-                dtype=torch.float64,
-            )
-        self.comm.allreduce_sum_([totals])
-        self.model.train(was_training)
-        self._eval = (self.step, (totals[0] / totals[2]).item(), (100.0 * totals[1] / totals[2]).item())
+        if self._eval is None or self._eval[0] != self.step:
+            batches = epoch_batches(len(self.data.test_y), self.mini_batch_size, 0, self.seed,
+                                    self.comm.rank, self.comm.world_size, shuffle=False)
+            self._eval = (self.step, *evaluate(self.model, self.data.test_x, self.data.test_y, batches,
+                                               self.device, self.comm))
         return self._eval[1], self._eval[2]
 
     def _record(self) -> None:
