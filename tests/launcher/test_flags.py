@@ -4,7 +4,7 @@ import pytest
 
 from launcher.flags import FLAGS, FlagError, help_text, translate
 
-# Every LBANN flag of KFAC_SPEC §1, with a value, and the override it must become.
+# Every LBANN flag of docs/algorithm.md §1, with a value, and the override it must become.
 TRANSLATIONS = [
     (["--nodes", "2"], ["launcher.nodes=2"]),
     (["--procs-per-node", "4"], ["launcher.procs_per_node=4"]),
