@@ -148,6 +148,15 @@ class Block:
             Whether every inverse exists now. ``inverse_notes`` says what the robustness
             ladder had to do.
         """
+        self.clear_inverses()
+        self.inverse_notes = []
+        if not self.has_factors:
+            return False
+        return self._invert(damping, use_pi, use_eigen, self.inverse_dtype(dtype), explicit)
+
+    def _invert(self, damping: Dampings, use_pi: bool, use_eigen: bool, dtype: torch.dtype,
+                explicit: bool) -> bool:
+        """The math of ``compute_inverses``, on factors that exist, into ``dtype``."""
         raise NotImplementedError
 
     def clear_inverses(self) -> None:

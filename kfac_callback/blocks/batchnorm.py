@@ -46,16 +46,12 @@ class BatchNormBlock(Block):
         # N Σ u uᵀ with u built from e = grad_output·n/N.
         return [(u, n * n / n_global)]
 
-    def compute_inverses(self, damping: Dampings, use_pi: bool = False, use_eigen: bool = False,
-                         dtype: torch.dtype = torch.float32, explicit: bool = False) -> bool:
-        self.clear_inverses()
-        self.inverse_notes = []
-        if not self.has_factors:
-            return False
+    def _invert(self, damping: Dampings, use_pi: bool, use_eigen: bool, dtype: torch.dtype,
+                explicit: bool) -> bool:
         c = self.module.num_features
         diag = torch.cat([torch.full((c,), damping.bn_act, dtype=torch.float64),
                           torch.full((c,), damping.bn_err, dtype=torch.float64)])
-        r = damped_inverse(self.F, diag, self.inverse_dtype(dtype), use_eigen)
+        r = damped_inverse(self.F, diag, dtype, use_eigen)
         self.inverse_notes = [f"F: {r.note}"] if r.note else []
         self.F_inv = r.inverse
         return r.inverse is not None

@@ -63,14 +63,9 @@ class KroneckerBlock(Block):
             return rows
         return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
 
-    def compute_inverses(self, damping: Dampings, use_pi: bool = False, use_eigen: bool = False,
-                         dtype: torch.dtype = torch.float32, explicit: bool = False) -> bool:
-        self.clear_inverses()
-        self.inverse_notes = []
-        if not self.has_factors:
-            return False
+    def _invert(self, damping: Dampings, use_pi: bool, use_eigen: bool, dtype: torch.dtype,
+                explicit: bool) -> bool:
         self.pi = pi_factor(self.A, self.G) if use_pi else 1.0
-        dtype = self.inverse_dtype(dtype)
         chol = not use_eigen
         a = damped_inverse(self.A, damping.act * self.pi, dtype, use_eigen, cholesky_only=chol)
         g = damped_inverse(self.G, damping.err / self.pi, dtype, use_eigen, cholesky_only=chol)
