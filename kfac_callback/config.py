@@ -69,10 +69,6 @@ def as_damping_list(value: Any) -> list[float]:
     return [float(v) for v in value]
 
 
-def _fmt(x: float) -> str:
-    return f"{x:g}"
-
-
 def _damping_errors(key: str, values: list[float], warmup_steps: int) -> list[str]:
     """Errors of one damping entry; see docs/algorithm.md §4 for the warm-up rule."""
     if len(values) not in (1, 2):
@@ -80,27 +76,27 @@ def _damping_errors(key: str, values: list[float], warmup_steps: int) -> list[st
     errors = []
     for v in values:
         if not math.isfinite(v) or v < 0:
-            errors.append(f"kfac.{key}: damping {_fmt(v)} must be a finite value >= 0")
+            errors.append(f"kfac.{key}: damping {v:g} must be a finite value >= 0")
     if errors or len(values) == 1:
         return errors
     d0, d1 = values
     if d0 < d1:
-        return [f"kfac.{key}: init {_fmt(d0)} < target {_fmt(d1)} is not allowed "
+        return [f"kfac.{key}: init {d0:g} < target {d1:g} is not allowed "
                 "(damping warms DOWN from init to target)"]
     if d0 == d1:
         return []
     if d1 <= 0:
         return [f"kfac.{key}: a warm-up target must be > 0 (log10(init/target) is undefined), "
-                f"got {_fmt(d1)}"]
+                f"got {d1:g}"]
     if warmup_steps < 1:
-        return [f"kfac.{key}: a warm-up from {_fmt(d0)} to {_fmt(d1)} needs "
+        return [f"kfac.{key}: a warm-up from {d0:g} to {d1:g} needs "
                 f"kfac.damping_warmup_steps >= 1, got {warmup_steps}"]
     alpha = 2.0 * math.log10(d0 / d1) / warmup_steps
     if alpha > 1.0:
         # (1 - alpha) < 0 makes the damping oscillate around the target and possibly turn
         # negative, which would break the inverses.
         need = math.ceil(2.0 * math.log10(d0 / d1))
-        return [f"kfac.{key}: warm-up from {_fmt(d0)} to {_fmt(d1)} over {warmup_steps} steps "
+        return [f"kfac.{key}: warm-up from {d0:g} to {d1:g} over {warmup_steps} steps "
                 f"gives alpha {alpha:.3g} > 1; use kfac.damping_warmup_steps >= {need}"]
     return []
 
@@ -133,7 +129,7 @@ def validate_kfac(cfg: Any) -> list[str]:
         errors.append(f"kfac.update_interval_steps: must be >= 0, got {cfg.update_interval_steps}")
     decay = float(cfg.kronecker_decay)
     if not 0.0 <= decay < 1.0:
-        errors.append(f"kfac.kronecker_decay: must lie in [0, 1), got {_fmt(decay)}")
+        errors.append(f"kfac.kronecker_decay: must lie in [0, 1), got {decay:g}")
     if cfg.inverse_strategy not in STRATEGIES:
         errors.append(f"kfac.inverse_strategy: unknown strategy {cfg.inverse_strategy!r}; "
                       f"choose one of {', '.join(STRATEGIES)}")
@@ -142,7 +138,7 @@ def validate_kfac(cfg: Any) -> list[str]:
                       f"choose one of {', '.join(INVERSE_DTYPES)}")
     factor = float(cfg.learning_rate_factor)
     if not math.isfinite(factor) or factor <= 0:
-        errors.append(f"kfac.learning_rate_factor: must be a finite value > 0, got {_fmt(factor)}")
+        errors.append(f"kfac.learning_rate_factor: must be a finite value > 0, got {factor:g}")
     return errors
 
 
