@@ -14,7 +14,6 @@ a summary, and writes them to ``--out`` as ``convergence.md``. The run dirs and 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -22,6 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from launcher.workdir import METRICS_FILE, epoch_records, read_metrics  # noqa: E402
 
 RECIPES = {
     "adam_mlp": "--model mlp --optimizer adam --optimizer-learning-rate 1e-4",
@@ -54,8 +56,7 @@ def run(name: str, extra: list[str], out: Path) -> list[dict]:
 def read_records(exp_dir: Path) -> list[dict]:
     """The per-epoch metrics of the newest run under ``exp_dir`` (not trainer.test_every_steps' test records)."""
     newest = max(exp_dir.iterdir(), key=os.path.getmtime)
-    records = [json.loads(line) for line in (newest / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in records if r.get("kind", "epoch") == "epoch"]
+    return epoch_records(read_metrics(newest / METRICS_FILE))
 
 
 def table(name: str, records: list[dict]) -> str:

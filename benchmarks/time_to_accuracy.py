@@ -42,6 +42,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from launcher import workdir  # noqa: E402
+from launcher.workdir import METRICS_FILE  # noqa: E402
+
 TARGETS = (97.5, 98.0)
 TEST_EVERY_STEPS = {"mlp": 100, "cnn": 50}
 FAMILIES = ("kfac", "adam", "sgd")
@@ -273,16 +278,8 @@ def write_plot(results: Sequence[Result], targets: Sequence[float], path: Path, 
 
 def read_metrics(exp_dir: Path) -> list[dict[str, Any]]:
     """The records of the newest run under ``exp_dir`` (unfinished lines skipped; [] if none)."""
-    runs = [p for p in exp_dir.glob("*/metrics.jsonl")] if exp_dir.is_dir() else []
-    if not runs:
-        return []
-    records = []
-    for line in max(runs, key=os.path.getmtime).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return [r for r in records if isinstance(r, dict)]
+    runs = [p for p in exp_dir.glob(f"*/{METRICS_FILE}")] if exp_dir.is_dir() else []
+    return workdir.read_metrics(max(runs, key=os.path.getmtime)) if runs else []
 
 
 def command(recipe: Recipe, model: str, ranks: int, out: Path, test_every: int, stop_at: float,

@@ -26,13 +26,12 @@ from typing import Any, Optional
 
 import torch
 
-from launcher.workdir import atomic_write_bytes
+from launcher.workdir import atomic_write_bytes, parse_work_dir_name
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT = "kfac-mnist-checkpoint"
 VERSION = 1
 _NAME = re.compile(r"step_(\d+)\.pt\Z")
-_WORK_DIR = re.compile(r"\d{8}_\d{6}_(?P<job>.+?)(?:_\d+)?\Z")
 
 # The config keys a checkpoint must share with the run that resumes it: they fix the model,
 # the optimizer's state layout and the global data order. Epochs and learning rates may change.
@@ -268,8 +267,8 @@ def _latest(experiment_dir: Path, job_name: str) -> Path:
     candidates = []
     if experiment_dir.is_dir():
         for run in experiment_dir.iterdir():
-            match = _WORK_DIR.match(run.name)
-            if run.is_dir() and match and match.group("job") == job_name:
+            parsed = parse_work_dir_name(run.name)
+            if run.is_dir() and parsed is not None and parsed.job_name == job_name:
                 found = newest_checkpoint(run)
                 if found is not None:
                     candidates.append((found.stat().st_mtime_ns, found))
