@@ -172,7 +172,7 @@ def main(cfg: DictConfig) -> None:
     from trainer.checkpoint import CheckpointError
     from trainer.config import validate
     from trainer.data import DataError
-    from trainer.trainer import NonFiniteError
+    from trainer.gradients import NonFiniteError
 
     errors = validate(cfg)
     if errors:

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.idx import DataError, parse_idx, read_bytes, read_idx, write_idx
 from trainer.mnist_fetch import (
     FILE_NAMES,
     IMAGES_MAGIC,
@@ -33,16 +34,11 @@ from trainer.mnist_fetch import (
     TEST_LABELS,
     TRAIN_IMAGES,
     TRAIN_LABELS,
-    DataError,
     check_sha256,
     default_data_dir,
     ensure_mnist,
     find_file,
-    parse_idx,
-    read_bytes,
-    read_idx,
     verify_mnist,
-    write_idx,
 )
 
 __all__ = [

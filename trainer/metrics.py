@@ -1,7 +1,6 @@
 """``metrics.jsonl``: one JSON object a line, per epoch and per periodic test; its one writer.
 
-The reader (``read_metrics``, ``parse_metrics``, ``epoch_records``) is ``launcher.workdir``'s,
-re-exported here.
+The reader (``read_metrics``, ``parse_metrics``, ``epoch_records``) is ``launcher.workdir``'s.
 
 An epoch record has no ``kind``; a test record of ``trainer.test_every_steps`` has ``"kind": "test"``.
 """
@@ -13,9 +12,7 @@ import os
 from collections.abc import Iterable
 from typing import Any
 
-from launcher.workdir import METRICS_FILE, atomic_write_text, epoch_records, parse_metrics, read_metrics
-
-__all__ = ["METRICS_FILE", "append_metrics", "epoch_records", "parse_metrics", "read_metrics", "rewrite_metrics"]
+from launcher.workdir import atomic_write_text
 
 
 def append_metrics(path: str | os.PathLike[str], record: dict[str, Any]) -> None:

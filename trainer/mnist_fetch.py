@@ -32,15 +32,7 @@ from typing import IO, Any
 import numpy as np
 
 from launcher.workdir import atomic_write_bytes
-from trainer.idx import (  # noqa: F401  (re-exported: the data room's one import of the IDX format)
-    DataError,
-    gunzip_if_gzip,
-    idx_bytes,
-    parse_idx,
-    read_bytes,
-    read_idx,
-    write_idx,
-)
+from trainer.idx import DataError, gunzip_if_gzip, idx_bytes, read_bytes
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"

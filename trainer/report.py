@@ -27,8 +27,8 @@ from typing import Any, Optional
 
 import yaml
 
+from launcher.workdir import METRICS_FILE, epoch_records, parse_metrics
 from trainer.lbann_log import g
-from trainer.metrics import METRICS_FILE, epoch_records, parse_metrics
 
 METRICS = METRICS_FILE
 # Keys that differ between runs without making them different experiments.

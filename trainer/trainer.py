@@ -24,7 +24,6 @@ from launcher.workdir import PREEMPTED_FILE, atomic_write_text
 from trainer import lbann_log
 from trainer.checkpoint import CheckpointPolicy, save_checkpoint
 from trainer.clock import TrainClock
-from trainer.config import ON_NONFINITE
 from trainer.data import batch_plan, epoch_batches
 from trainer.evaluate import evaluate
 from trainer.gradients import (
@@ -37,8 +36,6 @@ from trainer.gradients import (
 from trainer.metrics import append_metrics, rewrite_metrics
 from trainer.signals import StopSignals
 from trainer.state import load_trainer_state, trainer_state
-
-__all__ = ["ON_NONFINITE", "CheckpointPolicy", "NonFiniteError", "Stats", "Trainer"]
 
 
 @dataclass

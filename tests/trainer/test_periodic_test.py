@@ -12,11 +12,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from launcher.workdir import read_metrics
 from tests.support.hooks import HookRecorder
 from tests.support.trainers import make_trainer
 from trainer.callbacks import TimerCallback
 from trainer.config import Config, validate
-from trainer.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
