@@ -84,7 +84,7 @@ class LinearBlock(KroneckerBlock):
         right = self._a_inv.solve(rows.mT.to(dtype))  # A⁻¹ is symmetric
         return left, right
 
-    def _through_batch(self) -> torch.Tensor | None:
+    def _batch_product(self) -> torch.Tensor | None:
         """``(G⁻¹gᵀ)([a|1]A⁻¹)`` when this step's batch was offered and that route is cheaper."""
         halves = self._batch_halves()
         return None if halves is None else halves[0] @ halves[1].mT
@@ -104,6 +104,3 @@ class LinearBlock(KroneckerBlock):
             return False
         torch.mm(left, right.mT, out=weight.view(left.shape[0], right.shape[0]))
         return True
-
-    def _batch_product(self) -> torch.Tensor | None:
-        return self._through_batch()

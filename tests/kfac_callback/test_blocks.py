@@ -307,7 +307,7 @@ def test_preconditioning_through_the_batch_equals_the_dense_kron_solve(bias: boo
     expected = torch.linalg.solve(torch.kron(a_d, g_d), vec(gm)).reshape(da, dg).mT
     assert block.compute_inverses(Dampings(lam_a, lam_g, 9.0, 9.0), False, use_eigen, D)
     block.set_batch(x, g_out)
-    assert block._through_batch() is not None  # the batch route is the one taken
+    assert block._batch_product() is not None  # the batch route is the one taken
     block.set_batch(x, g_out)
     assert block.precondition(1.0)
     torch.testing.assert_close(layer.weight.grad, expected[:, :40])
