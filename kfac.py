@@ -16,9 +16,12 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import socket
 import sys
+import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
@@ -34,8 +37,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.config import CONFIG_DIR, LauncherConfig, group_options
-from launcher.env import LAUNCHED, rank_info
-from launcher.flags import FlagError, help_text, translate
+from launcher.env import LAUNCHED, inside_slurm_allocation, rank_info
+from launcher.flags import FlagError, did_you_mean, help_text, translate
 from launcher.workdir import ERR_LOG, choose_work_dir
 
 
@@ -46,10 +49,32 @@ def register_schema() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 
 
-def fail(message: str) -> None:
-    """Ends the program with one clear line and exit status 2 (bad input)."""
-    print(f"kfac.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
+# How long a rank other than 0 waits before it reports a problem itself: a problem of the
+# config reaches every rank, and rank 0's one line (which ends the job) is enough.
+RANK_GRACE_SECONDS = 5.0
+
+
+def fail(message: str, status: int = 2, kind: str = "error") -> None:
+    """Ends the program with one clear line; exit status 2 for bad input.
+
+    In a job of several ranks the job gets one line, not one per rank: rank 0 reports and
+    ends the job; another rank reports (naming itself) only if the job is still running after
+    a grace period, which means the problem is its own (a node without a GPU, say). Ranks end
+    with ``os._exit``: the launcher then stops the others without MPI_Abort's banner.
+    """
+    info = rank_info(os.environ) if os.environ.get(LAUNCHED) else None
+    if info is None or info.world_size == 1:
+        print(f"kfac.py: {kind}: {message}", file=sys.stderr)
+        sys.exit(status)
+    if info.rank != 0:
+        if kind != "interrupted":
+            time.sleep(RANK_GRACE_SECONDS)
+        message = f"rank {info.rank}/{info.world_size} on {socket.gethostname()}: {message}"
+    if info.rank == 0 or kind != "interrupted":
+        print(f"kfac.py: {kind}: {message}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 GROUPS_CHECKED = ("sweep", "experiment")  # optional groups: Hydra silently skips a misspelt name
@@ -93,6 +118,43 @@ def check_group_options(overrides: list[str], config_dirs: list[str]) -> None:
                 fail(f"{key}={name}: no such {key} config (known: {', '.join(known) or 'none'})")
 
 
+def schema_keys(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (``trainer.epochs``, ``kfac.damping_act``, ...)."""
+    keys = []
+    for name in node:
+        key = f"{prefix}{name}"
+        keys.append(key)
+        if OmegaConf.is_dict(node[name]):
+            keys += schema_keys(node[name], key + ".")
+    return keys
+
+
+def check_keys(overrides: list[str], config_dirs: list[str]) -> None:
+    """Refuses an override of a key the schema lacks, ``+trainer.epoch=3`` included.
+
+    Hydra would add a ``+key`` silently (and suggest the ``+`` for a plain one); a typo must
+    stop the run, with the closest real key.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from trainer.config import Config
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # precompose reports the unparsable override
+        return
+    groups = {d for folder in (CONFIG_DIR, *config_dirs) if os.path.isdir(folder)
+              for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))}
+    schema = OmegaConf.structured(Config)
+    known = schema_keys(schema)
+    for override in parsed:
+        key = override.get_key_element().lstrip("+~").split("@")[0]
+        if key.split(".")[0] == "hydra" or key in groups or key in known:
+            continue
+        fail(f"{override.input_line}: {key} is not a config key{did_you_mean(key, known)} "
+             "(python3 kfac.py --cfg job lists them)")
+
+
 def unparsable(overrides: list[str]) -> str:
     """``"<override>: "`` for the first override Hydra cannot parse (its own message names none)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -117,6 +179,7 @@ def precompose(overrides: list[str], config_dirs: list[str] = (), multirun: bool
     from trainer.config import validate
 
     check_group_options(overrides, list(config_dirs))
+    check_keys(overrides, list(config_dirs))
     search = [f"hydra.searchpath=[{','.join('file://' + os.path.abspath(d) for d in config_dirs)}]"] if config_dirs else []
     try:
         points = sweep_points(overrides) if multirun else [overrides]
@@ -135,6 +198,36 @@ def precompose(overrides: list[str], config_dirs: list[str] = (), multirun: bool
         errors = validate(cfg)
         if errors:
             fail("; ".join(errors))
+        check_here(cfg)
+    note_kfac_options(overrides, configs)
+
+
+def runs_here(cfg: DictConfig) -> bool:
+    """Whether this machine runs the ranks (not a batch job's or an allocation's nodes)."""
+    return not cfg.launcher.batch_job and cfg.launcher.scheduler != "slurm" and not inside_slurm_allocation(os.environ)
+
+
+def check_here(cfg: DictConfig) -> None:
+    """The checks that need the model and the machine (trainer/preflight.py), before a work dir exists.
+
+    The device checks only where the ranks will run on this machine: a login node without
+    GPUs may well submit a GPU job.
+    """
+    from trainer.preflight import data_problems, device_problems, layer_problems
+
+    found = [*layer_problems(cfg), *data_problems(cfg), *(device_problems(cfg) if runs_here(cfg) else [])]
+    if found:
+        fail("; ".join(found))
+
+
+def note_kfac_options(overrides: list[str], configs: list[DictConfig]) -> None:
+    """Says in one line that K-FAC options given without ``--kfac`` change nothing."""
+    if any(cfg.kfac.enabled for cfg in configs):
+        return
+    given = [o for o in overrides if o.lstrip("+~").startswith("kfac.")]
+    if given:
+        keys = ", ".join(o.lstrip("+~").partition("=")[0] for o in given)
+        print(f"kfac.py: note: {keys} has no effect without --kfac (kfac.enabled=true)", file=sys.stderr)
 
 
 def hydra_value(text: str) -> str:
@@ -173,6 +266,7 @@ def main(cfg: DictConfig) -> None:
     from trainer.config import validate
     from trainer.data import DataError
     from trainer.gradients import NonFiniteError
+    from trainer.preflight import SetupError
 
     errors = validate(cfg)
     if errors:
@@ -180,11 +274,10 @@ def main(cfg: DictConfig) -> None:
 
     try:
         launch(cfg)
-    except (DataError, CheckpointError) as err:
+    except (DataError, CheckpointError, SetupError) as err:
         fail(str(err))
     except NonFiniteError as err:
-        print(f"kfac.py: stopped: {err}", file=sys.stderr)
-        sys.exit(3)
+        fail(str(err), 3, "stopped")
 
 
 def launch(cfg: DictConfig) -> None:
@@ -211,6 +304,8 @@ def launch(cfg: DictConfig) -> None:
         status = start(run, lambda out: train(cfg, str(out)))
     except (LaunchError, SubmitError) as err:
         fail(str(err))
+    if status in (2, 3):  # the ranks have said why, in one line
+        sys.exit(status)
     if status:
         print(f"kfac.py: the run ended with status {status}; see {work_dir / ERR_LOG}", file=sys.stderr)
         sys.exit(status)
@@ -272,3 +367,5 @@ if __name__ == "__main__":
     except BrokenPipeError:  # `kfac.py --help | head -1`: the reader left; that is not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one during it
+        fail("stopped by Ctrl-C; no checkpoint written by this stop", 130, "interrupted")

@@ -19,7 +19,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Optional, TextIO
@@ -213,6 +214,30 @@ def _tee(source: BinaryIO, log: BinaryIO, terminal: TextIO) -> None:
         terminal.flush()
 
 
+@contextmanager
+def _passing_ctrl_c_on(proc: subprocess.Popen) -> Iterator[None]:
+    """While inside, a Ctrl-C here becomes a SIGINT to the script's process group.
+
+    mpiexec passes one SIGINT on to every rank, which then checkpoints and stops at the end of
+    its step (trainer/signals.py); a second Ctrl-C makes mpiexec end the ranks at once.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum: int, frame: object) -> None:
+        try:
+            os.killpg(proc.pid, signal.SIGINT)
+        except ProcessLookupError:  # the script has just ended
+            pass
+
+    saved = signal.signal(signal.SIGINT, forward)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, saved)
+
+
 def run_batch_script(work_dir: str | os.PathLike[str], *, stdout: Optional[TextIO] = None,
                      stderr: Optional[TextIO] = None) -> int:
     """Runs ``bash batch.sh`` in the work dir; its output goes to the terminal and to out.log / err.log.
@@ -233,7 +258,8 @@ def run_batch_script(work_dir: str | os.PathLike[str], *, stdout: Optional[TextI
     err_terminal = stderr if stderr is not None else sys.stderr
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(path / OUT_LOG, "ab") as out_log, open(path / ERR_LOG, "ab") as err_log:
-        proc = subprocess.Popen(["bash", SCRIPT_NAME], cwd=path, env=env,
+        # Its own session: a Ctrl-C reaches this process alone, which passes it on exactly once.
+        proc = subprocess.Popen(["bash", SCRIPT_NAME], cwd=path, env=env, start_new_session=True,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdout is not None and proc.stderr is not None
         threads = [threading.Thread(target=_tee, args=(proc.stdout, out_log, out_terminal), daemon=True),
@@ -241,8 +267,9 @@ def run_batch_script(work_dir: str | os.PathLike[str], *, stdout: Optional[TextI
         for thread in threads:
             thread.start()
         try:
-            returncode = proc.wait()
-        except BaseException:  # Ctrl-C: the ranks got SIGINT too; don't leave the script behind
+            with _passing_ctrl_c_on(proc):
+                returncode = proc.wait()
+        except BaseException:  # never leave the script behind
             proc.send_signal(signal.SIGTERM)
             proc.wait()
             raise

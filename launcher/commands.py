@@ -42,7 +42,9 @@ def srun_argv(cfg: LauncherConfig, python: str, script: str, overrides: Sequence
     ranks = cfg.nodes * cfg.procs_per_node
     # --mpi=pmi2: without it, SLURMs configured with MpiDefault=none start N separate
     # one-rank MPI worlds (MPICH's PMI client needs SLURM's pmi2 plugin).
-    return ["srun", "--mpi=pmi2", f"--nodes={cfg.nodes}", f"--ntasks={ranks}", f"--ntasks-per-node={cfg.procs_per_node}",
+    # --kill-on-bad-exit: a rank that fails ends the step, instead of leaving the others
+    # waiting in a collective until the time limit.
+    return ["srun", "--mpi=pmi2", "--kill-on-bad-exit=1", f"--nodes={cfg.nodes}", f"--ntasks={ranks}", f"--ntasks-per-node={cfg.procs_per_node}",
             *rank_command(python, script, overrides, ranks)]
 
 

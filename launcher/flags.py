@@ -7,6 +7,7 @@ arguments (``key=value`` overrides, ``-m``, ``--cfg job``, ``--help`` ...) throu
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,7 +120,7 @@ FLAGS: dict[str, Flag] = {
     "--job-name": Flag("launcher.job_name", _name, "job name"),
     "--setup-only": Flag("launcher.setup_only", None, "write the work directory, run nothing"),
     "--batch-job": Flag("launcher.batch_job", None, "submit the batch script with sbatch"),
-    "--num-epochs": Flag("trainer.epochs", _int(0), "epochs"),
+    "--num-epochs": Flag("trainer.epochs", _int(1), "epochs"),
     "--mini-batch-size": Flag("trainer.mini_batch_size", _int(1), "GLOBAL mini-batch size"),
     "--model": Flag("model", _group("model"), "a configs/model/ file"),
     "--optimizer": Flag("optimizer", _group("optimizer"), "a configs/optimizer/ file"),
@@ -160,6 +161,20 @@ def canonical_flag(arg: str) -> str:
     return "--" + arg[2:].replace("_", "-") if arg.startswith("--") else arg
 
 
+def did_you_mean(word: str, known: list[str]) -> str:
+    """``"; did you mean X?"`` for the closest of ``known`` names, or ``""``."""
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def stray_value(arg: str, before: Optional[str]) -> str:
+    """The message for a word that is neither a flag nor a ``key=value`` override."""
+    switch = FLAGS.get(canonical_flag(before.partition("=")[0])) if before else None
+    if switch is not None and switch.parse is None:
+        return f"{before} takes no value, but {arg!r} follows it: drop {arg!r} (the flag alone turns it on)"
+    return f"{arg!r}: neither a flag (--name) nor an override (key=value)"
+
+
 def translate(argv: list[str]) -> list[str]:
     """Turns LBANN flags into Hydra overrides; Hydra's arguments pass through unchanged.
 
@@ -179,12 +194,14 @@ def translate(argv: list[str]) -> list[str]:
                 i += 1
             continue
         if not arg.startswith("-"):
+            if not eq and not arg.startswith("~"):  # Hydra would answer with a lexer error
+                raise FlagError(stray_value(arg, argv[i - 2] if i >= 2 else None))
             out.append(arg)  # a Hydra override: key=value, +key=value, ~key
             continue
         flag = FLAGS.get(canonical_flag(name))
         if flag is None:
-            raise FlagError(f"{name}: unknown flag (see --help for the flags, or use a "
-                            "Hydra override key=value)")
+            raise FlagError(f"{name}: unknown flag{did_you_mean(canonical_flag(name), [*FLAGS, *HYDRA_ARGS])} "
+                            "(see --help for the flags, or use a Hydra override key=value)")
         if flag.parse is None:
             if eq:
                 raise FlagError(f"{name}: takes no value")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, TextIO
 
-from launcher.batch import BatchSpec, render_batch_script, run_batch_script, submit, write_work_dir
+from launcher.batch import BatchSpec, SubmitError, render_batch_script, run_batch_script, submit, write_work_dir
 from launcher.commands import script_argv
 from launcher.config import LauncherConfig, requeue_without_slurm
 from launcher.env import LAUNCHED, inside_slurm_allocation
@@ -153,22 +153,38 @@ def start(run: Run, train_here: Callable[[Path], None], environ: Optional[Mappin
     scheduler = choose_scheduler(cfg, environ)
     ranks = cfg.nodes * cfg.procs_per_node
     mpiexec, flavor = "mpiexec", "mpich"
-    if scheduler == "mpiexec" and ranks > 1:
+    if scheduler == "mpiexec" and ranks > 1 and not (cfg.setup_only and not shutil.which("mpiexec")):
         mpiexec = find_mpiexec()
         flavor = local_mpi_flavor(mpiexec)
     if requeue_without_slurm(cfg.requeue, scheduler):
         raise LaunchError(f"launcher.requeue needs SLURM, but this run uses {scheduler}: add --batch-job "
                           "or use launcher=slurm")
-    if scheduler == "slurm" and not cfg.batch_job and not shutil.which("srun"):
-        raise LaunchError("launcher.scheduler=slurm, but srun is not on PATH")
+    # Writing a script needs nothing; running or submitting it needs its tool, checked before
+    # any work dir exists (a run that cannot start leaves nothing behind).
+    if not cfg.setup_only:
+        if cfg.batch_job and not shutil.which("sbatch", path=environ.get("PATH")):
+            raise LaunchError("--batch-job submits with sbatch, which is not on PATH (is this a SLURM login "
+                              "node?); --setup-only writes the script without submitting it")
+        if scheduler == "slurm" and not cfg.batch_job and not shutil.which("srun", path=environ.get("PATH")):
+            raise LaunchError("launcher.scheduler=slurm runs the ranks with srun, which is not on PATH; "
+                              "--setup-only writes the script without running it")
     spec = batch_spec(run, scheduler, sys.executable, mpiexec, flavor)
+    existed = run.work_dir.exists()
     write_work_dir(run.work_dir, render_batch_script(spec), run.config_yaml)
-    print(f"work dir: {run.work_dir}", flush=True)
+    if not cfg.batch_job or cfg.setup_only:
+        print(f"work dir: {run.work_dir}", flush=True)
     if cfg.setup_only:
-        print(f"setup only: run it with  bash {run.work_dir / SCRIPT_NAME}", flush=True)
+        runner = "sbatch" if spec.scheduler == "slurm" else "bash"
+        print(f"setup only: run it with  {runner} {run.work_dir / SCRIPT_NAME}", flush=True)
         return 0
     if cfg.batch_job:
-        job_id = submit(run.work_dir)
+        try:
+            job_id = submit(run.work_dir)
+        except SubmitError:
+            if not existed:  # a job that was never submitted leaves no work dir behind
+                shutil.rmtree(run.work_dir, ignore_errors=True)
+            raise
+        print(f"work dir: {run.work_dir}", flush=True)
         atomic_write_text(run.work_dir / JOB_ID_FILE, job_id + "\n")
         print(f"submitted batch job {job_id}", flush=True)
         return 0

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 
@@ -148,18 +149,30 @@ def cases(earlier: Path, tmp: Path) -> list[tuple[str, list[str], str]]:
         ("unknown optimizer", ["--optimizer", "adamw"], "adamw"),
         ("damping grows", ["--kfac", "--kfac-damping-act", "0.01,1"], "damping"),
         ("zero nodes", ["--nodes", "0"], "--nodes"),
-        ("batch not divisible", ["--procs-per-node", "3"], "not divisible"),
+        ("unknown flag, close to a real one", ["--num_epoch", "3"], "did you mean --num-epochs?"),
+        ("a value after a switch", ["--kfac", "1"], "--kfac takes no value"),
+        ("a bare word", ["fast"], "'fast': neither a flag"),
+        ("zero epochs", ["--num_epochs", "0"], "expected an integer >= 1, got 0"),
+        ("unknown layer to leave out", ["--kfac", "--kfac-disable-layers", "ip9"], "ip9 is not a layer of model mlp"),
         ("negative time limit", ["--time-limit", "-5"], "time"),
         ("flag without value", ["--num_epochs"], "--num_epochs"),
         # Hydra overrides
         ("negative epochs", ["trainer.epochs=-1"], "trainer.epochs"),
         ("unknown key", ["trainer.nosuchkey=1"], "nosuchkey"),
+        ("unknown key added with +", ["+trainer.epoch=3"], "trainer.epoch is not a config key; did you mean trainer.epochs?"),
+        ("unknown section", ["trainr.epochs=3"], "did you mean trainer.epochs?"),
         ("unknown device", ["trainer.device=tpu"], "trainer.device"),
         ("unknown dtype", ["trainer.dtype=float16"], "trainer.dtype"),
         ("learning rate not a number", ["optimizer.learning_rate=fast"], "fast"),
         ("unknown model group", ["model=transformer"], "transformer"),
         ("override syntax", ["trainer.epochs=[1,"], "trainer.epochs"),
-        ("keep zero checkpoints", ["trainer.keep_checkpoints=0"], "trainer.keep_checkpoints"),
+        ("negative checkpoints to keep", ["trainer.keep_checkpoints=-1"], "trainer.keep_checkpoints"),
+        ("no checkpoints, yet every epoch", ["trainer.keep_checkpoints=0", "trainer.checkpoint_every_epoch=true"],
+         "trainer.keep_checkpoints=0 writes no checkpoint"),
+        ("nccl on the CPU", ["trainer.backend=nccl", "trainer.device=cpu"], "trainer.backend=nccl"),
+        *([("cuda without a GPU", ["trainer.device=cuda"], "trainer.device=cuda: this machine has no CUDA device"),
+           ("nccl without a GPU", ["trainer.backend=nccl", "--procs-per-node", "2"], "NCCL needs GPUs")]
+          if not torch.cuda.is_available() else []),
         ("unknown on_nonfinite", ["trainer.on_nonfinite=ignore"], "trainer.on_nonfinite"),
         ("negative checkpoint interval", ["trainer.checkpoint_every_steps=-3"], "trainer.checkpoint_every_steps"),
         ("negative signal seconds", ["launcher.signal_seconds=-1"], "launcher.signal_seconds"),
@@ -176,6 +189,8 @@ def cases(earlier: Path, tmp: Path) -> list[tuple[str, list[str], str]]:
         # data files (each in its own experiment dir)
         *[(f"data: {what}", [*SMALL, f"data.dir={folder}", f"launcher.experiment_dir={tmp / 'runs' / folder.name}"],
            str(folder)) for what, folder in data_dirs.items()],
+        ("data dir that is a file", [*SMALL, f"data.dir={earlier / 'config.yaml'}"], "exists but is not a directory"),
+        ("data dir below a file", [*SMALL, f"data.dir={earlier / 'config.yaml' / 'mnist'}"], "is not a directory"),
         # checkpoint files
         ("truncated checkpoint", [*SMALL, f"trainer.resume={tmp / 'truncated.pt'}"], "truncated.pt"),
         ("random bytes checkpoint", [*SMALL, f"trainer.resume={tmp / 'random.pt'}"], "random.pt"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,12 +24,11 @@ BAD = [
     (["--model", "foo"], "--model: 'foo' is not one of cnn, mlp"),
     (["--mini_batch_size", "0"], "--mini_batch_size: expected an integer >= 1, got 0"),
     (["--optimizer-learning-rate", "abc"], "--optimizer-learning-rate: expected a number, got 'abc'"),
-    (["--num_epochs", "-1"], "--num_epochs: expected an integer >= 0, got -1"),
+    (["--num_epochs", "0"], "--num_epochs: expected an integer >= 1, got 0"),
     (["trainer.mini_batch_size=abc"], "trainer.mini_batch_size"),
     (["trainer.nonexistent=1"], "trainer.nonexistent"),
     (["optimizer=lbfgs"], "optimizer/lbfgs"),
-    (["trainer.epochs=-2", "trainer.device=tpu"], "trainer.epochs: must be >= 0, got -2; trainer.device"),
-    (["--procs-per-node", "3"], "trainer.mini_batch_size: 100 is not divisible by the 3 ranks"),
+    (["trainer.epochs=-2", "trainer.device=tpu"], "trainer.epochs: must be >= 1, got -2 (0 epochs would train nothing); trainer.device"),
     (["kfac.damping_act=[0.01,1]"], "kfac.damping_act"),
 ]
 
@@ -98,3 +98,55 @@ exit $status
     config = (work_dir / "config.yaml").read_text()
     assert "procs_per_node: 4" in config and "enabled: true" in config
 
+
+
+def bare_path(tmp_path: Path) -> dict[str, str]:
+    """An environment whose PATH holds this Python and nothing of SLURM or MPI (a laptop)."""
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "python").symlink_to(sys.executable)
+    return dict(os.environ, PATH=str(folder))
+
+
+def test_setup_only_writes_a_slurm_script_without_slurm_and_says_sbatch(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "kfac.py"), "--setup-only", "launcher=slurm", "--nodes", "2",
+                             "--procs-per-node", "2", "--time-limit", "30", f"launcher.experiment_dir={tmp_path / 'x'}"],
+                            capture_output=True, text=True, env=bare_path(tmp_path), timeout=120)
+    assert result.returncode == 0, result.stderr
+    (work_dir,) = (tmp_path / "x").iterdir()
+    assert f"setup only: run it with  sbatch {work_dir / 'batch.sh'}" in result.stdout
+    script = (work_dir / "batch.sh").read_text()
+    assert "#SBATCH --nodes=2" in script and "srun --mpi=pmi2 --kill-on-bad-exit=1" in script
+
+
+@pytest.mark.parametrize("args", [["--batch-job", "launcher=slurm"], ["launcher=slurm", "--procs-per-node", "2"]])
+def test_a_run_that_cannot_start_for_want_of_slurm_leaves_no_work_dir(tmp_path, args):
+    result = subprocess.run([sys.executable, str(ROOT / "kfac.py"), *args, f"launcher.experiment_dir={tmp_path / 'x'}"],
+                            capture_output=True, text=True, env=bare_path(tmp_path), timeout=120)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "is not on PATH" in lines[0] and "--setup-only" in lines[0], lines
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+def test_kfac_options_without_kfac_are_named_in_one_note(tmp_path):
+    result = kfac("--kfac-damping-act", "0.1", "kfac.inverse_strategy=root", "--cfg", "job")
+    assert result.returncode == 0
+    result = kfac("--num_epochs", "1", *SMALL, "--kfac-damping-act", "0.1", f"launcher.experiment_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "kfac.py: note: kfac.damping_act has no effect without --kfac (kfac.enabled=true)"
+    result = kfac("--num_epochs", "1", *SMALL, "--kfac", "--kfac-damping-act", "0.1", f"launcher.experiment_dir={tmp_path}")
+    assert result.returncode == 0 and "note" not in result.stderr, result.stderr
+
+
+def test_keep_checkpoints_zero_writes_none(tmp_path):
+    result = kfac("--num_epochs", "1", *SMALL, "trainer.keep_checkpoints=0", f"launcher.experiment_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    (work_dir,) = tmp_path.iterdir()
+    assert (work_dir / "metrics.jsonl").exists() and not (work_dir / "checkpoints").exists()
+
+
+def test_help_into_a_pipe_that_closes_is_quiet():
+    result = subprocess.run(f"{sys.executable} {ROOT / 'kfac.py'} --help | head -c 10", shell=True,
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout == "kfac.py: t" and result.stderr == ""

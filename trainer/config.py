@@ -44,7 +44,7 @@ class TrainerConfig:
     """The training loop."""
 
     epochs: int = 20
-    mini_batch_size: int = 100  # global: split evenly over ranks
+    mini_batch_size: int = 100  # global: split over ranks as evenly as it goes (docs/algorithm.md §6)
     test_every_epoch: bool = False
     test_every_steps: int = 0  # 0: off; else also test every N global steps ("kind": "test" metrics records)
     stop_at_test_accuracy: Optional[float] = None  # end the run once a test reaches this accuracy (%)
@@ -57,7 +57,7 @@ class TrainerConfig:
     tensorboard: bool = False  # also write TensorBoard scalars to <output_dir>/tensorboard (rank 0)
     checkpoint_every_steps: int = 0  # 0: off; checkpoints go to <work dir>/checkpoints
     checkpoint_every_epoch: bool = False
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # 0: no checkpoint at all (and a stop signal ends the run without one)
     resume: Optional[str] = None  # a checkpoint file or work dir | latest | auto (this work dir's newest)
     on_nonfinite: str = "skip"  # skip | stop: what a step with a NaN/Inf loss or gradient does
 
@@ -81,8 +81,8 @@ def validate(cfg: Any) -> list[str]:
     if cfg.model.name not in MODELS:
         errors.append(f"model.name: {cfg.model.name!r} is not one of {', '.join(MODELS)}")
     t = cfg.trainer
-    if t.epochs < 0:
-        errors.append(f"trainer.epochs: must be >= 0, got {t.epochs}")
+    if t.epochs < 1:
+        errors.append(f"trainer.epochs: must be >= 1, got {t.epochs} (0 epochs would train nothing)")
     if t.mini_batch_size < 1:
         errors.append(f"trainer.mini_batch_size: must be >= 1, got {t.mini_batch_size}")
     if t.device not in DEVICES:
@@ -91,6 +91,9 @@ def validate(cfg: Any) -> list[str]:
         errors.append(f"trainer.dtype: {t.dtype!r} is not one of float32, float64")
     if t.backend not in BACKENDS:
         errors.append(f"trainer.backend: {t.backend!r} is not one of {', '.join(BACKENDS)}")
+    elif t.backend == "nccl" and t.device == "cpu":
+        errors.append("trainer.backend=nccl: NCCL runs on GPUs, but trainer.device=cpu; use trainer.backend=auto, "
+                      "mpi or gloo, or trainer.device=cuda")
     if t.num_threads is not None and t.num_threads < 1:
         errors.append(f"trainer.num_threads: must be >= 1 (or null), got {t.num_threads}")
     if str(t.progress).lower() not in PROGRESS:
@@ -105,8 +108,15 @@ def validate(cfg: Any) -> list[str]:
                       "trainer.test_every_epoch=true (otherwise only the final test would check it)")
     if t.checkpoint_every_steps < 0:
         errors.append(f"trainer.checkpoint_every_steps: must be >= 0 (0: off), got {t.checkpoint_every_steps}")
-    if t.keep_checkpoints < 1:
-        errors.append(f"trainer.keep_checkpoints: must be >= 1, got {t.keep_checkpoints}")
+    if t.keep_checkpoints < 0:
+        errors.append(f"trainer.keep_checkpoints: must be >= 0 (0: write none), got {t.keep_checkpoints}")
+    elif t.keep_checkpoints == 0:
+        asked = [k for k, on in (("trainer.checkpoint_every_steps", t.checkpoint_every_steps > 0),
+                                 ("trainer.checkpoint_every_epoch", t.checkpoint_every_epoch),
+                                 ("launcher.requeue", cfg.launcher.requeue)) if on]
+        if asked:
+            errors.append(f"trainer.keep_checkpoints=0 writes no checkpoint, but {', '.join(asked)} needs them: "
+                          "keep at least 1, or turn those off")
     if t.on_nonfinite not in ON_NONFINITE:
         errors.append(f"trainer.on_nonfinite: {t.on_nonfinite!r} is not one of {', '.join(ON_NONFINITE)}")
     if t.resume is not None and not str(t.resume).strip():
@@ -118,12 +128,6 @@ def validate(cfg: Any) -> list[str]:
     errors += validate_optimizer(cfg.optimizer)
     errors += validate_kfac(cfg.kfac)
     errors += validate_launcher(cfg.launcher)
-    ranks = cfg.launcher.nodes * cfg.launcher.procs_per_node
-    if t.mini_batch_size >= 1 and t.mini_batch_size % ranks:
-        errors.append(
-            f"trainer.mini_batch_size: {t.mini_batch_size} is not divisible by the "
-            f"{ranks} ranks (nodes x procs_per_node)"
-        )
     return errors
 
 

@@ -151,7 +151,8 @@ def make_communicator(info: RankInfo, backend: str = "auto", device_type: str = 
     if backend == "auto":
         backend = "nccl" if device_type == "cuda" else "mpi"
     if backend == "nccl" and device_type != "cuda":
-        raise ValueError("trainer.backend=nccl needs GPUs (trainer.device=cuda)")
+        raise ValueError("trainer.backend=nccl: NCCL needs GPUs (trainer.device=cuda or auto on a GPU node); "
+                         "use trainer.backend=auto, mpi or gloo")
     if backend == "mpi":
         return MPIComm(info)
     return TorchDistComm(info, backend, multi_node)

@@ -293,6 +293,26 @@ def verify_mnist(data_dir: str | os.PathLike[str]) -> None:
         check_sha256(read_bytes(path), SHA256[name], path)
 
 
+def data_dir_problem(data_dir: Path) -> str:
+    """Why ``data_dir`` cannot hold MNIST (one line saying what to do), or ``""``.
+
+    A folder with the four files is fine; otherwise the files must be fetchable into it, so
+    the folder (or its first existing parent) must be a writable directory.
+    """
+    fix = "point data.dir (or KFAC_DATA_DIR) at a folder for MNIST"
+    if data_dir.exists() and not data_dir.is_dir():
+        return f"data.dir={data_dir}: exists but is not a directory; {fix}"
+    if data_dir.is_dir() and all(find_file(data_dir, name) is not None for name in FILE_NAMES):
+        return ""
+    existing = next(p for p in (data_dir, *data_dir.parents) if p.exists())
+    if not existing.is_dir():
+        return f"data.dir={data_dir}: {existing} is not a directory; {fix}"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return (f"data.dir={data_dir}: the MNIST files are missing and {existing} is not writable; "
+                f"{fix}, or fetch them there first (python -m trainer.data fetch --dir {data_dir})")
+    return ""
+
+
 def ensure_mnist(
     data_dir: str | os.PathLike[str] | None = None,
     *,
@@ -319,6 +339,9 @@ def ensure_mnist(
         DataError: Some file could not be fetched; the message lists every reason.
     """
     data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    problem = data_dir_problem(data_dir)
+    if problem:
+        raise DataError(problem)
     missing = [name for name in FILE_NAMES if find_file(data_dir, name) is None]
     if not missing:
         return data_dir

@@ -20,6 +20,7 @@ from trainer.config import DataConfig, TrainerConfig, section
 from trainer.data import default_data_dir, ensure_mnist, load_mnist
 from trainer.distributed import make_communicator
 from trainer.optimizers import OptimizerConfig, build_optimizer
+from trainer.preflight import SetupError, problems
 from trainer.progress import ProgressCallback
 from trainer.trainer import Trainer
 
@@ -29,7 +30,7 @@ def choose_device(name: str, local_rank: int) -> torch.device:
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise RuntimeError("trainer.device=cuda, but no CUDA device is available")
+        raise SetupError("trainer.device=cuda: this node has no CUDA device; use trainer.device=auto or cpu")
     device = torch.device("cuda", local_rank % torch.cuda.device_count())
     torch.cuda.set_device(device)
     return device
@@ -43,15 +44,21 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
     ocfg: OptimizerConfig = section(cfg.optimizer, OptimizerConfig)
     expected = cfg.launcher.nodes * cfg.launcher.procs_per_node
     if info.world_size != expected:
-        raise RuntimeError(f"this job has {info.world_size} ranks but the config asks for {expected} "
-                           "(launcher.nodes x launcher.procs_per_node)")
+        raise SetupError(f"this job has {info.world_size} ranks but the config asks for {expected} "
+                         "(launcher.nodes x launcher.procs_per_node): start it with kfac.py, or match the two")
+    found = problems(cfg)  # checked again here: the node a rank runs on may differ from the submitter
+    if found:
+        raise SetupError("; ".join(found))
 
     torch.set_flush_denormal(tcfg.flush_denormal)
     if tcfg.num_threads or info.local_size > 1:
         # One thread pool per rank, sized to its share of the cores: oversubscribed ranks thrash.
         torch.set_num_threads(tcfg.num_threads or max(1, (os.cpu_count() or 1) // info.local_size))
     device = choose_device(tcfg.device, info.local_rank)
-    comm = make_communicator(info, tcfg.backend, device.type, multi_node=cfg.launcher.nodes > 1)
+    try:
+        comm = make_communicator(info, tcfg.backend, device.type, multi_node=cfg.launcher.nodes > 1)
+    except ValueError as err:  # a backend this device cannot use
+        raise SetupError(str(err)) from None
     # Before the data: a bad checkpoint is refused at once. A requeued job prefers its own newest.
     # (The model built for its shapes draws from the RNG; the seed is set again below.)
     resume, state = checked_resume(cfg, lambda: build_model(cfg.model.name), work_dir=output_dir, device=device)
@@ -88,7 +95,7 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
     metrics_path = os.path.join(output_dir, METRICS_FILE) if output_dir else None
     identity = run_identity(cfg, model_shapes(model))
     policy = None
-    if output_dir:
+    if output_dir and tcfg.keep_checkpoints > 0:  # 0: no checkpoints, not even the final one
         policy = CheckpointPolicy(os.path.join(output_dir, CHECKPOINT_DIR), tcfg.checkpoint_every_steps,
                                   tcfg.checkpoint_every_epoch, tcfg.keep_checkpoints, identity, output_dir)
     if output_dir and comm.rank == 0:  # a new start: the marker of an earlier stop is stale

@@ -1,8 +1,9 @@
-"""Stop signals: SIGTERM / SIGUSR1 ask the trainer to checkpoint and stop at the next step."""
+"""Stop signals: SIGTERM / SIGUSR1 / Ctrl-C ask the trainer to checkpoint and stop at the next step."""
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,13 +11,15 @@ from typing import Optional
 
 
 class StopSignals:
-    """Remembers that SIGTERM or SIGUSR1 arrived; the trainer stops at the next step boundary.
+    """Remembers that SIGTERM, SIGUSR1 or SIGINT arrived; the trainer stops at the next step boundary.
 
     The handlers only set a flag: checkpointing inside a signal handler could interrupt a
-    collective half-way. ``request()`` does the same from code (tests, other callbacks).
+    collective half-way. A second Ctrl-C does not wait: it raises ``KeyboardInterrupt`` as
+    Python's own handler would. ``request()`` does the same as a signal, from code (tests,
+    other callbacks).
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received: Optional[str] = None
@@ -24,6 +27,14 @@ class StopSignals:
     def request(self, reason: str = "request") -> None:
         """Asks for a stop at the next step boundary."""
         self.received = self.received or reason
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if signum == signal.SIGINT and self.received is not None:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT and self.received is None:
+            print("Ctrl-C: stopping with a checkpoint at the end of this step (Ctrl-C again to quit now)",
+                  file=sys.stderr, flush=True)
+        self.request(signal.Signals(signum).name)
 
     @contextmanager
     def installed(self) -> Iterator[None]:
@@ -33,7 +44,7 @@ class StopSignals:
             return
         saved = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
         for sig in self.SIGNALS:
-            signal.signal(sig, lambda signum, frame: self.request(signal.Signals(signum).name))
+            signal.signal(sig, self._handle)
         try:
             yield
         finally:
