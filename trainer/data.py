@@ -7,8 +7,8 @@ are re-exported here. To pre-stage the data for nodes without internet::
 
 Batching for data-parallel ranks: every rank draws the same permutation of the training
 set (seeded from ``seed`` and ``epoch``) and cuts each global mini-batch into
-``world_size`` contiguous shares; rank ``r`` takes share ``r``. The shares are disjoint and
-cover the batch without any communication.
+``world_size`` contiguous shares, as even as they go (docs/algorithm.md §6); rank ``r`` takes
+share ``r``. The shares are disjoint and cover the batch without any communication.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ __all__ = [
     "BatchPlan",
     "DataError",
     "batch_plan",
+    "split_batch",
     "default_data_dir",
     "ensure_mnist",
     "epoch_batches",
@@ -166,57 +167,64 @@ def load_mnist(
 # ---------------------------------------------------------------------------- batching
 
 
+def split_batch(batch: int, world_size: int) -> tuple[int, ...]:
+    """Each rank's share of a mini-batch of ``batch`` samples, as even as it goes.
+
+    Rank ``r`` gets ``batch // world_size`` samples, one more when ``r < batch % world_size``
+    (100 over 8 ranks: four ranks of 13, then four of 12; 2 over 3 ranks: 1, 1, 0), LBANN's
+    split (docs/algorithm.md §6).
+    """
+    base, extra = divmod(batch, world_size)
+    return tuple(base + (r < extra) for r in range(world_size))
+
+
 @dataclass(frozen=True)
 class BatchPlan:
-    """Iteration counts of one epoch, as LBANN prints them.
+    """Iteration counts of one epoch and every rank's share of its batches, as LBANN prints them.
 
     Attributes:
         iterations: Global mini-batches per epoch ("iter/epoch").
         global_batch: Samples in a full global mini-batch.
-        local_batch: Samples per rank in a full mini-batch.
-        global_last_batch: Samples in the epoch's last mini-batch ("global last MB").
-        local_last_batch: Samples per rank in the last mini-batch ("local last MB").
-        dropped: Samples left out each epoch because world_size does not divide them.
+        global_last_batch: Samples in the epoch's last mini-batch ("global last MB"): the
+            remainder, or a full batch when the batch size divides the epoch.
+        shares: Per rank, its samples of a full mini-batch (:func:`split_batch`).
+        last_shares: Per rank, its samples of the last mini-batch ("local last MB").
     """
 
     iterations: int
     global_batch: int
-    local_batch: int
     global_last_batch: int
-    local_last_batch: int
-    dropped: int
+    shares: tuple[int, ...]
+    last_shares: tuple[int, ...]
+
+    def step_shares(self, step: int) -> tuple[int, ...]:
+        """Per rank, its samples of mini-batch ``step`` (0-based) of the epoch."""
+        return self.last_shares if step == self.iterations - 1 else self.shares
 
 
 def batch_plan(n_samples: int, global_batch: int, world_size: int = 1) -> BatchPlan:
     """Returns how an epoch of ``n_samples`` splits into mini-batches and rank shares.
 
-    Full global batches come first. The remainder ``n_samples % global_batch`` forms a
-    last, smaller batch when ``world_size`` divides it (every rank gets an equal share, so
-    collectives stay in step); otherwise it is dropped for the epoch. With shuffling the
-    dropped samples differ from epoch to epoch.
+    Full global batches come first; the remainder ``n_samples % global_batch``, if any, is a
+    last, smaller batch. Every batch is split over the ranks by :func:`split_batch`, so any
+    batch size works on any rank count; a rank may get no sample of a batch smaller than the
+    rank count (it still takes part in the step, contributing nothing). No sample is dropped.
 
     Raises:
-        ValueError: Non-positive sizes, or ``world_size`` does not divide ``global_batch``.
+        ValueError: A negative ``n_samples``, or non-positive sizes.
     """
     if n_samples < 0:
         raise ValueError(f"n_samples must be >= 0, got {n_samples}")
     if global_batch < 1 or world_size < 1:
         raise ValueError(f"global_batch and world_size must be >= 1, got {global_batch} and {world_size}")
-    if global_batch % world_size:
-        raise ValueError(
-            f"global mini-batch size {global_batch} is not divisible by the {world_size} "
-            f"ranks; choose a multiple of {world_size}"
-        )
     full, rest = divmod(n_samples, global_batch)
-    keep_rest = rest > 0 and rest % world_size == 0
-    last = rest if keep_rest else (global_batch if full else 0)
+    last = rest if rest else (global_batch if full else 0)
     return BatchPlan(
-        iterations=full + int(keep_rest),
+        iterations=full + int(rest > 0),
         global_batch=global_batch,
-        local_batch=global_batch // world_size,
         global_last_batch=last,
-        local_last_batch=last // world_size,
-        dropped=0 if keep_rest else rest,
+        shares=split_batch(global_batch, world_size),
+        last_shares=split_batch(last, world_size),
     )
 
 
@@ -251,8 +259,9 @@ def epoch_batches(
         shuffle: Permute the samples (training) or keep file order (testing).
 
     Yields:
-        int64 index tensors of length ``global_batch // world_size``, and possibly a
-        shorter last one; see :func:`batch_plan` for the last batch.
+        int64 index tensors, one per global mini-batch: this rank's contiguous share
+        (:func:`split_batch`, possibly empty), the last batch possibly smaller; see
+        :func:`batch_plan`.
 
     Raises:
         ValueError: Bad sizes or rank; raised at the call, not at the first ``next``.
@@ -270,10 +279,10 @@ def epoch_batches(
 
 def _shares(order: torch.Tensor, plan: BatchPlan, rank: int) -> Iterator[torch.Tensor]:
     for step in range(plan.iterations):
-        start = step * plan.global_batch
-        last = step == plan.iterations - 1
-        local = plan.local_last_batch if last else plan.local_batch
-        yield order[start + rank * local : start + (rank + 1) * local]
+        shares = plan.step_shares(step)
+        # The ranks before this one hold the batch's first samples, in rank order.
+        start = step * plan.global_batch + sum(shares[:rank])
+        yield order[start : start + shares[rank]]
 
 
 # ---------------------------------------------------------------------------- command line

@@ -16,13 +16,16 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batches: Iterab
              device: torch.device, comm: Communicator) -> tuple[float, float]:
     """(Objective, accuracy in %) of ``model`` on the rows ``batches`` index, summed over ranks.
 
-    The sums are all-reduced, so every rank gets the same numbers; the model's training mode
+    Sums, not means, are all-reduced, so uneven shares of the test set (docs/algorithm.md §6)
+    count every sample once and every rank gets the same numbers; the model's training mode
     is restored afterwards.
     """
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64)
     for index in batches:
+        if not len(index):
+            continue  # a rank's empty share adds nothing, and no collective waits inside the loop
         xb = x[index].to(device, non_blocking=True)
         yb = y[index].to(device, non_blocking=True)
         logits = model(xb)

@@ -18,6 +18,7 @@ from trainer.data import (
     epoch_seed,
     load_mnist,
     read_idx,
+    split_batch,
     write_idx,
 )
 from trainer.idx import idx_bytes
@@ -228,31 +229,53 @@ def test_unshuffled_order_is_file_order() -> None:
     assert steps == [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8], [9, 10, 11]]]
 
 
-def test_indivisible_global_batch_is_an_error() -> None:
-    with pytest.raises(ValueError, match="global mini-batch size 10 is not divisible by the 4"):
-        epoch_batches(100, 10, world_size=4)
+def test_any_global_batch_splits_over_any_rank_count() -> None:
+    """100 over 8 ranks: rank r gets 100 // 8 + (r < 100 % 8), contiguous, in rank order."""
+    assert split_batch(100, 8) == (13, 13, 13, 13, 12, 12, 12, 12)
+    assert split_batch(100, 3) == (34, 33, 33)
+    assert split_batch(2, 3) == (1, 1, 0)
+    assert split_batch(0, 2) == (0, 0)
+    steps = _epoch(230, 100, 8, epoch=2, seed=3)
+    one = _epoch(230, 100, 1, epoch=2, seed=3)
+    assert [[len(s) for s in step] for step in steps] == [[13] * 4 + [12] * 4] * 2 + [[4] * 6 + [3] * 2]
+    for (whole,), shares in zip(one, steps, strict=True):
+        assert sum(shares, []) == whole
+    assert sorted(i for step in steps for share in step for i in share) == list(range(230))
+
+
+def test_a_rank_may_get_no_sample_of_a_small_batch() -> None:
+    steps = _epoch(5, 2, 3, shuffle=False)
+    assert steps == [[[0], [1], []], [[2], [3], []], [[4], [], []]]
+    assert all(b.dtype == torch.int64 for b in epoch_batches(5, 2, rank=2, world_size=3))
+
+
+def test_bad_rank_is_an_error() -> None:
     with pytest.raises(ValueError, match=r"rank must be in \[0, 2\)"):
         epoch_batches(100, 10, rank=2, world_size=2)
 
 
-def test_last_partial_batch_kept_only_when_ranks_divide_it() -> None:
-    kept = _epoch(104, 20, 4, shuffle=False)
-    assert len(kept) == 6
-    assert kept[-1] == [[100], [101], [102], [103]]
-    dropped = _epoch(103, 20, 4, shuffle=False)
-    assert len(dropped) == 5
-    assert dropped[-1][-1] == [95, 96, 97, 98, 99]
+def test_last_partial_batch_is_always_kept() -> None:
+    even = _epoch(104, 20, 4, shuffle=False)
+    assert len(even) == 6
+    assert even[-1] == [[100], [101], [102], [103]]
+    uneven = _epoch(103, 20, 4, shuffle=False)
+    assert len(uneven) == 6
+    assert uneven[-1] == [[100], [101], [102], []]
 
 
 def test_batch_plan_matches_lbann_counts() -> None:
     plan = batch_plan(60000, 64, 2)
-    assert (plan.iterations, plan.local_batch) == (938, 32)
-    assert (plan.global_last_batch, plan.local_last_batch, plan.dropped) == (32, 16, 0)
+    assert (plan.iterations, plan.shares) == (938, (32, 32))
+    assert (plan.global_last_batch, plan.last_shares) == (32, (16, 16))
     exact = batch_plan(10000, 100, 4)
-    assert (exact.iterations, exact.global_last_batch, exact.local_last_batch) == (100, 100, 25)
-    drop = batch_plan(103, 20, 4)
-    assert (drop.iterations, drop.global_last_batch, drop.local_last_batch) == (5, 20, 5)
-    assert drop.dropped == 3
+    assert (exact.iterations, exact.global_last_batch, exact.last_shares) == (100, 100, (25,) * 4)
+    uneven = batch_plan(1030, 100, 4)
+    assert (uneven.iterations, uneven.shares) == (11, (25,) * 4)
+    assert (uneven.global_last_batch, uneven.last_shares) == (30, (8, 8, 7, 7))
+    assert [uneven.step_shares(s) for s in (0, 9, 10)] == [(25,) * 4, (25,) * 4, (8, 8, 7, 7)]
+    three = batch_plan(10000, 100, 3)
+    assert (three.iterations, three.shares, three.last_shares) == (100, (34, 33, 33), (34, 33, 33))
     small = batch_plan(6, 20, 2)
-    assert (small.iterations, small.global_last_batch, small.local_last_batch) == (1, 6, 3)
-    assert batch_plan(0, 8).iterations == 0
+    assert (small.iterations, small.global_last_batch, small.last_shares) == (1, 6, (3, 3))
+    empty = batch_plan(0, 8, 2)
+    assert (empty.iterations, empty.global_last_batch, empty.last_shares) == (0, 0, (0, 0))

@@ -36,3 +36,19 @@ def test_training_and_test_lines_use_lbanns_number_format():
 def test_number_format_is_printf_g():
     assert [lbann_log.g(x) for x in (100.0, 98.23, 1e-5, 123456789.0, 0.1 + 0.2)] == [
         "100", "98.23", "1e-05", "1.23457e+08", "0.3"]
+
+
+UNEVEN_BLOCK = """\
+--------------------------------------------------------------------------------
+[0] Epoch : stats formated [tr/v/te] iter/epoch = [11/0/1]
+            global MB = [ 100/   0/ 100] global last MB = [  30  /   0  / 100  ]
+             local MB = [  12/   0/  12]  local last MB = [   3+6/   0+0/  12+4]
+--------------------------------------------------------------------------------"""
+
+
+def test_epoch_block_shows_an_uneven_split_as_base_plus_extra():
+    """100 over 8 ranks is 13 or 12 a rank: local MB the base 12, local last MB base+extra."""
+    shape = lbann_log.EpochShape(train_iters=11, test_iters=1, global_mb=100, global_last_train=30,
+                                 global_last_test=100, world_size=8)
+    assert lbann_log.epoch_block(0, shape) == UNEVEN_BLOCK
+
