@@ -1,8 +1,10 @@
 """The one training loop. Reads top to bottom; callbacks hook in at LBANN's named points.
 
-Each rank runs this loop on its share of every global mini-batch. The loss is the mean over
-the rank's local samples; gradients are averaged over ranks right after backward, so every
-rank steps with the same gradient and keeps the same weights.
+Each rank runs this loop on its share of every global mini-batch (the shares may differ by a
+sample, or be empty). The loss is the mean over the rank's local samples; gradients are
+combined over ranks right after backward, each rank's weighted by its share of the batch, so
+every rank steps with the gradient one rank would compute on the whole batch and keeps the
+same weights (docs/algorithm.md §6).
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ class Trainer:
         data: an object with ``train_x, train_y, test_x, test_y`` tensors (all samples; each
             rank picks its share of every global mini-batch).
         epochs: training epochs.
-        mini_batch_size: the GLOBAL mini-batch size.
+        mini_batch_size: the GLOBAL mini-batch size, any size on any number of ranks
+            (``trainer.data.split_batch`` says each rank's share).
         callbacks: called in this order at every hook.
         comm: the communicator (``trainer.distributed``).
         device: where the model lives.
@@ -119,13 +122,14 @@ class Trainer:
         self._eval: Optional[tuple[int, float, float]] = None  # (step, loss, accuracy) of the last test
         self.clock = TrainClock()  # training seconds, tests left out
         self.loss: Optional[torch.Tensor] = None
+        self.plan = batch_plan(len(self.data.train_y), self.mini_batch_size, self.comm.world_size)
+        self.shares: Optional[tuple[int, ...]] = None  # per rank, its samples of the current step
         self.shape = self._epoch_shape()
         self._start = time.time()
         self._dispatch("on_setup_end")
 
     def _epoch_shape(self) -> lbann_log.EpochShape:
-        train = batch_plan(len(self.data.train_y), self.mini_batch_size, self.comm.world_size)
-        test = batch_plan(len(self.data.test_y), self.mini_batch_size, self.comm.world_size)
+        train, test = self.plan, batch_plan(len(self.data.test_y), self.mini_batch_size, self.comm.world_size)
         return lbann_log.EpochShape(
             train_iters=train.iterations, test_iters=test.iterations, global_mb=self.mini_batch_size,
             global_last_train=train.global_last_batch, global_last_test=test.global_last_batch,
@@ -208,16 +212,21 @@ class Trainer:
         )
         # The order is a pure function of (seed, epoch): a resumed epoch skips what was done.
         for index in itertools.islice(batches, self.batch, None):
+            self.shares = self.plan.step_shares(self.batch)  # read by callbacks (K-FAC) from here on
             self._dispatch("on_batch_begin")
             x = self.data.train_x[index].to(self.device, non_blocking=True)
             y = self.data.train_y[index].to(self.device, non_blocking=True)
             logits = self.model(x)
-            self.loss = F.cross_entropy(logits, y)
+            # A rank without samples this step still runs forward and backward, so that it takes
+            # part in every collective and every K-FAC hook fires; it contributes zero (the mean
+            # of no samples would be NaN) (docs/algorithm.md §6).
+            self.loss = F.cross_entropy(logits, y) if len(y) else logits.sum() * 0
             self._dispatch("on_forward_prop_end")
             self.optimizer.zero_grad(set_to_none=True)
             self.loss.backward()
             stop, bad_loss = average_gradients(self.model, self.comm, self.checkpoint is not None and
-                                               self.signals.received is not None, not bool(torch.isfinite(self.loss)))
+                                               self.signals.received is not None, not bool(torch.isfinite(self.loss)),
+                                               self.shares)
             bad = nonfinite_gradients(self.model)
             if bad_loss or bad:
                 self._nonfinite(bad_loss, bad, x)  # raises for on_nonfinite=stop
