@@ -12,13 +12,18 @@ names) and from a plain PyTorch loop::
         loss.backward()               # (average gradients over ranks here)
         kfac.step()
         optimizer.step()
+
+With several ranks whose shares of a batch differ (100 samples over 3 ranks: 34, 33, 33),
+the loop weights each rank's gradient by its share and tells the callback the counts:
+``kfac.step(shares=[34, 33, 33])``; with ``skip_weight_grad`` also ``kfac.expect_shares(...)``
+before the forward pass (docs/algorithm.md §6).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -77,6 +82,7 @@ class KFACCallback(SkipWeightGrad, Callback):
         self.inverse_dtype = getattr(torch, c.inverse_dtype)
         self.owners = self._assign()
         self._need_inverses = True
+        self._expected: tuple[int, ...] | None = None  # expect_shares(): the coming step's shares
         self.clock = PhaseClock()
         self.capture = Recorder({name: b.module for name, b in self.blocks.items()}, self._skips_weight_grad)
 
@@ -125,12 +131,16 @@ class KFACCallback(SkipWeightGrad, Callback):
             self.say(line)
 
     def on_batch_begin(self, trainer: Any) -> None:
-        """Forgets captures of a step the trainer skipped (a non-finite loss): a new step starts."""
+        """Forgets captures of a step the trainer skipped (a non-finite loss): a new step starts.
+
+        The trainer's ``shares`` (per rank, its samples of this step) are expected from here on.
+        """
         self.capture.clear()
+        self.expect_shares(getattr(trainer, "shares", None))
 
     def on_backward_prop_end(self, trainer: Any) -> None:
-        """Preconditions the (rank-averaged) gradients."""
-        self.step()
+        """Preconditions the (rank-averaged) gradients, with the trainer's ``shares`` of this step."""
+        self.step(getattr(trainer, "shares", None))
 
     def on_epoch_end(self, trainer: Any) -> None:
         """Prints LBANN's damping line; ``trainer.epoch`` is 0-based."""
@@ -163,8 +173,40 @@ class KFACCallback(SkipWeightGrad, Callback):
 
     # -- the step --------------------------------------------------------------------
 
-    def step(self) -> None:
+    def expect_shares(self, shares: Sequence[int] | None) -> None:
+        """Announces the coming step's per-rank sample counts, before its forward pass.
+
+        Only ``skip_weight_grad`` needs it: which layers leave their weight GEMM to ``step()``
+        is decided during forward, from the global batch N, and every rank must decide alike;
+        a rank's own batch size alone does not give N when the shares differ. ``step()`` then
+        expects the same ``shares``. ``None``: every rank as many as this one.
+        """
+        self._expected = self._uneven(shares)
+
+    def _uneven(self, shares: Sequence[int] | None) -> tuple[int, ...] | None:
+        """``shares`` as a tuple when they differ between ranks; ``None`` for equal shares,
+        which take exactly the code path (and the numbers) of a call without shares."""
+        if shares is None:
+            return None
+        if len(shares) != self.comm.world_size or any(n < 0 for n in shares):
+            raise ValueError(f"K-FAC: shares {list(shares)}: need one count >= 0 for each of "
+                             f"the {self.comm.world_size} ranks")
+        return None if len(set(shares)) == 1 else tuple(int(n) for n in shares)
+
+    def _global_batch(self, local: int, shares: tuple[int, ...] | None) -> int:
+        """N, the step's global batch: the sum of the shares, or ``local`` on every rank."""
+        return local * self.comm.world_size if shares is None else sum(shares)
+
+    def step(self, shares: Sequence[int] | None = None) -> None:
         """One K-FAC step; call it after backward (and gradient averaging), before the optimizer.
+
+        Args:
+            shares: Per rank, how many samples it had in this step, the same list on every
+                rank; ``None`` (or equal counts): every rank as many as this one. With uneven
+                shares the gradients must have been combined with weights n_r/N (each rank's
+                loss the mean over its own n_r samples); the factors then use the true N and
+                each rank's own n_r, and the batch route weights each rank's rows alike
+                (docs/algorithm.md §3, §6). A rank with no samples still calls ``step()``.
 
         The gradients must be as backward left them: a fully connected layer's preconditioned
         gradient is built from the batch's inputs and output gradients (``set_batch``), so an
@@ -175,27 +217,40 @@ class KFACCallback(SkipWeightGrad, Callback):
         compute steps each owner recomputes its layers' inverses; every step every layer with
         inverses is preconditioned by its owner and the result broadcast. Then the damping
         schedule and the step counter advance.
+
+        Raises:
+            ValueError: ``shares`` without one count per rank, or, with ``skip_weight_grad``,
+                uneven shares that ``expect_shares`` did not announce before the forward pass.
         """
+        shares = self._uneven(shares)
+        expected, self._expected = self._expected, None
+        if self.config.skip_weight_grad and shares != expected:
+            raise ValueError(f"K-FAC: step(shares={shares}) after expect_shares({expected}): with "
+                             "skip_weight_grad, call expect_shares with the step's shares before its forward")
         s = self.steps
         damping = self.current_dampings()
         captures, skipped = self.capture.take()
         if captures and self.is_update_step():
             with self.clock("factors"):
-                self._update_factors(s, captures)
+                self._update_factors(s, captures, shares)
         if is_compute_step(s, self.config.compute_interval_steps) or self._need_inverses:
             with self.clock("inverses"):
                 self._compute_inverses(s, damping)
         with self.clock("batch_gather"):
-            self._offer_batches(captures)
+            self._offer_batches(captures, shares)
         with self.clock("precondition"):
-            done = self._precondition_skipped(s, skipped)
+            done = self._precondition_skipped(s, skipped, shares)
             self._precondition(s, done)
         for d in self.dampings:
             d.advance()
         self.steps += 1
 
-    def _update_factors(self, s: int, captures: dict[str, Capture]) -> None:
-        """Folds this step's factors into the running averages (summed over ranks first)."""
+    def _update_factors(self, s: int, captures: dict[str, Capture], shares: tuple[int, ...] | None) -> None:
+        """Folds this step's factors into the running averages (summed over ranks first).
+
+        Each rank's contribution takes its own n from its capture and the global N
+        (docs/algorithm.md §3); a rank without samples contributes zeros.
+        """
         decay = self.config.kronecker_decay
         if self.comm.world_size == 1:
             # One rank: each layer's batch factors go straight into its running averages.
@@ -206,12 +261,12 @@ class KFACCallback(SkipWeightGrad, Callback):
             return
         if not self.blocks:
             return
-        world = self.comm.world_size
         contributions = []
         for name, block in self.blocks.items():
             cap = captures.get(name)
             complete = cap is not None and cap.complete
-            contributions.append(block.contributions(cap.a, cap.g, cap.a.shape[0] * world) if complete else None)
+            n_global = self._global_batch(cap.a.shape[0], shares) if complete else 0
+            contributions.append(block.contributions(cap.a, cap.g, n_global) if complete else None)
         dtype = exchange.widest_dtype([b.module.weight for b in self.blocks.values()], torch.float32)
         device = next(iter(self.blocks.values())).module.weight.device
         with self.clock("factor_allreduce"):
@@ -225,15 +280,17 @@ class KFACCallback(SkipWeightGrad, Callback):
     def _warn_bad_factor(self, s: int, name: str) -> None:
         self.say.once(name, "factor", messages.layer_note(s, name, messages.BAD_FACTOR))
 
-    def _offer_batches(self, captures: dict[str, Capture]) -> None:
+    def _offer_batches(self, captures: dict[str, Capture], shares: tuple[int, ...] | None) -> None:
         """Lets fully connected layers precondition through this step's batch (cheaper).
 
         A layer qualifies when it ran forward exactly once since the last step (no weight
         sharing, no gradient accumulation), so that its gradient is exactly ``gᵀa`` of the
-        batch, and when that route costs fewer flops. With several ranks the averaged
-        gradient is ``(1/R) Σ_r g_rᵀ a_r``: the ranks' ``a`` and ``g`` rows are gathered in one
-        collective, far fewer numbers than the gradient itself for the MLP (N·(in+out) vs in·out).
-        A layer takes the batch route only when every rank could offer it, so all decide alike.
+        batch, and when that route costs fewer flops. With several ranks the combined
+        gradient is ``Σ_r (n_r/N) g_rᵀ a_r`` (``(1/R) Σ_r g_rᵀ a_r`` for equal shares): the ranks'
+        ``a`` and ``g`` rows are gathered in one collective, each rank's ``g`` weighted by n_r/N,
+        far fewer numbers than the gradient itself for the MLP (N·(in+out) vs in·out)
+        (docs/algorithm.md §5, §6). A layer takes the batch route only when every rank could
+        offer it, so all decide alike.
         """
         world = self.comm.world_size
         linear = {n: b for n, b in self.blocks.items() if isinstance(b, LinearBlock)}
@@ -243,7 +300,7 @@ class KFACCallback(SkipWeightGrad, Callback):
             cap = captures.get(name)
             usable[name] = (cap is not None and cap.calls == 1
                             and cap.complete and cap.a.dim() == 2
-                            and block.batch_route_cheaper(cap.a.shape[0] * world))
+                            and block.batch_route_cheaper(self._global_batch(cap.a.shape[0], shares)))
         present = [captures[n] for n in linear if usable[n]]
         if world == 1 or not present:
             # Several ranks with none present: no captures on any rank (the schedule is the same everywhere).
@@ -251,15 +308,19 @@ class KFACCallback(SkipWeightGrad, Callback):
                 if usable[name]:
                     block.set_batch(captures[name].a, captures[name].g)
             return
-        n_local = present[0].a.shape[0]
-        rows = [(captures[n].a, captures[n].g) if usable[n] and captures[n].a.shape[0] == n_local else None
-                for n in linear]
+        counts = [present[0].a.shape[0]] * world if shares is None else shares
+        mine = counts[self.comm.rank]
+        # Uneven shares: this rank's g rows carry its weight n_r/N into the gathered batch;
+        # equal ones are divided by R after the gather, as they always were.
+        weight = None if shares is None else mine / sum(shares)
+        rows = [(captures[n].a, captures[n].g if weight is None else captures[n].g * weight)
+                if usable[n] and captures[n].a.shape[0] == mine else None for n in linear]
         dims = [(b.in_features(), b.out_features()) for b in linear.values()]
         ref = present[0].a
-        gathered = exchange.gather_rows(self.comm, rows, n_local, dims, ref.dtype, ref.device)
+        gathered = exchange.gather_rows(self.comm, rows, counts, dims, ref.dtype, ref.device)
         for block, batch in zip(linear.values(), gathered, strict=True):
             if batch is not None:
-                block.set_batch(batch[0], batch[1] / world)
+                block.set_batch(batch[0], batch[1] / world if weight is None else batch[1])
 
     def _compute_inverses(self, s: int, damping: Dampings) -> None:
         c = self.config

@@ -116,15 +116,17 @@ def sum_factors(comm: Communicator, contributions: Sequence[Sequence[torch.Tenso
 
 
 def gather_rows(comm: Communicator, rows: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
-                n_local: int, dims: Sequence[tuple[int, int]], dtype: torch.dtype,
+                counts: Sequence[int], dims: Sequence[tuple[int, int]], dtype: torch.dtype,
                 device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor] | None]:
     """Gathers every rank's ``(a, g)`` rows of each layer, all layers in one collective.
 
     Each rank writes its rows into its own part of a zeroed buffer, so the sum is the gathered
-    batch; a flag per layer counts the ranks that offered it.
+    batch; a flag per layer counts the ranks that offered it. Each rank's part is as long as
+    its own share (``counts``), so uneven shares need no padding (docs/algorithm.md §6).
 
     Args:
-        rows: Per layer, this rank's ``(a, g)`` of ``n_local`` rows each, or ``None``.
+        rows: Per layer, this rank's ``(a, g)`` of ``counts[comm.rank]`` rows each, or ``None``.
+        counts: Per rank, how many rows it holds (the same list on every rank; 0 is fine).
         dims: Per layer, ``(d_in, d_out)``: the widths of ``a`` and ``g``.
 
     Returns:
@@ -132,22 +134,25 @@ def gather_rows(comm: Communicator, rows: Sequence[tuple[torch.Tensor, torch.Ten
         rank offered none.
     """
     world = comm.world_size
-    per_rank = [Slot((n_local, d)) for d_in, d_out in dims for d in (d_in, d_out)]
-    layout = Layout([*per_rank * world, Slot((len(dims),))])
+    if len(counts) != world:
+        raise ValueError(f"gather_rows: {len(counts)} row counts for {world} ranks")
+    per_rank = [[Slot((n, d)) for d_in, d_out in dims for d in (d_in, d_out)] for n in counts]
+    width = 2 * len(dims)  # slots per rank: a and g of every layer
+    layout = Layout([*(slot for part in per_rank for slot in part), Slot((len(dims),))])
     mine = [t for pair in rows for t in (pair if pair is not None else (None, None))]
-    parts = [None] * (len(per_rank) * world)
-    parts[comm.rank * len(per_rank):(comm.rank + 1) * len(per_rank)] = mine
+    parts = [None] * (width * world)
+    parts[comm.rank * width:(comm.rank + 1) * width] = mine
     present = torch.tensor([float(pair is not None) for pair in rows])
     flat = layout.pack([*parts, present], dtype, device)
     comm.allreduce_sum_([flat])
-    *tensors, counts = layout.unpack(flat)
+    *tensors, counted = layout.unpack(flat)
     out = []
-    for i, count in enumerate(counts.tolist()):
+    for i, count in enumerate(counted.tolist()):
         if round(count) != world:
             out.append(None)
             continue
-        a = torch.cat([tensors[r * len(per_rank) + 2 * i] for r in range(world)])
-        g = torch.cat([tensors[r * len(per_rank) + 2 * i + 1] for r in range(world)])
+        a = torch.cat([tensors[r * width + 2 * i] for r in range(world)])
+        g = torch.cat([tensors[r * width + 2 * i + 1] for r in range(world)])
         out.append((a, g))
     return out
 

@@ -25,17 +25,19 @@ class SkipWeightGrad:
 
         Only where ``step()`` can rebuild exactly what autograd would have accumulated: a
         bias-free fully connected layer whose cheaper route is the (gathered) batch's. Every
-        rank decides alike (equal local batches, same layers), so every rank leaves the same
-        gradients out of the gradient all-reduce. (Whether a gradient is left from before, to
+        rank decides alike (the same global batch N, from ``expect_shares`` when the shares
+        differ; the same layers), so every rank leaves the same gradients out of the gradient
+        all-reduce. (Whether a gradient is left from before, to
         accumulate onto, is known only at ``step()``: the usual loop zeroes gradients between
         forward and backward.)
         """
         block = self.blocks[name]
         return (self.config.skip_weight_grad and isinstance(block, LinearBlock)
                 and not block.has_bias and block.module.weight.requires_grad and a.dim() == 2
-                and block.batch_route_cheaper(a.shape[0] * self.comm.world_size))
+                and block.batch_route_cheaper(self._global_batch(a.shape[0], self._expected)))
 
-    def _precondition_skipped(self, s: int, skipped: dict[str, list[Capture]]) -> set[str]:
+    def _precondition_skipped(self, s: int, skipped: dict[str, list[Capture]],
+                              shares: tuple[int, ...] | None) -> set[str]:
         """Writes the weight gradients that backward skipped (skip_weight_grad).
 
         Through the batch (every rank's rows, gathered) where one was offered and no gradient
@@ -43,9 +45,10 @@ class SkipWeightGrad:
         ``_precondition``); else the owner writes the preconditioned gradient, or the plain
         ``gᵀa`` of the batch where it cannot precondition, and the others receive it in the
         owners' broadcast. Otherwise each rank rebuilds its plain ``Σ gᵀa`` (exactly what
-        autograd would have added), averaged over ranks in one collective; the layer then goes
-        the usual way (finiteness check, preconditioning). Every rank skipped the same layers
-        and sees the same batch flags, so all take the same branches.
+        autograd would have added), combined over ranks in one collective (weights n_r/N for
+        uneven ``shares``, docs/algorithm.md §6); the layer then goes the usual way (finiteness
+        check, preconditioning). Every rank skipped the same layers and sees the same batch
+        flags, so all take the same branches.
 
         Returns:
             The layers finished here.
@@ -77,11 +80,15 @@ class SkipWeightGrad:
                 self._say_zeroed(s, name)
                 weight.grad.zero_()
         if rebuild:
-            self._rebuild_plain(rebuild)
+            self._rebuild_plain(rebuild, shares)
         return done
 
-    def _rebuild_plain(self, skipped: dict[str, list[Capture]]) -> None:
-        """Adds each layer's rank-averaged ``Σ gᵀa`` to its gradient (none if no rank saw a backward)."""
+    def _rebuild_plain(self, skipped: dict[str, list[Capture]], shares: tuple[int, ...] | None) -> None:
+        """Adds each layer's rank-combined ``Σ gᵀa`` to its gradient (none if no rank saw a backward).
+
+        Combined as the trainer combines gradients (``trainer.gradients.average_gradients``):
+        the plain average for equal shares, weights n_r/N for uneven ``shares``.
+        """
         plains, seen = [], []
         for name, captures in skipped.items():
             block = self.blocks[name]
@@ -90,9 +97,12 @@ class SkipWeightGrad:
             seen.append(float(bool(parts)))
         counts = torch.tensor(seen, dtype=plains[0].dtype, device=plains[0].device)
         if self.comm.world_size > 1:
+            if shares is not None:
+                for plain in plains:
+                    plain.mul_(shares[self.comm.rank])
             self.comm.allreduce_sum_([*plains, counts])
             for plain in plains:
-                plain /= self.comm.world_size
+                plain /= self.comm.world_size if shares is None else sum(shares)
         for name, plain, count in zip(skipped, plains, counts.tolist(), strict=True):
             weight = self.blocks[name].module.weight
             if count:

@@ -1,10 +1,12 @@
 """The block base class: the bookkeeping every layer type shares (docs/algorithm.md §3-§5).
 
-Convention (docs/algorithm.md §3): the loss is a mean over the LOCAL mini-batch of ``n`` samples and each
-of ``R`` ranks holds an equal share, so the global batch is ``N = n·R``. A captured
-``grad_output`` is the gradient of the local mean loss, so the per-sample gradient is
-``n·grad_output_i`` and the global ``e_i = grad_output_i·n/N``. Each rank's contribution uses
-the global ``N``; the sum of the contributions over ranks is the factor of the global batch.
+Convention (docs/algorithm.md §3): each rank's loss is a mean over its LOCAL mini-batch of
+``n`` samples; the ranks' shares may differ (by a sample, or a rank may hold none), and the
+global batch ``N`` is their sum (``n·R`` for equal shares). A captured ``grad_output`` is the
+gradient of the local mean loss, so the per-sample gradient is ``n·grad_output_i`` and the
+global ``e_i = grad_output_i·n/N``. Each rank's contribution uses its own ``n`` (the rows it
+captured) and the global ``N``; the sum of the contributions over ranks is the factor of the
+global batch.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ class Block:
         Args:
             a: The layer's input, batch first.
             g: The gradient of the local mean loss with respect to the layer's output.
-            n_global: N, the global mini-batch size (local batch × ranks).
+            n_global: N, the global mini-batch size: the sum of every rank's local batch.
         """
         raise NotImplementedError
 

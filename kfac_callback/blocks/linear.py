@@ -37,15 +37,18 @@ class LinearBlock(KroneckerBlock):
         n = a.shape[0]
         rows = self._with_ones(a.reshape(-1, a.shape[-1]).to(self.dtype))
         gr = g.reshape(-1, g.shape[-1]).to(self.dtype)
-        # A = (1/N) Σ ā āᵀ; G = N Σ e eᵀ with e = grad_output·n/N: (n²/N) Σ grad_output grad_outputᵀ.
+        # A = (1/N) Σ ā āᵀ; G = N Σ e eᵀ with e = grad_output·n/N: (n²/N) Σ grad_output grad_outputᵀ,
+        # n this rank's own rows, N the global batch (uneven shares too, docs/algorithm.md §3).
         return [(rows, 1.0 / n_global), (gr, n * n / n_global)]
 
     def set_batch(self, a: torch.Tensor | None, g: torch.Tensor | None) -> None:
         """Offers this step's input and output gradient, whose product is the gradient.
 
-        Valid only when the layer's gradient is exactly ``gᵀ[a|1]`` (one rank, one forward
-        and backward since the last step). Then ``G⁻¹ gᵀ`` and ``[a|1] A⁻¹`` go through the
-        batch: 2N(out² + in² + out·in) flops instead of 2·out·in·(out + in).
+        Valid only when the layer's gradient is exactly ``gᵀ[a|1]`` (one forward and backward
+        since the last step; on several ranks ``a`` and ``g`` are every rank's rows, gathered,
+        with each rank's ``g`` weighted by its share n_r/N, docs/algorithm.md §6). Then
+        ``G⁻¹ gᵀ`` and ``[a|1] A⁻¹`` go through the batch: 2N(out² + in² + out·in) flops
+        instead of 2·out·in·(out + in).
         """
         self._batch = None if a is None or g is None else (a, g)
 

@@ -70,23 +70,32 @@ def test_sum_factors_sums_and_drops_a_layer_some_rank_lacks() -> None:
         assert summed[1] is None
 
 
-def test_gather_rows_stacks_ranks_in_order() -> None:
+@pytest.mark.parametrize("counts", [[4, 4, 4], [3, 2, 0]])
+def test_gather_rows_stacks_ranks_in_order(counts: list[int]) -> None:
+    """Each rank's part is as long as its own share, an empty one included."""
     dims = [(3, 2), (2, 5)]
 
     def rows(r: int, layer: int):
         gen = torch.Generator().manual_seed(100 * r + layer)
         d_in, d_out = dims[layer]
-        return torch.randn(4, d_in, dtype=D, generator=gen), torch.randn(4, d_out, dtype=D, generator=gen)
+        n = counts[r]
+        return torch.randn(n, d_in, dtype=D, generator=gen), torch.randn(n, d_out, dtype=D, generator=gen)
 
     def rank(comm):
         mine = [rows(comm.rank, 0), rows(comm.rank, 1) if comm.rank != 2 else None]
-        return exchange.gather_rows(comm, mine, 4, dims, D, torch.device("cpu"))
+        return exchange.gather_rows(comm, mine, counts, dims, D, torch.device("cpu"))
 
     for gathered in run_ranks(3, rank):
         a, g = gathered[0]
+        assert a.shape == (sum(counts), 3)
         torch.testing.assert_close(a, torch.cat([rows(r, 0)[0] for r in range(3)]), rtol=0, atol=0)
         torch.testing.assert_close(g, torch.cat([rows(r, 0)[1] for r in range(3)]), rtol=0, atol=0)
         assert gathered[1] is None  # rank 2 could not offer it: nobody uses it
+
+
+def test_gather_rows_needs_one_count_per_rank() -> None:
+    with pytest.raises(ValueError, match="2 row counts for 3 ranks"):
+        run_ranks(3, lambda comm: exchange.gather_rows(comm, [], [1, 1], [], D, torch.device("cpu")))
 
 
 def test_broadcast_owned_copies_each_owners_tensors() -> None:
