@@ -8,7 +8,10 @@ A work dir holds ``metrics.jsonl`` and its config (``.hydra/config.yaml``, or th
 directory is searched for ``metrics.jsonl`` files below it. Runs are named by the config values
 that differ between them. Written to ``--out``: ``runs.csv``, ``curves_by_epoch.png`` and
 ``curves_by_time.png`` (test accuracy and training objective), and, for a 2-D sweep (exactly
-two numeric keys vary), ``heatmap_test_accuracy.png``.
+two numeric keys vary), ``heatmap_test_accuracy.png``. The curves share one legend, below the
+panels. A run with fewer than two test points has no test-accuracy curve: the printed report
+says so after the table, and the plots draw its one point as a large diamond, "[1 test point]"
+in the legend (or "[no test points]").
 
 Everything but ``main`` and the ``write_``/``plot_`` functions is pure.
 """
@@ -20,6 +23,7 @@ import csv
 import math
 import re
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +36,8 @@ from trainer.lbann_log import g
 
 METRICS = METRICS_FILE
 # Keys that differ between runs without making them different experiments.
-IGNORED = {"launcher.experiment_dir", "data.dir", "trainer.progress", "trainer.tensorboard",
+# The job name is in the work dir's name, which names runs that differ in nothing else.
+IGNORED = {"launcher.experiment_dir", "launcher.job_name", "data.dir", "trainer.progress", "trainer.tensorboard",
            "kfac.print_time", "kfac.print_matrix", "kfac.print_matrix_summary"}
 ALIASES = {"optimizer.name": "optimizer", "optimizer.learning_rate": "lr", "kfac.enabled": "kfac",
            "model.name": "model", "trainer.epochs": "epochs", "trainer.mini_batch_size": "mb"}
@@ -245,6 +250,25 @@ def format_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def test_points(records: Sequence[Mapping[str, Any]]) -> int:
+    """How many per-epoch records of a run hold a test accuracy."""
+    return sum(r.get("test_accuracy") is not None for r in records)
+
+
+def few_test_points_notes(runs: Sequence[Run], labels: Sequence[str]) -> list[str]:
+    """One line per run tested fewer than twice: it has no test-accuracy curve, at most a marker."""
+    notes = []
+    for run, label in zip(runs, labels, strict=True):
+        tested = [r for r in run.records if r.get("test_accuracy") is not None]
+        if len(tested) == 1:
+            where = f"after epoch {tested[0]['epoch'] + 1}" if "epoch" in tested[0] else "once"
+            notes.append(f"note: {label}: 1 test point ({where}), too few for a test-accuracy curve; "
+                         "plotted as a single marker")
+        elif not tested:
+            notes.append(f"note: {label}: no test points, nothing to plot for test accuracy")
+    return notes
+
+
 def sweep_grid(runs: Sequence[Run]) -> Optional[tuple[str, str, list[float], list[float], list[list[float]]]]:
     """For a 2-D sweep, ``(row key, column key, row values, column values, final test accuracy)``.
 
@@ -284,34 +308,81 @@ def _points(records: Sequence[Mapping[str, Any]], x: str, y: str) -> tuple[list[
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def plot_curves(runs: Sequence[Run], labels: Sequence[str], out: Path) -> list[Path]:
-    """Writes test accuracy and training objective against epochs and against wall-clock time."""
+# The curves' figure: its width, and how many characters of legend text (at fontsize "small") fit
+# across it with room to spare; a legend line never gets longer than WRAP characters.
+CURVES_WIDTH_IN = 11.0
+LEGEND_CHARS = 130
+WRAP = 100
+
+
+def legend_entries(labels: Sequence[str], counts: Sequence[int]) -> tuple[list[str], int]:
+    """The legend's texts (wrapped, with a note for runs tested fewer than twice) and its columns.
+
+    As many columns as fit ``LEGEND_CHARS`` characters across (at most 4), so the legend below
+    the axes is never wider than the figure.
+    """
+    notes = {0: " [no test points]", 1: " [1 test point]"}
+    texts = [textwrap.fill(label + notes.get(n, ""), WRAP, break_long_words=True, break_on_hyphens=False)
+             for label, n in zip(labels, counts, strict=True)]
+    longest = max((len(line) for t in texts for line in t.splitlines()), default=1)
+    ncols = max(1, min(len(texts), 4, LEGEND_CHARS // (longest + 6)))
+    return texts, ncols
+
+
+CURVES = (("epoch", "epochs completed", "curves_by_epoch.png"),
+          ("wall_time", "wall-clock time since start (s)", "curves_by_time.png"))
+
+
+def curves_figure(runs: Sequence[Run], labels: Sequence[str], x: str, xlabel: str) -> Any:
+    """Test accuracy and training objective against ``x`` (``epoch`` or ``wall_time``): a Figure.
+
+    One legend for both panels, below them. A run tested once is a large marker, not a curve,
+    and the legend says so, as it does for a run never tested.
+    """
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
     from matplotlib.ticker import MaxNLocator
 
+    counts = [test_points(run.records) for run in runs]
+    texts, ncols = legend_entries(labels, counts)
+    rows = [texts[i:i + ncols] for i in range(0, len(texts), ncols)]
+    legend_lines = sum(max(t.count("\n") + 1 for t in row) for row in rows)
+    fig = Figure(figsize=(CURVES_WIDTH_IN, 4.5 + 0.17 * legend_lines), layout="constrained")
+    acc_ax, obj_ax = fig.subplots(1, 2)
+    objectives = []
+    handles = []
+    for i, run in enumerate(runs):
+        style = {"color": f"C{i % 10}", "linestyle": ("-", "--", ":", "-.")[i // 10 % 4]}
+        for ax, y, marker in ((acc_ax, "test_accuracy", "o"), (obj_ax, "train_objective", ".")):
+            xs, ys = _points(run.records, x, y)
+            if len(xs) == 1:  # a lone point: big enough to see, edged to stand out from the curves
+                line, = ax.plot(xs, ys, marker="D", markersize=9, markeredgecolor="black", **style)
+            else:
+                line, = ax.plot(xs, ys, marker=marker, **style)
+            if y == "test_accuracy":
+                handles.append(line)
+            else:
+                objectives += ys
+    if not any(counts):
+        acc_ax.text(0.5, 0.5, "no run has test points", transform=acc_ax.transAxes, ha="center",
+                    va="center", color="0.4")
+    if objectives and min(objectives) > 0 and max(objectives) / min(objectives) > 10:
+        obj_ax.set_yscale("log")
+    acc_ax.set(xlabel=xlabel, ylabel="test accuracy (%)", title="Test accuracy")
+    obj_ax.set(xlabel=xlabel, ylabel="training objective", title="Training objective")
+    for ax in (acc_ax, obj_ax):
+        ax.grid(True, alpha=0.3)
+        if x == "epoch":
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.legend(handles, texts, loc="outside lower center", ncols=ncols, fontsize="small", frameon=False)
+    return fig
+
+
+def plot_curves(runs: Sequence[Run], labels: Sequence[str], out: Path) -> list[Path]:
+    """Writes test accuracy and training objective against epochs and against wall-clock time."""
     paths = []
-    for x, xlabel, name in (("epoch", "epochs completed", "curves_by_epoch.png"),
-                            ("wall_time", "wall-clock time since start (s)", "curves_by_time.png")):
-        fig = Figure(figsize=(11, 4.2), layout="constrained")
-        acc_ax, obj_ax = fig.subplots(1, 2)
-        objectives = []
-        for run, label in zip(runs, labels, strict=True):
-            xs, ys = _points(run.records, x, "test_accuracy")
-            acc_ax.plot(xs, ys, marker="o", label=label)
-            xs, ys = _points(run.records, x, "train_objective")
-            obj_ax.plot(xs, ys, marker=".", label=label)
-            objectives += ys
-        if objectives and min(objectives) > 0 and max(objectives) / min(objectives) > 10:
-            obj_ax.set_yscale("log")
-        acc_ax.set(xlabel=xlabel, ylabel="test accuracy (%)", title="Test accuracy")
-        obj_ax.set(xlabel=xlabel, ylabel="training objective", title="Training objective")
-        for ax in (acc_ax, obj_ax):
-            ax.grid(True, alpha=0.3)
-            if x == "epoch":
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        acc_ax.legend(fontsize="small")
+    for x, xlabel, name in CURVES:
         paths.append(out / name)
-        fig.savefig(paths[-1], dpi=100)
+        curves_figure(runs, labels, x, xlabel).savefig(paths[-1], dpi=100)
     return paths
 
 
@@ -330,8 +401,9 @@ def plot_heatmap(grid: tuple[str, str, list[float], list[float], list[list[float
     middle = (min(finite) + max(finite)) / 2 if finite else 0.0
     for i, line in enumerate(values):
         for j, v in enumerate(line):
-            text = "-" if math.isnan(v) else f"{v:.2f}"
-            ax.text(j, i, text, ha="center", va="center", color="black" if v > middle else "white")
+            text = "no result" if math.isnan(v) else f"{v:.2f}"  # no run, or a run never tested
+            # A missing cell is blank (the axes' white): its text is black.
+            ax.text(j, i, text, ha="center", va="center", color="black" if math.isnan(v) or v > middle else "white")
     fig.colorbar(image, ax=ax)
     path = out / "heatmap_test_accuracy.png"
     fig.savefig(path, dpi=100)
@@ -339,16 +411,18 @@ def plot_heatmap(grid: tuple[str, str, list[float], list[float], list[list[float
 
 
 def report(paths: Sequence[str | Path], out: Path) -> tuple[str, list[Path]]:
-    """Reads the runs, writes the CSV and plots into ``out``; returns the table and the files."""
+    """Reads the runs, writes the CSV and plots into ``out``; returns the table (and a note per
+    run tested fewer than twice) and the files."""
     runs = load_runs(paths)
     rows = table_rows(runs)
+    labels = [r["run"] for r in rows]
     out.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out / "runs.csv")
-    files = [out / "runs.csv", *plot_curves(runs, [r["run"] for r in rows], out)]
+    files = [out / "runs.csv", *plot_curves(runs, labels, out)]
     grid = sweep_grid(runs)
     if grid is not None:
         files.append(plot_heatmap(grid, out))
-    return format_table(rows), files
+    return "\n".join([format_table(rows), *few_test_points_notes(runs, labels)]), files
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

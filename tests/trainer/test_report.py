@@ -10,6 +10,7 @@ import csv
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,7 +21,10 @@ from kfac_callback.base import Callback
 from tests.support.trainers import make_trainer
 from trainer.callbacks import TimerCallback
 from trainer.report import (
+    CURVES,
     Run,
+    curves_figure,
+    few_test_points_notes,
     flatten,
     format_table,
     load_runs,
@@ -125,6 +129,11 @@ def test_report_command_prints_the_table_and_writes_csv_and_plots(real_runs, tmp
         assert float(row["final_train_objective"]) == last["train_objective"]
         assert float(row["total_time"]) == last["wall_time"]
         assert row["optimizer.name"] == name.replace("kfac", "sgd")
+    # kfac and sgd were tested only after their last epoch: one line each says so; adam has a curve.
+    notes = [line for line in lines if line.startswith("note: ")]
+    assert notes == [f"note: {RUNS[name][1]}: 1 test point (after epoch 2), too few for a test-accuracy curve; "
+                     "plotted as a single marker" for name in ("kfac", "sgd")]  # in path order
+    assert lines.index(notes[0]) > max(lines.index(line) for line in lines if line.startswith(RUNS["adam"][1]))
     for png in ("curves_by_epoch.png", "curves_by_time.png"):
         assert_png_not_blank(out / png, (800, 300))
     assert not (out / "heatmap_test_accuracy.png").exists()  # no 2-D numeric sweep here
@@ -294,7 +303,104 @@ def test_kfac_metrics_follow_the_damping_and_update_interval_schedules():
     assert kfac.metrics()["kfac_update_interval"] == 3  # floor(1 + (5 - 1) * 5/10)
 
 
+def test_names_hold_only_what_differs_and_not_the_job_name():
+    common = {"model.name": "mlp", "trainer.epochs": 20, "kfac.enabled": True, "kfac.damping_act": 0.01,
+              "launcher.experiment_dir": "/tmp/x"}
+    runs = [Run(Path("/x/20260101_000000_fast"), [{}], {**common, "optimizer.learning_rate": 0.1,
+                                                        "launcher.job_name": "fast"}, complete=True),
+            Run(Path("/x/20260101_000100_slow"), [{}], {**common, "optimizer.learning_rate": 0.3,
+                                                        "launcher.job_name": "slow"}, complete=True)]
+    assert run_labels(runs) == ["lr=0.1", "lr=0.3"]
+    for run in runs:
+        run.config["optimizer.learning_rate"] = 0.1
+    assert run_labels(runs) == ["20260101_000000_fast", "20260101_000100_slow"]  # the job name is in the dir
+
+
 def test_a_key_missing_from_an_older_whole_config_does_not_name_runs():
     runs = [Run(Path("/x/old"), [{}], {"optimizer.name": "adam"}, complete=True),
             Run(Path("/x/new"), [{}], {"optimizer.name": "sgd", "trainer.keep_checkpoints": 3}, complete=True)]
     assert run_labels(runs) == ["optimizer=adam", "optimizer=sgd"]
+
+
+# -- the curves' legend and runs with few test points ------------------------------------------
+
+
+def curve_runs(names: list[str], tested: list[str]) -> list[Run]:
+    """Runs of 5 epochs; tested ``every`` epoch, only at the ``end`` or ``never``."""
+    runs = []
+    for i, (name, when) in enumerate(zip(names, tested, strict=True)):
+        records = [{"epoch": e, "train_objective": 1.0 / (e + 1 + i), "wall_time": 2.0 * (e + 1)} for e in range(5)]
+        for e, record in enumerate(records):
+            if when == "every" or (when == "end" and e == 4):
+                record["test_accuracy"] = 90.0 + i + e
+        runs.append(Run(Path(f"/x/{name}"), records, {}))
+    return runs
+
+
+def drawn(fig):
+    """Draws ``fig`` with every warning an error; returns the renderer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "constrained_layout not applied because axes sizes collapsed"
+        canvas.draw()
+    return canvas.get_renderer()
+
+
+LONG = ["optimizer=sgd lr=0.1 kfac=on damping_act=0.01,0.001 damping_err=1 update_interval_target=10 mb=100 seed=1",
+        "optimizer=adam lr=0.0001 kfac=off model=mlp_with_a_long_descriptive_name epochs=20 mb=100 seed=2 "
+        "weight_decay=0.0005",
+        "x" * 230,  # one unbreakable word, longer than the figure is wide
+        "optimizer=momentum lr=0.01 kfac=on damping_act=0.3 model=cnn weight_decay=0.0005 epochs=20 seed=3"]
+
+
+@pytest.mark.parametrize("names", [LONG, ["adam", "kfac"], [f"damping_act={a} damping_err={e}" for a in
+                                                           (0.01, 0.03, 0.1, 0.3) for e in (0.1, 1, 10)]],
+                         ids=["long", "short", "12 runs"])
+@pytest.mark.parametrize("x, xlabel", [c[:2] for c in CURVES], ids=["epoch", "time"])
+def test_the_legend_sits_below_the_panels_inside_the_figure_without_warnings(names, x, xlabel):
+    assert len(LONG[1]) > 80 and min(map(len, LONG)) > 80
+    fig = curves_figure(curve_runs(names, ["every"] * len(names)), names, x, xlabel)
+    renderer = drawn(fig)
+    (legend,) = fig.legends
+    box = legend.get_window_extent(renderer)
+    assert fig.bbox.x0 <= box.x0 and box.x1 <= fig.bbox.x1 and fig.bbox.y0 <= box.y0 and box.y1 <= fig.bbox.y1
+    assert len(fig.axes) == 2 and not any(ax.get_legend() for ax in fig.axes)
+    for ax in fig.axes:
+        # Not over the data area, the y label, the x label or the tick labels: below them all.
+        for part in (ax.get_window_extent(renderer), ax.yaxis.label.get_window_extent(renderer),
+                     ax.xaxis.label.get_window_extent(renderer), ax.get_tightbbox(renderer)):
+            assert not box.overlaps(part)
+        assert box.y1 < ax.get_tightbbox(renderer).y0
+        assert ax.bbox.height > 150 and ax.bbox.width > 300  # the legend did not squash the panels
+    # The whole names, wrapped (a word longer than a line broken inside).
+    assert ["".join(t.get_text().split()) for t in legend.get_texts()] == ["".join(n.split()) for n in names]
+    assert max(len(line) for t in legend.get_texts() for line in t.get_text().splitlines()) <= 100
+
+
+def test_a_run_tested_once_is_a_large_marker_and_one_never_tested_is_named():
+    names = ["adam", "sgd", "kfac"]
+    runs = curve_runs(names, ["every", "end", "never"])
+    assert few_test_points_notes(runs, names) == [
+        "note: sgd: 1 test point (after epoch 5), too few for a test-accuracy curve; plotted as a single marker",
+        "note: kfac: no test points, nothing to plot for test accuracy"]
+    fig = curves_figure(runs, names, "epoch", "epochs completed")
+    drawn(fig)
+    acc_ax = fig.axes[0]
+    adam, sgd, kfac = acc_ax.get_lines()
+    assert (list(adam.get_xdata()), adam.get_marker()) == ([1, 2, 3, 4, 5], "o")
+    assert (list(sgd.get_xdata()), list(sgd.get_ydata())) == ([5], [95.0])
+    assert sgd.get_marker() == "D" and sgd.get_markersize() >= 2 * adam.get_markersize() - 3
+    assert list(kfac.get_xdata()) == []
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["adam", "sgd [1 test point]",
+                                                                  "kfac [no test points]"]
+    assert few_test_points_notes(runs[:1], names[:1]) == []
+
+
+def test_with_no_test_points_at_all_the_accuracy_panel_says_so():
+    runs = curve_runs(["a", "b"], ["never", "never"])
+    acc_ax = curves_figure(runs, ["a", "b"], "epoch", "epochs completed").axes[0]
+    assert [t.get_text() for t in acc_ax.texts] == ["no run has test points"]
+    runs[0].records[-1]["test_accuracy"] = 97.0
+    assert list(curves_figure(runs, ["a", "b"], "epoch", "epochs completed").axes[0].texts) == []
