@@ -1,4 +1,5 @@
-"""Real MPI ranks: 2 and 4 ranks give 1 rank's weights; a failing rank ends the job."""
+"""Real MPI ranks: 2, 3 and 4 ranks give 1 rank's weights, with even shares of every batch or
+uneven ones; a failing rank ends the job."""
 
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ COMMON = ["trainer.epochs=1", "trainer.mini_batch_size=100", "data.max_train_sam
 pytestmark = pytest.mark.skipif(not os.access(MPIEXEC, os.X_OK), reason="needs the venv's mpiexec")
 
 
-def run_job(ranks: int, out: Path, overrides: list[str], strategies: list[str]) -> None:
+def run_job(ranks: int, out: Path, overrides: list[str], strategies: list[str]) -> str:
     out.mkdir(parents=True, exist_ok=True)
     cmd = [PYTHON, str(ROOT / "tests/trainer/rank_job.py"), str(out), *overrides,
            "strategies=" + ",".join(strategies)]
@@ -40,6 +41,7 @@ def run_job(ranks: int, out: Path, overrides: list[str], strategies: list[str]) 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
 
 
 def max_relative_difference(a: dict, b: dict) -> float:
@@ -62,6 +64,27 @@ def test_four_and_two_ranks_give_one_ranks_weights_for_every_owner_strategy(mode
 
     initial = {n: p.detach().double() for n, p in build_model(model).named_parameters()}
     assert max_relative_difference(initial, reference) > 1e-3
+
+
+def test_uneven_shares_on_three_and_four_ranks_give_one_ranks_weights(tmp_path):
+    """The LBANN README's K-FAC recipe at global batch 100 on 1030 samples: 3 ranks hold 34, 33, 33
+    of each full batch, 4 ranks 25 each and 8, 8, 7, 7 of the last one (30); the test set
+    (130) splits unevenly too. One epoch in float64 (docs/algorithm.md §6)."""
+    overrides = ["experiment=kfac_mlp", "trainer.epochs=1", "trainer.mini_batch_size=100",
+                 "data.max_train_samples=1030", "data.max_test_samples=130", "trainer.dtype=float64",
+                 "kfac.inverse_dtype=float64", "trainer.flush_denormal=false"]
+    logs = {ranks: run_job(ranks, tmp_path / f"r{ranks}", overrides, ["balanced"]) for ranks in (1, 3, 4)}
+    reference = torch.load(tmp_path / "r1" / "balanced.pt")
+    worst = {ranks: max_relative_difference(torch.load(tmp_path / f"r{ranks}" / "balanced.pt"), reference)
+             for ranks in (3, 4)}
+    print(f"max relative weight difference from 1 rank: {worst}")
+    assert max(worst.values()) < 1e-9, worst
+    assert "local MB = [  33/   0/  33]  local last MB = [  10+0/   0+0/  10+0]" in logs[3]
+    assert "local MB = [  25/   0/  25]  local last MB = [   7+2/   0+0/   7+2]" in logs[4]
+    assert "iter/epoch = [11/0/2]" in logs[4]
+    test_lines = {ranks: [line for line in log.splitlines() if line.startswith("model0 (instance 0) test")]
+                  for ranks, log in logs.items()}
+    assert len(test_lines[1]) == 2 and test_lines[3][-1] == test_lines[4][-1] == test_lines[1][-1]
 
 
 def test_skip_weight_grad_on_four_ranks_gives_one_ranks_plain_weights(tmp_path):
