@@ -66,6 +66,10 @@ def fail(message: str, status: int = 2, kind: str = "error") -> None:
     if info is None or info.world_size == 1:
         print(f"kfac.py: {kind}: {message}", file=sys.stderr)
         sys.exit(status)
+    try:  # the launcher ends the job for a rank that exits only once MPI is initialised
+        from mpi4py import MPI  # noqa: F401
+    except ImportError:
+        pass
     if info.rank != 0:
         if kind != "interrupted":
             time.sleep(RANK_GRACE_SECONDS)
@@ -213,9 +217,9 @@ def check_here(cfg: DictConfig) -> None:
     The device checks only where the ranks will run on this machine: a login node without
     GPUs may well submit a GPU job.
     """
-    from trainer.preflight import data_problems, device_problems, layer_problems
+    from trainer.preflight import problems
 
-    found = [*layer_problems(cfg), *data_problems(cfg), *(device_problems(cfg) if runs_here(cfg) else [])]
+    found = problems(cfg, devices=runs_here(cfg))
     if found:
         fail("; ".join(found))
 

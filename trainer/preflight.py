@@ -58,6 +58,7 @@ def data_problems(cfg: Any) -> list[str]:
     return [problem] if problem else []
 
 
-def problems(cfg: Any) -> list[str]:
-    """Every problem of ``cfg`` on this machine; empty when it can start here."""
-    return [*layer_problems(cfg), *device_problems(cfg), *data_problems(cfg)]
+def problems(cfg: Any, devices: bool = True) -> list[str]:
+    """Every problem of ``cfg`` on this machine (``devices=False``: leave out the GPU checks);
+    empty when it can start here."""
+    return [*layer_problems(cfg), *(device_problems(cfg) if devices else []), *data_problems(cfg)]
