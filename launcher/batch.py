@@ -226,11 +226,16 @@ def _passing_ctrl_c_on(proc: subprocess.Popen) -> Iterator[None]:
         return
 
     def forward(signum: int, frame: object) -> None:
+        if not pressed:
+            print("Ctrl-C: the ranks stop with a checkpoint at the end of this step (Ctrl-C again to quit now)",
+                  file=sys.stderr, flush=True)
+        pressed.append(signum)
         try:
             os.killpg(proc.pid, signal.SIGINT)
         except ProcessLookupError:  # the script has just ended
             pass
 
+    pressed: list[int] = []
     saved = signal.signal(signal.SIGINT, forward)
     try:
         yield

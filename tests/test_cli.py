@@ -150,3 +150,19 @@ def test_help_into_a_pipe_that_closes_is_quiet():
     result = subprocess.run(f"{sys.executable} {ROOT / 'kfac.py'} --help | head -c 10", shell=True,
                             capture_output=True, text=True, timeout=60)
     assert result.stdout == "kfac.py: t" and result.stderr == ""
+
+
+def test_the_readme_batch_script_is_what_setup_only_writes(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("<!-- batch-script-example -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].rstrip(" ")
+    shown = "".join(line[2:] if line.startswith("  ") else line.lstrip(" ") for line in shown.splitlines(keepends=True))
+    result = subprocess.run([sys.executable, str(ROOT / "kfac.py"), "--setup-only", "--batch-job", "launcher=slurm",
+                             "--nodes", "2", "--procs-per-node", "4", "--time-limit", "60", "--kfac"],
+                            capture_output=True, text=True, timeout=120,
+                            env=dict(os.environ, KFAC_EXPERIMENT_DIR=str(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    (work_dir,) = tmp_path.iterdir()
+    written = (work_dir / "batch.sh").read_text()
+    written = written.replace(str(work_dir), "/home/me/experiments/20261202_120000_kfac")
+    written = written.replace(sys.executable, "/home/me/kfac/.venv/bin/python").replace(str(ROOT), "/home/me/kfac")
+    assert written == shown

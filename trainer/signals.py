@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Optional
+
+from launcher.env import rank_info
+
+CTRL_C_NOTE = "Ctrl-C: stopping with a checkpoint at the end of this step (Ctrl-C again to quit now)"
 
 
 class StopSignals:
@@ -31,9 +36,9 @@ class StopSignals:
     def _handle(self, signum: int, frame: object) -> None:
         if signum == signal.SIGINT and self.received is not None:
             raise KeyboardInterrupt
-        if signum == signal.SIGINT and self.received is None:
-            print("Ctrl-C: stopping with a checkpoint at the end of this step (Ctrl-C again to quit now)",
-                  file=sys.stderr, flush=True)
+        # One rank of several stays quiet: the launcher that passed the Ctrl-C on has said it.
+        if signum == signal.SIGINT and self.received is None and rank_info(os.environ).world_size == 1:
+            print(CTRL_C_NOTE, file=sys.stderr, flush=True)
         self.request(signal.Signals(signum).name)
 
     @contextmanager
