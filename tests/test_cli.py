@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["data.max_train_samples=300", "data.max_test_samples=200"]
@@ -166,3 +169,14 @@ def test_the_readme_batch_script_is_what_setup_only_writes(tmp_path):
     written = written.replace(str(work_dir), "/home/me/experiments/20261202_120000_kfac")
     written = written.replace(sys.executable, "/home/me/kfac/.venv/bin/python").replace(str(ROOT), "/home/me/kfac")
     assert written == shown
+
+
+def test_the_readme_error_examples_are_what_kfac_py_says():
+    readme = (ROOT / "README.md").read_text()
+    examples = re.findall(r"^\$ python3 kfac\.py (.+?)(?:\s+#.*)?\n(kfac\.py: error: .+)$", readme, flags=re.M)
+    assert len(examples) >= 4
+    for args, message in examples:
+        if "cuda" in args and torch.cuda.is_available():
+            continue
+        result = kfac(*shlex.split(args))
+        assert (result.returncode, result.stderr.strip()) == (2, message), args
