@@ -44,7 +44,8 @@ def srun_argv(cfg: LauncherConfig, python: str, script: str, overrides: Sequence
     # one-rank MPI worlds (MPICH's PMI client needs SLURM's pmi2 plugin).
     # --kill-on-bad-exit: a rank that fails ends the step, instead of leaving the others
     # waiting in a collective until the time limit.
-    return ["srun", "--mpi=pmi2", "--kill-on-bad-exit=1", f"--nodes={cfg.nodes}", f"--ntasks={ranks}", f"--ntasks-per-node={cfg.procs_per_node}",
+    return ["srun", "--mpi=pmi2", "--kill-on-bad-exit=1",
+            f"--nodes={cfg.nodes}", f"--ntasks={ranks}", f"--ntasks-per-node={cfg.procs_per_node}",
             *rank_command(python, script, overrides, ranks)]
 
 

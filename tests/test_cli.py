@@ -31,7 +31,8 @@ BAD = [
     (["trainer.mini_batch_size=abc"], "trainer.mini_batch_size"),
     (["trainer.nonexistent=1"], "trainer.nonexistent"),
     (["optimizer=lbfgs"], "optimizer/lbfgs"),
-    (["trainer.epochs=-2", "trainer.device=tpu"], "trainer.epochs: must be >= 1, got -2 (0 epochs would train nothing); trainer.device"),
+    (["trainer.epochs=-2", "trainer.device=tpu"],
+     "trainer.epochs: must be >= 1, got -2 (0 epochs would train nothing); trainer.device"),
     (["kfac.damping_act=[0.01,1]"], "kfac.damping_act"),
 ]
 

@@ -25,4 +25,5 @@ def test_mpiexec_per_flavor() -> None:
 def test_srun_geometry() -> None:
     cfg = LauncherConfig(nodes=2, procs_per_node=2)
     assert srun_argv(cfg, "py", "kfac.py", []) == [
-        "srun", "--mpi=pmi2", "--kill-on-bad-exit=1", "--nodes=2", "--ntasks=4", "--ntasks-per-node=2", "py", "-m", "mpi4py", "kfac.py"]
+        "srun", "--mpi=pmi2", "--kill-on-bad-exit=1",
+        "--nodes=2", "--ntasks=4", "--ntasks-per-node=2", "py", "-m", "mpi4py", "kfac.py"]
