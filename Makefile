@@ -24,8 +24,9 @@ $(VENV)/.installed: pyproject.toml
 	fi
 	$(PY) -m pip install -q -e ".[mpi,test,tensorboard]"
 	@# An MPI library only where the machine has none (a cluster's own MPI is preferred).
+	@# MPICH 5's PMI-2 client hangs in MPI_Init under srun --mpi=pmi2 of Debian's SLURM 22.05.
 	@if command -v mpiexec >/dev/null 2>&1; then echo "using $$(command -v mpiexec)"; \
-	else $(PY) -m pip install -q mpich; fi
+	else $(PY) -m pip install -q "mpich>=4,<5"; fi
 	touch $@
 
 data: $(VENV)/.installed

@@ -215,28 +215,25 @@ def _tee(source: BinaryIO, log: BinaryIO, terminal: TextIO) -> None:
 
 
 @contextmanager
-def _passing_ctrl_c_on(proc: subprocess.Popen) -> Iterator[None]:
-    """While inside, a Ctrl-C here becomes a SIGINT to the script's process group.
+def _waiting_through_ctrl_c() -> Iterator[None]:
+    """While inside, a Ctrl-C does not end this process: the script must end first.
 
-    mpiexec passes one SIGINT on to every rank, which then checkpoints and stops at the end of
-    its step (trainer/signals.py); a second Ctrl-C makes mpiexec end the ranks at once.
+    The terminal sends Ctrl-C's SIGINT to the whole foreground group: the script's mpiexec
+    passes it on to every rank once, and the ranks checkpoint and stop at the end of their step
+    (trainer/signals.py); a second Ctrl-C makes mpiexec end the ranks at once.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    pressed: list[int] = []
 
-    def forward(signum: int, frame: object) -> None:
+    def note(signum: int, frame: object) -> None:
         if not pressed:
             print("Ctrl-C: the ranks stop with a checkpoint at the end of this step (Ctrl-C again to quit now)",
                   file=sys.stderr, flush=True)
         pressed.append(signum)
-        try:
-            os.killpg(proc.pid, signal.SIGINT)
-        except ProcessLookupError:  # the script has just ended
-            pass
 
-    pressed: list[int] = []
-    saved = signal.signal(signal.SIGINT, forward)
+    saved = signal.signal(signal.SIGINT, note)
     try:
         yield
     finally:
@@ -263,8 +260,8 @@ def run_batch_script(work_dir: str | os.PathLike[str], *, stdout: Optional[TextI
     err_terminal = stderr if stderr is not None else sys.stderr
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(path / OUT_LOG, "ab") as out_log, open(path / ERR_LOG, "ab") as err_log:
-        # Its own session: a Ctrl-C reaches this process alone, which passes it on exactly once.
-        proc = subprocess.Popen(["bash", SCRIPT_NAME], cwd=path, env=env, start_new_session=True,
+        # In this process's group, so that what ends the group (a Ctrl-C, a kill of the job) ends the script too.
+        proc = subprocess.Popen(["bash", SCRIPT_NAME], cwd=path, env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdout is not None and proc.stderr is not None
         threads = [threading.Thread(target=_tee, args=(proc.stdout, out_log, out_terminal), daemon=True),
@@ -272,7 +269,7 @@ def run_batch_script(work_dir: str | os.PathLike[str], *, stdout: Optional[TextI
         for thread in threads:
             thread.start()
         try:
-            with _passing_ctrl_c_on(proc):
+            with _waiting_through_ctrl_c():
                 returncode = proc.wait()
         except BaseException:  # never leave the script behind
             proc.send_signal(signal.SIGTERM)

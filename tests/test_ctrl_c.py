@@ -1,13 +1,14 @@
 """Ctrl-C on a real run, at 1 rank and at 2 MPI ranks: a checkpoint, one resume hint, no traceback.
 
-Ctrl-C reaches the ``kfac.py`` the user started (with several ranks, the launcher passes it on
-to the ranks once, through mpiexec). The first one stops the run at the end of its step with a
+Ctrl-C is a SIGINT to the terminal's foreground process group: ``kfac.py`` and, with several
+ranks, the script's mpiexec, which passes it on to each rank once. The first one stops the run at the end of its step with a
 checkpoint, as SIGTERM does; a resumed run then finishes the epoch.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -37,9 +38,10 @@ def started(work_dirs: Path, timeout: float = 120) -> Path:
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_ctrl_c_checkpoints_says_how_to_resume_and_the_resume_finishes(tmp_path, ranks):
     argv = [sys.executable, str(ROOT / "kfac.py"), *RUN, f"--procs-per-node={ranks}", f"launcher.experiment_dir={tmp_path}"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A session of its own, as a terminal gives a command: Ctrl-C is SIGINT to its whole group.
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     work_dir = started(tmp_path)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err
     assert "Traceback" not in out + err
