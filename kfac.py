@@ -81,7 +81,9 @@ def fail(message: str, status: int = 2, kind: str = "error") -> None:
     os._exit(status)
 
 
-GROUPS_CHECKED = ("sweep", "experiment")  # optional groups: Hydra silently skips a misspelt name
+# Every config group: Hydra silently skips a misspelt optional one (sweep, experiment) and
+# answers a misspelt required one with its whole search path.
+GROUPS_CHECKED = tuple(sorted(d for d in os.listdir(CONFIG_DIR) if os.path.isdir(os.path.join(CONFIG_DIR, d))))
 
 
 def sweep_points(overrides: list[str], limit: int = 16) -> list[list[str]]:
@@ -103,7 +105,8 @@ def sweep_points(overrides: list[str], limit: int = 16) -> list[list[str]]:
 
 
 def check_group_options(overrides: list[str], config_dirs: list[str]) -> None:
-    """Refuses ``sweep=nope`` / ``experiment=nope``, which Hydra would silently ignore."""
+    """Refuses ``model=nope``, ``sweep=nope`` ... in one line with the known names (Hydra would
+    ignore an optional group's bad name, or print its search path for a required one)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
@@ -119,7 +122,8 @@ def check_group_options(overrides: list[str], config_dirs: list[str]) -> None:
         known = group_options(key, config_dirs)
         for name in names:
             if name not in known:
-                fail(f"{key}={name}: no such {key} config (known: {', '.join(known) or 'none'})")
+                fail(f"{key}={name}: no such {key} config{did_you_mean(name, known)} "
+                     f"(known: {', '.join(known) or 'none'})")
 
 
 def schema_keys(node: Any, prefix: str = "") -> list[str]:
@@ -151,11 +155,12 @@ def check_keys(overrides: list[str], config_dirs: list[str]) -> None:
               for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))}
     schema = OmegaConf.structured(Config)
     known = schema_keys(schema)
+    leaves = [k for k in known if not OmegaConf.is_dict(OmegaConf.select(schema, k))]  # what to suggest
     for override in parsed:
         key = override.get_key_element().lstrip("+~").split("@")[0]
         if key.split(".")[0] == "hydra" or key in groups or key in known:
             continue
-        fail(f"{override.input_line}: {key} is not a config key{did_you_mean(key, known)} "
+        fail(f"{override.input_line}: {key} is not a config key{did_you_mean(key, leaves, cutoff=0.85)} "
              "(python3 kfac.py --cfg job lists them)")
 
 

@@ -161,9 +161,13 @@ def canonical_flag(arg: str) -> str:
     return "--" + arg[2:].replace("_", "-") if arg.startswith("--") else arg
 
 
-def did_you_mean(word: str, known: list[str]) -> str:
-    """``"; did you mean X?"`` for the closest of ``known`` names, or ``""``."""
-    close = difflib.get_close_matches(word, known, n=1, cutoff=0.75)
+def did_you_mean(word: str, known: list[str], cutoff: float = 0.6) -> str:
+    """``"; did you mean X?"`` for the closest of ``known`` names, or ``""``.
+
+    ``cutoff`` is difflib's similarity bar: long dotted keys share their section's prefix, so
+    they need a higher one than short names.
+    """
+    close = difflib.get_close_matches(word, known, n=1, cutoff=cutoff)
     return f"; did you mean {close[0]}?" if close else ""
 
 

@@ -30,7 +30,7 @@ BAD = [
     (["--num_epochs", "0"], "--num_epochs: expected an integer >= 1, got 0"),
     (["trainer.mini_batch_size=abc"], "trainer.mini_batch_size"),
     (["trainer.nonexistent=1"], "trainer.nonexistent"),
-    (["optimizer=lbfgs"], "optimizer/lbfgs"),
+    (["optimizer=lbfgs"], "optimizer=lbfgs: no such optimizer config"),
     (["trainer.epochs=-2", "trainer.device=tpu"],
      "trainer.epochs: must be >= 1, got -2 (0 epochs would train nothing); trainer.device"),
     (["kfac.damping_act=[0.01,1]"], "kfac.damping_act"),
