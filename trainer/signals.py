@@ -47,8 +47,10 @@ class StopSignals:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
+        # A signal the process was started to ignore stays ignored (a shell's `cmd &` ignores Ctrl-C).
         saved = {sig: signal.getsignal(sig) for sig in self.SIGNALS}
-        for sig in self.SIGNALS:
+        saved = {sig: handler for sig, handler in saved.items() if handler is not signal.SIG_IGN}
+        for sig in saved:
             signal.signal(sig, self._handle)
         try:
             yield
