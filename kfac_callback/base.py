@@ -32,7 +32,8 @@ class Callback:
     """No-op hooks (LBANN's names) and no-op state; subclasses override what they need.
 
     Hooks receive the trainer, whose public attributes (``epoch``, ``step``, ``model``,
-    ``comm``, ``stats``) are the state a callback may read. The trainer calls every hook of
+    ``comm``, ``stats``, and ``shares``: per rank, its samples of the current step) are the
+    state a callback may read. The trainer calls every hook of
     every callback in one dispatch loop, in the order the callbacks were given, and saves and
     restores every callback through ``state_dict`` / ``load_state_dict`` under ``state_key``.
     """
