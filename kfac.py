@@ -36,7 +36,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.config import CONFIG_DIR, LauncherConfig, group_options
+from launcher.config import CONFIG_DIR, LauncherConfig, config_groups, group_options
 from launcher.env import LAUNCHED, inside_slurm_allocation, rank_info
 from launcher.flags import FlagError, did_you_mean, help_text, translate
 from launcher.workdir import ERR_LOG, choose_work_dir
@@ -83,7 +83,7 @@ def fail(message: str, status: int = 2, kind: str = "error") -> None:
 
 # Every config group: Hydra silently skips a misspelt optional one (sweep, experiment) and
 # answers a misspelt required one with its whole search path.
-GROUPS_CHECKED = tuple(sorted(d for d in os.listdir(CONFIG_DIR) if os.path.isdir(os.path.join(CONFIG_DIR, d))))
+GROUPS_CHECKED = config_groups()
 
 
 def sweep_points(overrides: list[str], limit: int = 16) -> list[list[str]]:
@@ -151,8 +151,7 @@ def check_keys(overrides: list[str], config_dirs: list[str]) -> None:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except Exception:  # precompose reports the unparsable override
         return
-    groups = {d for folder in (CONFIG_DIR, *config_dirs) if os.path.isdir(folder)
-              for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))}
+    groups = config_groups(config_dirs)
     schema = OmegaConf.structured(Config)
     known = schema_keys(schema)
     leaves = [k for k in known if not OmegaConf.is_dict(OmegaConf.select(schema, k))]  # what to suggest
@@ -341,7 +340,7 @@ def show_help() -> None:
     Written here rather than by Hydra: Hydra's help would compose the config, which needs the
     schema, the trainer and torch, and take seconds for a page of text.
     """
-    groups = sorted(d for d in os.listdir(CONFIG_DIR) if os.path.isdir(os.path.join(CONFIG_DIR, d)))
+    groups = config_groups()
     lines = [help_text(), "== Configuration groups ==", "Compose your configuration from those groups (group=option)", ""]
     lines += [f"{group}: {', '.join(group_options(group))}" for group in groups]
     lines += ["", "== Config ==", "Override anything in the config (foo.bar=value); --cfg job prints it composed.", "",

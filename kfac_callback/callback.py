@@ -32,7 +32,7 @@ from torch import nn
 from kfac_callback import exchange, messages
 from kfac_callback.assignment import LayerInfo, assign_owners
 from kfac_callback.base import Callback, Communicator, SingleProcess, rank0_print
-from kfac_callback.blocks import Block, Dampings, LinearBlock, is_preconditionable, make_block
+from kfac_callback.blocks import Block, Dampings, LinearBlock, is_preconditionable, make_block, preconditionable_layers
 from kfac_callback.capture import Capture, Recorder
 from kfac_callback.config import DAMPING_KEYS, make_config
 from kfac_callback.phases import PhaseClock
@@ -431,7 +431,7 @@ class KFACCallback(SkipWeightGrad, Callback):
 
 
 def _build_blocks(model: nn.Module, disable: list[str]) -> dict[str, Block]:
-    candidates = [name for name, m in model.named_modules() if is_preconditionable(m)]
+    candidates = preconditionable_layers(model)
     unknown = [name for name in disable if name not in candidates]
     if unknown:
         raise ValueError(f"kfac.disable_layers: unknown layer(s) {unknown}; the model's "

@@ -300,7 +300,8 @@ def submit(work_dir: str | os.PathLike[str], *, env: Optional[Mapping[str, str]]
     environ = dict(os.environ if env is None else env)
     sbatch = shutil.which("sbatch", path=environ.get("PATH"))
     if sbatch is None:
-        raise SubmitError(f"cannot submit {script}: sbatch is not on PATH (is this a SLURM login node?)")
+        raise SubmitError(f"cannot submit {script}: sbatch is not on PATH (is this a SLURM login node?); "
+                          "--setup-only writes the script without submitting it")
     try:
         result = subprocess.run([sbatch, "--parsable", SCRIPT_NAME], cwd=work_dir, env=environ,
                                 capture_output=True, text=True, timeout=120)

@@ -11,6 +11,12 @@ SCHEDULERS = ("auto", "local", "mpiexec", "slurm")
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
+def config_groups(config_dirs: Sequence[str] = ()) -> tuple[str, ...]:
+    """The config groups: the folders of ``configs/`` (and of any ``--config-dir``), sorted."""
+    return tuple(sorted({d for folder in (CONFIG_DIR, *config_dirs) if os.path.isdir(folder)
+                         for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d))}))
+
+
 def group_options(group: str, config_dirs: Sequence[str] = ()) -> tuple[str, ...]:
     """The options of a config group: the names of its ``configs/<group>/*.yaml`` files, sorted.
 

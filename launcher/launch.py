@@ -153,21 +153,21 @@ def start(run: Run, train_here: Callable[[Path], None], environ: Optional[Mappin
     scheduler = choose_scheduler(cfg, environ)
     ranks = cfg.nodes * cfg.procs_per_node
     mpiexec, flavor = "mpiexec", "mpich"
-    if scheduler == "mpiexec" and ranks > 1 and not (cfg.setup_only and not shutil.which("mpiexec")):
-        mpiexec = find_mpiexec()
-        flavor = local_mpi_flavor(mpiexec)
+    if scheduler == "mpiexec" and ranks > 1:
+        try:
+            mpiexec = find_mpiexec()
+            flavor = local_mpi_flavor(mpiexec)
+        except LaunchError:
+            if not cfg.setup_only:  # a script to look at or copy needs no MPI here
+                raise
     if requeue_without_slurm(cfg.requeue, scheduler):
         raise LaunchError(f"launcher.requeue needs SLURM, but this run uses {scheduler}: add --batch-job "
                           "or use launcher=slurm")
-    # Writing a script needs nothing; running or submitting it needs its tool, checked before
-    # any work dir exists (a run that cannot start leaves nothing behind).
-    if not cfg.setup_only:
-        if cfg.batch_job and not shutil.which("sbatch", path=environ.get("PATH")):
-            raise LaunchError("--batch-job submits with sbatch, which is not on PATH (is this a SLURM login "
-                              "node?); --setup-only writes the script without submitting it")
-        if scheduler == "slurm" and not cfg.batch_job and not shutil.which("srun", path=environ.get("PATH")):
-            raise LaunchError("launcher.scheduler=slurm runs the ranks with srun, which is not on PATH; "
-                              "--setup-only writes the script without running it")
+    # Writing a script needs nothing; running it needs srun, checked before any work dir
+    # exists (submit() checks for sbatch, and a job never submitted leaves no work dir).
+    if not cfg.setup_only and scheduler == "slurm" and not cfg.batch_job and not shutil.which("srun", path=environ.get("PATH")):
+        raise LaunchError("launcher.scheduler=slurm runs the ranks with srun, which is not on PATH; "
+                          "--setup-only writes the script without running it")
     spec = batch_spec(run, scheduler, sys.executable, mpiexec, flavor)
     existed = run.work_dir.exists()
     write_work_dir(run.work_dir, render_batch_script(spec), run.config_yaml)

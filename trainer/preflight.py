@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from kfac_callback.blocks import is_preconditionable
+from kfac_callback.blocks import preconditionable_layers
 from models import MODELS, build_model
 from trainer.mnist_fetch import data_dir_problem, default_data_dir
 
@@ -29,7 +29,7 @@ def layer_problems(cfg: Any) -> list[str]:
         return []
     with torch.device("meta"):  # names only: no memory, no random draws
         model = build_model(cfg.model.name)
-    layers = [name for name, module in model.named_modules() if is_preconditionable(module)]
+    layers = preconditionable_layers(model)
     unknown = [name for name in cfg.kfac.disable_layers if name not in layers]
     if not unknown:
         return []

@@ -17,7 +17,7 @@ from kfac_callback.blocks.kronecker import KroneckerBlock
 from kfac_callback.blocks.linear import LinearBlock
 
 __all__ = ["BatchNormBlock", "Block", "Conv2dBlock", "Dampings", "KroneckerBlock", "LinearBlock",
-           "is_preconditionable", "make_block"]
+           "is_preconditionable", "make_block", "preconditionable_layers"]
 
 
 def make_block(name: str, module: nn.Module) -> Block | None:
@@ -39,3 +39,8 @@ def is_preconditionable(module: nn.Module) -> bool:
     """Whether K-FAC has a block for this layer type (configuration not checked)."""
     return isinstance(module, (nn.Linear, nn.Conv2d)) or (
         isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)) and module.affine)
+
+
+def preconditionable_layers(model: nn.Module) -> list[str]:
+    """The names of the model's layers K-FAC can precondition, in model order."""
+    return [name for name, module in model.named_modules() if is_preconditionable(module)]
