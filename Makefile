@@ -1,13 +1,13 @@
 # One command to install and train, one to install and test:
 #   make train     sets up .venv, MNIST, then trains (ARGS="--model cnn ..." to pass flags)
-#   make test      sets up .venv, MNIST, then runs the test suite
+#   make test      sets up .venv, MNIST, then runs the test suite (slow tests: make test-all)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 TORCH_CPU_VERSION ?= 2.13.0
 ARGS ?= --model mlp --optimizer adam --optimizer-learning-rate 1e-4
 
-.PHONY: setup train test lint data clean
+.PHONY: setup train test test-all lint data clean
 
 setup: $(VENV)/.installed data
 
@@ -36,6 +36,9 @@ train: setup
 	$(PY) kfac.py $(ARGS)
 
 test: setup
+	$(PY) -m pytest -q -m "not slow"
+
+test-all: setup
 	$(PY) -m pytest -q
 
 lint: $(VENV)/.installed
