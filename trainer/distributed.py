@@ -24,6 +24,7 @@ import torch
 
 from kfac_callback.base import SingleProcess
 from launcher.env import RankInfo
+from trainer.host_address import reachable_address
 
 BACKENDS = ("auto", "mpi", "gloo", "nccl")
 
@@ -136,7 +137,7 @@ def _rendezvous(info: RankInfo, multi_node: bool) -> tuple[str, int]:
 
     choice = None
     if info.rank == 0:
-        addr = socket.gethostbyname(socket.gethostname()) if multi_node else "127.0.0.1"
+        addr = reachable_address() if multi_node else "127.0.0.1"
         with socket.socket() as s:
             s.bind(("", 0))
             choice = (addr, s.getsockname()[1])
