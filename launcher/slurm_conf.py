@@ -5,7 +5,7 @@ Nothing here reads or writes a file or starts a process; ``launcher.slurm_local`
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,26 +55,10 @@ class SlurmPaths:
         return self.root / "log"
 
 
-def render_slurm_conf(paths: SlurmPaths, hostname: str, ctld_port: int, slurmd_port: int, *,
-                      cpus: int = 4, real_memory_mb: int = 1000, cluster_name: str = "kfactest") -> str:
-    """The slurm.conf of a one-node cluster on 127.0.0.1.
-
-    Args:
-        paths: The cluster's folders.
-        hostname: This machine's short host name (slurmctld insists on its own name).
-        ctld_port: slurmctld's port.
-        slurmd_port: slurmd's port.
-        cpus: CPUs the node claims; ``config_overrides`` lets it claim more than it has.
-        real_memory_mb: Memory the node claims, in MB.
-        cluster_name: ``ClusterName``.
-
-    Returns:
-        The file's text.
-    """
-    lines = [
-        "# A private one-node SLURM for tests, written by launcher.slurm_local.",
+def _common_lines(paths: SlurmPaths, cluster_name: str, ctld_host: str, ctld_port: int, slurmd_port: int) -> list[str]:
+    return [
         f"ClusterName={cluster_name}",
-        f"SlurmctldHost={hostname}(127.0.0.1)",
+        f"SlurmctldHost={ctld_host}(127.0.0.1)",
         f"SlurmctldPort={ctld_port}",
         f"SlurmdPort={slurmd_port}",
         "SlurmUser=root",
@@ -94,6 +78,28 @@ def render_slurm_conf(paths: SlurmPaths, hostname: str, ctld_port: int, slurmd_p
         "KillWait=5",
         "MinJobAge=600",
         f"StateSaveLocation={paths.state}",
+    ]
+
+
+def render_slurm_conf(paths: SlurmPaths, hostname: str, ctld_port: int, slurmd_port: int, *,
+                      cpus: int = 4, real_memory_mb: int = 1000, cluster_name: str = "kfactest") -> str:
+    """The slurm.conf of a one-node cluster on 127.0.0.1.
+
+    Args:
+        paths: The cluster's folders.
+        hostname: This machine's short host name (slurmctld insists on its own name).
+        ctld_port: slurmctld's port.
+        slurmd_port: slurmd's port.
+        cpus: CPUs the node claims; ``config_overrides`` lets it claim more than it has.
+        real_memory_mb: Memory the node claims, in MB.
+        cluster_name: ``ClusterName``.
+
+    Returns:
+        The file's text.
+    """
+    lines = [
+        "# A private one-node SLURM for tests, written by launcher.slurm_local.",
+        *_common_lines(paths, cluster_name, hostname, ctld_port, slurmd_port),
         f"SlurmdSpoolDir={paths.spool}",
         f"SlurmctldPidFile={paths.run / 'slurmctld.pid'}",
         f"SlurmdPidFile={paths.run / 'slurmd.pid'}",
@@ -101,6 +107,45 @@ def render_slurm_conf(paths: SlurmPaths, hostname: str, ctld_port: int, slurmd_p
         f"SlurmdLogFile={paths.log / 'slurmd.log'}",
         f"NodeName={hostname} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={real_memory_mb} State=UNKNOWN",
         f"PartitionName=debug Nodes={hostname} Default=YES MaxTime=INFINITE State=UP",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_cluster_conf(paths: SlurmPaths, controller: str, nodes: Sequence[tuple[str, str]], ctld_port: int,
+                        slurmd_port: int, *, cpus: int = 4, real_memory_mb: int = 1000,
+                        slurmd_timeout_s: int = 10, cluster_name: str = "kfacnodes") -> str:
+    """The slurm.conf of an emulated multi-node cluster (``launcher.netns``).
+
+    Every client and daemon reaches slurmctld at 127.0.0.1 (a relay in each namespace carries it
+    to the controller's); slurmctld and the nodes reach each node at its own bridge address.
+    Each node keeps its own spool, pid file and log (``%n``: the node's name): nodes sharing a
+    spool folder would share the sockets slurmstepd makes there.
+
+    Args:
+        paths: The cluster's folders.
+        controller: slurmctld's host name.
+        nodes: ``(name, address)`` of each compute node.
+        ctld_port: slurmctld's port.
+        slurmd_port: every slurmd's port (each on its own address).
+        cpus: CPUs each node claims.
+        real_memory_mb: Memory each node claims, in MB.
+        slurmd_timeout_s: How long a silent node stays up before slurmctld sets it DOWN and ends
+            its jobs (SLURM's default, 300 s, is for real clusters; tests lose nodes on purpose).
+        cluster_name: ``ClusterName``.
+    """
+    names = ",".join(name for name, _ in nodes)
+    lines = [
+        f"# An emulated {len(nodes)}-node SLURM on one machine, written by launcher.slurm_local.",
+        *_common_lines(paths, cluster_name, controller, ctld_port, slurmd_port),
+        f"SlurmdTimeout={slurmd_timeout_s}",
+        f"SlurmdSpoolDir={paths.spool}/%n",
+        f"SlurmctldPidFile={paths.run / 'slurmctld.pid'}",
+        f"SlurmdPidFile={paths.run / 'slurmd-%n.pid'}",
+        f"SlurmctldLogFile={paths.log / 'slurmctld.log'}",
+        f"SlurmdLogFile={paths.log / 'slurmd-%n.log'}",
+        *(f"NodeName={name} NodeAddr={address} NodeHostname={name} CPUs={cpus} RealMemory={real_memory_mb} "
+          "State=UNKNOWN" for name, address in nodes),
+        f"PartitionName=debug Nodes={names} Default=YES MaxTime=INFINITE State=UP",
     ]
     return "\n".join(lines) + "\n"
 

@@ -132,6 +132,16 @@ class LocalSlurm:
             LocalSlurmError: If a program is missing, this is not root, or the node is not idle in time
                 (the daemons are stopped again and their logs are in the message).
         """
+        self._prepare()
+        try:
+            self._configure_and_spawn()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _prepare(self) -> None:
+        """Checks the machine and makes the cluster's folders (a fresh state and spool)."""
         missing = missing_programs()
         if missing:
             raise LocalSlurmError(f"cannot start a local SLURM: missing {', '.join(missing)} (run .ci/install-slurm)")
@@ -153,29 +163,39 @@ class LocalSlurm:
             fd = os.open(paths.munge_key, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
             with os.fdopen(fd, "wb") as f:
                 f.write(os.urandom(1024))
+
+    def _configure_and_spawn(self) -> None:
+        """One node, this machine, on 127.0.0.1: the conf, then munged, slurmctld and slurmd."""
+        paths = self.paths
+        assert paths is not None
         hostname = socket.gethostname().split(".")[0]
         paths.conf.write_text(render_slurm_conf(paths, hostname, _free_port(), _free_port(),
                                                 cpus=self.cpus, real_memory_mb=self.real_memory_mb))
         binaries = {name: find_binary(name) or name for name in DAEMONS}
-        try:
-            for name, argv in daemon_argvs(paths, binaries, hostname).items():
-                self._spawn(name, argv)
-                if name == "munged":
-                    self._wait(lambda: paths.munge_socket.exists(), "munged's socket")
-            self._wait(lambda: self.node_state() == "idle", f"node {hostname} to be idle")
-        except BaseException:
-            self.stop()
-            raise
-        return self
+        for name, argv in daemon_argvs(paths, binaries, hostname).items():
+            self._spawn(name, argv)
+            if name == "munged":
+                self._wait(lambda: paths.munge_socket.exists(), "munged's socket")
+        self._wait(lambda: self.node_state() == "idle", f"node {hostname} to be idle")
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn_munged(self) -> None:
         assert self.paths is not None
-        with open(self.paths.log / f"{name}.stderr", "ab") as log:
+        binaries = {name: find_binary(name) or name for name in DAEMONS}
+        self._spawn("munged", daemon_argvs(self.paths, binaries, "")["munged"])
+        self._wait(lambda: self.paths.munge_socket.exists(), "munged's socket")
+
+    def _spawn(self, name: str, argv: list[str], stdout: Optional[Path] = None) -> None:
+        assert self.paths is not None
+        with open(self.paths.log / f"{name}.stderr", "ab") as log, open(stdout or os.devnull, "ab") as out:
             # A session of their own: a Ctrl-C meant for the tests does not reach them half-way.
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env(),
-                                    start_new_session=True)
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out if stdout else log, stderr=log,
+                                    env=self.env(), start_new_session=True)
         self._procs[name] = proc
         self.pids[name] = proc.pid
+        self._save_pids()
+
+    def _save_pids(self) -> None:
+        assert self.paths is not None
         self.paths.pids.write_text(json.dumps(self.pids) + "\n")
 
     def _wait(self, ready: Callable[[], bool], what: str) -> None:
@@ -277,12 +297,11 @@ def stop_pids(pids: Mapping[str, int], procs: Optional[Mapping[str, subprocess.P
         timeout_s: How long each daemon gets to exit after SIGTERM.
     """
     procs = procs or {}
-    for name in reversed(DAEMONS):
-        pid = pids.get(name)
-        if pid is None:
-            continue
+    rank = {name: i for i, name in enumerate(reversed(DAEMONS))}  # slurmd first, munged last
+    for name in sorted(pids, key=lambda n: rank.get(n.split("@")[0], -1)):
+        pid = pids[name]
         proc = procs.get(name)
-        if proc is None and not (name in _cmdline(pid) and marker in _cmdline(pid)):
+        if proc is None and not (name.split("@")[0] in _cmdline(pid) and marker in _cmdline(pid)):
             continue  # gone, and the pid now belongs to something else (or nothing)
         for sig in (signal.SIGTERM, signal.SIGKILL):
             if proc is not None:
@@ -306,31 +325,57 @@ def stop_pids(pids: Mapping[str, int], procs: Optional[Mapping[str, subprocess.P
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """``python -m launcher.slurm_local start|stop [--root DIR]``."""
+    """``python -m launcher.slurm_local start [--nodes N]|stop|kill-node NAME|start-node NAME|login [CMD...]``."""
     parser = argparse.ArgumentParser(prog="python -m launcher.slurm_local", description=__doc__.splitlines()[0])
-    parser.add_argument("action", choices=("start", "stop"))
+    parser.add_argument("action", choices=("start", "stop", "kill-node", "start-node", "login"))
+    parser.add_argument("args", nargs="*",
+                        help="kill-node / start-node: the node's name; login: -- and the command (default: a shell)")
     parser.add_argument("--root", default=None,
                         help="the cluster's folder (default: <tmp>/kfac-local-slurm)")
+    parser.add_argument("--nodes", type=int, default=0,
+                        help="start: emulated compute nodes, each a network namespace (default 0: this machine)")
     args = parser.parse_args(argv)
     root = Path(args.root or os.path.join(tempfile.gettempdir(), "kfac-local-slurm")).resolve()
     paths = SlurmPaths(root)
     pids = json.loads(paths.pids.read_text()) if paths.pids.exists() else {}
+    from launcher import slurm_cluster  # beside this module: it builds on LocalSlurm
+
     if args.action == "stop":
         stop_pids(pids, marker=str(root))
+        slurm_cluster.stop_namespaces(root)
         paths.pids.unlink(missing_ok=True)
         print(f"stopped the local SLURM in {root}", file=sys.stderr)
         return 0
-    running = [name for name, pid in pids.items() if name in _cmdline(pid) and str(root) in _cmdline(pid)]
+    if args.action != "start":
+        try:
+            cluster = slurm_cluster.EmulatedCluster.attach(root)
+            if args.action == "login":
+                command = args.args or [os.environ.get("SHELL", "/bin/sh")]
+                return subprocess.run(cluster.login_argv(command), env=cluster.env()).returncode
+            if len(args.args) != 1:
+                parser.error(f"{args.action} takes one node name")
+            if args.action == "kill-node":
+                killed = cluster.kill_node(args.args[0])
+                print(f"killed {len(killed)} process(es) on {args.args[0]}", file=sys.stderr)
+            else:
+                cluster.start_node(args.args[0])
+                print(f"{args.args[0]} is up", file=sys.stderr)
+        except LocalSlurmError as e:
+            print(e, file=sys.stderr)
+            return 1
+        return 0
+    running = [name for name, pid in pids.items()
+               if name.split("@")[0] in _cmdline(pid) and str(root) in _cmdline(pid)]
     if running:
         print(f"a local SLURM already runs in {root} ({', '.join(running)}); stop it first", file=sys.stderr)
         return 1
-    slurm = LocalSlurm(root)
+    slurm = slurm_cluster.EmulatedCluster(args.nodes, root) if args.nodes > 0 else LocalSlurm(root)
     try:
         slurm.start()
     except LocalSlurmError as e:
         print(e, file=sys.stderr)
         return 1
-    # The daemons outlive this process; `stop` finds them in pids.json.
+    # The daemons outlive this process; `stop` finds them in pids.json (and the namespaces' names).
     print(f"export SLURM_CONF={paths.conf}")
     return 0
 
