@@ -17,6 +17,7 @@ from launcher.config import LauncherConfig, validate_launcher
 from models import MODELS
 from trainer.distributed import BACKENDS
 from trainer.optimizers import OptimizerConfig, validate_optimizer
+from trainer.precision import precision_errors
 
 DEVICES = ("auto", "cpu", "cuda")
 PROGRESS = ("auto", "true", "false")
@@ -60,6 +61,8 @@ class TrainerConfig:
     keep_checkpoints: int = 3  # 0: no checkpoint at all (and a stop signal ends the run without one)
     resume: Optional[str] = None  # a checkpoint file or work dir | latest | auto (this work dir's newest)
     on_nonfinite: str = "skip"  # skip | stop: what a step with a NaN/Inf loss or gradient does
+    accumulate_steps: int = 1  # k micro-batches per step: the gradient and K-FAC factors of the whole batch
+    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast for forward and loss (fp16: GradScaler, GPUs)
 
 
 @dataclass
@@ -119,6 +122,12 @@ def validate(cfg: Any) -> list[str]:
                           "keep at least 1, or turn those off")
     if t.on_nonfinite not in ON_NONFINITE:
         errors.append(f"trainer.on_nonfinite: {t.on_nonfinite!r} is not one of {', '.join(ON_NONFINITE)}")
+    if t.accumulate_steps < 1:
+        errors.append(f"trainer.accumulate_steps: must be >= 1 (1: no accumulation), got {t.accumulate_steps}")
+    elif t.accumulate_steps > t.mini_batch_size >= 1:
+        errors.append(f"trainer.accumulate_steps={t.accumulate_steps}: more micro-batches than the "
+                      f"{t.mini_batch_size} samples of a batch (trainer.mini_batch_size); use at most {t.mini_batch_size}")
+    errors += precision_errors(str(t.precision), str(t.dtype), str(t.device))
     if t.resume is not None and not str(t.resume).strip():
         errors.append("trainer.resume: must be a checkpoint file, a work dir, latest or auto (or null)")
     for key in ("max_train_samples", "max_test_samples"):
