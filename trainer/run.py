@@ -55,6 +55,9 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
         # One thread pool per rank, sized to its share of the cores: oversubscribed ranks thrash.
         torch.set_num_threads(tcfg.num_threads or max(1, (os.cpu_count() or 1) // info.local_size))
     device = choose_device(tcfg.device, info.local_rank)
+    if tcfg.precision == "fp16" and device.type != "cuda":
+        raise SetupError("trainer.precision=fp16: fp16 with a loss scaler is for GPUs, and this node has no CUDA "
+                         "device; use trainer.precision=bf16 (autocast on CPUs) or fp32")
     try:
         comm = make_communicator(info, tcfg.backend, device.type, multi_node=cfg.launcher.nodes > 1)
     except ValueError as err:  # a backend this device cannot use
@@ -118,6 +121,8 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
         log=log,
         checkpoint=policy,
         on_nonfinite=tcfg.on_nonfinite,
+        accumulate_steps=tcfg.accumulate_steps,
+        precision=tcfg.precision,
     )
     if state is not None:
         trainer.load_state_dict(state)
