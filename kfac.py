@@ -224,6 +224,12 @@ def check_here(cfg: DictConfig) -> None:
     from trainer.preflight import problems
 
     found = problems(cfg, devices=runs_here(cfg))
+    if runs_here(cfg) and cfg.trainer.precision == "fp16" and cfg.trainer.device == "auto":
+        import torch
+
+        if not torch.cuda.is_available():
+            found.append("trainer.precision=fp16: fp16 with a loss scaler is for GPUs, and this machine has no "
+                         "CUDA device; use trainer.precision=bf16 (autocast on CPUs) or fp32")
     if found:
         fail("; ".join(found))
 

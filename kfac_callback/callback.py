@@ -17,6 +17,14 @@ With several ranks whose shares of a batch differ (100 samples over 3 ranks: 34,
 the loop weights each rank's gradient by its share and tells the callback the counts:
 ``kfac.step(shares=[34, 33, 33])``; with ``skip_weight_grad`` also ``kfac.expect_shares(...)``
 before the forward pass (docs/algorithm.md §6).
+
+Under ``torchrun`` the model may be wrapped in ``DistributedDataParallel``: the callback then
+takes its communicator from the process group and the layer names of the wrapped module (no
+``module.`` prefix). Gradient accumulation: ``KFACCallback(..., accumulate_steps=k)`` and k
+forward/backward passes per ``step()``, each micro-batch's loss weighted by its share of the
+rank's samples (1/k for equal ones). Mixed precision: factors are float32 whatever the
+forward's dtype; with an fp16 ``GradScaler`` pass ``grad_scaler=scaler`` and call
+``scaler.unscale_(optimizer)`` before ``step()`` (docs/algorithm.md §3, §5).
 """
 
 from __future__ import annotations
@@ -33,9 +41,11 @@ from kfac_callback import exchange, messages
 from kfac_callback.assignment import LayerInfo, assign_owners
 from kfac_callback.base import Callback, Communicator, SingleProcess, rank0_print
 from kfac_callback.blocks import Block, Dampings, LinearBlock, is_preconditionable, make_block, preconditionable_layers
-from kfac_callback.capture import Capture, Recorder
+from kfac_callback.capture import Capture, Recorder, micro_batches
 from kfac_callback.config import DAMPING_KEYS, make_config
+from kfac_callback.linalg import all_finite
 from kfac_callback.phases import PhaseClock
+from kfac_callback.process_group import ProcessGroupComm, initialised_world
 from kfac_callback.schedules import DampingSchedule, is_compute_step, is_update_step, update_interval
 from kfac_callback.skip_weight_grad import SkipWeightGrad
 
@@ -43,16 +53,72 @@ from kfac_callback.skip_weight_grad import SkipWeightGrad
 # solves at every step (benchmarks/step_time.py).
 EXPLICIT_INVERSE_INTERVAL = 5
 
+# Wrappers whose own name would prefix every layer's: DDP and DataParallel (``module``),
+# torch.compile (``_orig_mod``). Layers keep the names the user gave them.
+WRAPPER_ATTRIBUTES = ("module", "_orig_mod")
+
+
+def unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
+    """The user's model inside DDP / DataParallel / torch.compile wrappers, and whether it was DDP."""
+    ddp = False
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            ddp = True
+            model = model.module
+        elif isinstance(model, nn.DataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model, ddp
+
+
+def user_name(name: str) -> str:
+    """A layer name without a wrapper's prefix: ``module.ip1`` is ``ip1``."""
+    parts = name.split(".")
+    while len(parts) > 1 and parts[0] in WRAPPER_ATTRIBUTES:
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+@dataclasses.dataclass
+class StepRows:
+    """One layer's rows of a step: its micro-batches' inputs and output gradients (loss scale
+    removed), and whether they are every forward call it had (so the gradient is their gᵀa)."""
+
+    a: list[torch.Tensor]
+    g: list[torch.Tensor]
+    every_call: bool
+
+    @property
+    def n(self) -> int:
+        """This rank's samples of the step, over every micro-batch."""
+        return sum(x.shape[0] for x in self.a)
+
+    def joined(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batches' rows, one after another."""
+        if len(self.a) == 1:
+            return self.a[0], self.g[0]
+        return torch.cat(self.a), torch.cat(self.g)
+
 
 class KFACCallback(SkipWeightGrad, Callback):
     """Kronecker-factored preconditioning of Linear, Conv2d and affine BatchNorm layers.
 
     Args:
-        model: The model; its supported layers not named in ``disable_layers`` are
-            preconditioned, every other parameter is left to the base optimizer.
-        comm: The communicator. ``None`` means one process, or the trainer's ``comm`` at
-            ``on_setup_end``.
+        model: The model, or the model wrapped in ``DistributedDataParallel`` (or
+            DataParallel, torch.compile): layers are named as in the user's own model. Its
+            supported layers not named in ``disable_layers`` are preconditioned, every other
+            parameter is left to the base optimizer.
+        comm: The communicator. ``None`` means the initialised ``torch.distributed`` process
+            group (a DDP model's own group) if there is one of several ranks, else one process;
+            our trainer's ``comm`` replaces it at ``on_setup_end``.
         printer: Where lines go; by default printed on rank 0.
+        accumulate_steps: k, the micro-batches (forward and backward passes) of each step
+            (our trainer sets it from ``trainer.accumulate_steps``).
+        grad_scaler: A ``torch.amp.GradScaler`` scaling the loss (fp16): output gradients are
+            divided by its scale, and a step it skips (non-finite scaled gradients) is skipped
+            here too, its factors never folded in. Call ``scaler.unscale_(optimizer)`` first.
         **kwargs: ``KFACConfig`` fields (see ``make_config`` for accepted spellings).
 
     Attributes:
@@ -65,18 +131,30 @@ class KFACCallback(SkipWeightGrad, Callback):
 
     Raises:
         ValueError: For invalid options, unknown names in ``disable_layers`` (listing the
-            model's preconditionable layers), or a layer K-FAC cannot precondition.
+            model's preconditionable layers), a layer K-FAC cannot precondition,
+            ``accumulate_steps`` < 1, or ``skip_weight_grad`` on a DDP model.
     """
 
     def __init__(self, model: nn.Module, comm: Communicator | None = None,
-                 printer: Callable[[str], None] | None = None, **kwargs: Any) -> None:
+                 printer: Callable[[str], None] | None = None, accumulate_steps: int = 1,
+                 grad_scaler: Any = None, **kwargs: Any) -> None:
         self.config = c = make_config(**kwargs)
-        self.model = model
+        inner, ddp = unwrap(model)
+        if ddp and c.skip_weight_grad:
+            raise ValueError("K-FAC: skip_weight_grad does not work with DistributedDataParallel, which "
+                             "all-reduces every weight gradient during backward; turn it off, or average "
+                             "the gradients yourself after backward (our trainer does)")
+        self.model = inner
         self._comm_given = comm is not None
+        if comm is None and initialised_world():
+            comm = ProcessGroupComm(getattr(model, "process_group", None) if ddp else None)
         self.comm: Communicator = comm if comm is not None else SingleProcess()
+        self.accumulate_steps = accumulate_steps
+        self.grad_scaler = grad_scaler
+        self.skipped_steps = 0  # steps the grad scaler skipped (non-finite scaled gradients)
         self._printer = printer
         self.say = messages.Printer(lambda line: (self._printer or rank0_print(self.comm))(line))
-        self.blocks = _build_blocks(model, c.disable_layers)
+        self.blocks = _build_blocks(inner, [user_name(n) for n in c.disable_layers])
         self.dampings = [DampingSchedule(getattr(c, k), c.damping_warmup_steps) for k in DAMPING_KEYS]
         self.steps = 0
         self.inverse_dtype = getattr(torch, c.inverse_dtype)
@@ -84,7 +162,19 @@ class KFACCallback(SkipWeightGrad, Callback):
         self._need_inverses = True
         self._expected: tuple[int, ...] | None = None  # expect_shares(): the coming step's shares
         self.clock = PhaseClock()
-        self.capture = Recorder({name: b.module for name, b in self.blocks.items()}, self._skips_weight_grad)
+        self.capture = Recorder({name: b.module for name, b in self.blocks.items()}, self._skips_weight_grad,
+                                lambda: self.accumulate_steps)
+
+    @property
+    def accumulate_steps(self) -> int:
+        """k: the micro-batches of every step (docs/algorithm.md §3)."""
+        return self._accumulate_steps
+
+    @accumulate_steps.setter
+    def accumulate_steps(self, k: int) -> None:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"K-FAC: accumulate_steps must be an integer >= 1, got {k!r}")
+        self._accumulate_steps = k
 
     @classmethod
     def from_config(cls, model: nn.Module, cfg: Any, comm: Communicator | None = None,
@@ -121,12 +211,16 @@ class KFACCallback(SkipWeightGrad, Callback):
     # -- trainer hooks ---------------------------------------------------------------
 
     def on_setup_end(self, trainer: Any) -> None:
-        """Adopts the trainer's communicator (if none was given) and prints the setup lines."""
+        """Adopts the trainer's communicator (if none was given), its micro-batches per step
+        and grad scaler, and prints the setup lines."""
         comm = getattr(trainer, "comm", None)
         if not self._comm_given and comm is not None:
             self.comm = comm
             self._comm_given = True
             self.owners = self._assign()
+        self.accumulate_steps = getattr(trainer, "accumulate_steps", self.accumulate_steps)
+        if getattr(trainer, "grad_scaler", None) is not None:
+            self.grad_scaler = trainer.grad_scaler
         for line in self.setup_lines():
             self.say(line)
 
@@ -228,45 +322,93 @@ class KFACCallback(SkipWeightGrad, Callback):
             raise ValueError(f"K-FAC: step(shares={shares}) after expect_shares({expected}): with "
                              "skip_weight_grad, call expect_shares with the step's shares before its forward")
         s = self.steps
+        _, calls, skipped = self.capture.take()
+        scale = self._loss_scale()
+        if scale is None:  # the grad scaler skips this step: so does K-FAC (docs/algorithm.md §5)
+            self.skipped_steps += 1
+            self.say.once("", "scaler", messages.scaler_skip_line(s, float(self.grad_scaler.get_scale())))
+            return
         damping = self.current_dampings()
-        captures, skipped = self.capture.take()
-        if captures and self.is_update_step():
-            with self.clock("factors"):
-                self._update_factors(s, captures, shares)
-        if is_compute_step(s, self.config.compute_interval_steps) or self._need_inverses:
-            with self.clock("inverses"):
-                self._compute_inverses(s, damping)
-        with self.clock("batch_gather"):
-            self._offer_batches(captures, shares)
-        with self.clock("precondition"):
-            done = self._precondition_skipped(s, skipped, shares)
-            self._precondition(s, done)
+        # K-FAC's own products run in the factors' dtype, also when called inside autocast.
+        with torch.autocast(self._device_type(), enabled=False):
+            rows = self._step_rows(calls, scale)
+            if rows and self.is_update_step():
+                with self.clock("factors"):
+                    self._update_factors(s, rows, shares)
+            if is_compute_step(s, self.config.compute_interval_steps) or self._need_inverses:
+                with self.clock("inverses"):
+                    self._compute_inverses(s, damping)
+            with self.clock("batch_gather"):
+                self._offer_batches(rows, shares)
+            with self.clock("precondition"):
+                done = self._precondition_skipped(s, skipped, shares, scale)
+                self._precondition(s, done)
         for d in self.dampings:
             d.advance()
         self.steps += 1
 
-    def _update_factors(self, s: int, captures: dict[str, Capture], shares: tuple[int, ...] | None) -> None:
+    def _device_type(self) -> str:
+        block = next(iter(self.blocks.values()), None)
+        return "cpu" if block is None else block.module.weight.device.type
+
+    def _loss_scale(self) -> float | None:
+        """The grad scaler's loss scale (1 without one), or ``None`` when the scaler will skip
+        this step because the scaled gradients were not finite.
+
+        Raises:
+            ValueError: The scaler has not unscaled the gradients yet (``scaler.unscale_``
+                must come before ``step()``, so K-FAC sees the true gradient).
+        """
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        states = getattr(scaler, "_per_optimizer_states", None)
+        if states is not None:  # what scaler.step() will look at
+            from torch.amp.grad_scaler import OptState
+
+            unscaled = [st for st in states.values() if st.get("stage") == OptState.UNSCALED]
+            if not unscaled:
+                raise ValueError("K-FAC: the grad scaler has not unscaled the gradients: call "
+                                 "scaler.unscale_(optimizer) before the K-FAC step")
+            if any(float(v.item()) for st in unscaled for v in st["found_inf_per_device"].values()):
+                return None
+        elif not all(all_finite(p.grad) for p in self.model.parameters() if p.grad is not None):
+            return None
+        return float(scaler.get_scale())
+
+    def _step_rows(self, calls: dict[str, list[Capture]], scale: float) -> dict[str, StepRows]:
+        """Per layer backward reached, its micro-batches' rows (``capture.micro_batches``), the
+        output gradients divided by the loss scale."""
+        rows = {}
+        for name, layer_calls in calls.items():
+            chosen = micro_batches(layer_calls, self.accumulate_steps)
+            if not chosen or not all(c.complete for c in chosen):
+                continue
+            g = [c.g if scale == 1.0 else c.g / scale for c in chosen]
+            every = len(chosen) == len(layer_calls) == self.accumulate_steps
+            rows[name] = StepRows([c.a for c in chosen], g, every)
+        return rows
+
+    def _update_factors(self, s: int, rows: dict[str, StepRows], shares: tuple[int, ...] | None) -> None:
         """Folds this step's factors into the running averages (summed over ranks first).
 
-        Each rank's contribution takes its own n from its capture and the global N
+        Each rank's contribution takes its own n (every micro-batch's rows) and the global N
         (docs/algorithm.md §3); a rank without samples contributes zeros.
         """
         decay = self.config.kronecker_decay
         if self.comm.world_size == 1:
             # One rank: each layer's batch factors go straight into its running averages.
             for name, block in self.blocks.items():
-                cap = captures.get(name)
-                if cap is not None and cap.complete and not block.accumulate(cap.a, cap.g, cap.a.shape[0], decay):
+                r = rows.get(name)
+                if r is not None and not block.accumulate(r.a, r.g, r.n, decay):
                     self._warn_bad_factor(s, name)
             return
         if not self.blocks:
             return
         contributions = []
         for name, block in self.blocks.items():
-            cap = captures.get(name)
-            complete = cap is not None and cap.complete
-            n_global = self._global_batch(cap.a.shape[0], shares) if complete else 0
-            contributions.append(block.contributions(cap.a, cap.g, n_global) if complete else None)
+            r = rows.get(name)
+            contributions.append(None if r is None else block.contributions(r.a, r.g, self._global_batch(r.n, shares)))
         dtype = exchange.widest_dtype([b.module.weight for b in self.blocks.values()], torch.float32)
         device = next(iter(self.blocks.values())).module.weight.device
         with self.clock("factor_allreduce"):
@@ -280,44 +422,45 @@ class KFACCallback(SkipWeightGrad, Callback):
     def _warn_bad_factor(self, s: int, name: str) -> None:
         self.say.once(name, "factor", messages.layer_note(s, name, messages.BAD_FACTOR))
 
-    def _offer_batches(self, captures: dict[str, Capture], shares: tuple[int, ...] | None) -> None:
+    def _offer_batches(self, rows: dict[str, StepRows], shares: tuple[int, ...] | None) -> None:
         """Lets fully connected layers precondition through this step's batch (cheaper).
 
-        A layer qualifies when it ran forward exactly once since the last step (no weight
-        sharing, no gradient accumulation), so that its gradient is exactly ``gᵀa`` of the
-        batch, and when that route costs fewer flops. With several ranks the combined
-        gradient is ``Σ_r (n_r/N) g_rᵀ a_r`` (``(1/R) Σ_r g_rᵀ a_r`` for equal shares): the ranks'
-        ``a`` and ``g`` rows are gathered in one collective, each rank's ``g`` weighted by n_r/N,
-        far fewer numbers than the gradient itself for the MLP (N·(in+out) vs in·out)
-        (docs/algorithm.md §5, §6). A layer takes the batch route only when every rank could
-        offer it, so all decide alike.
+        A layer qualifies when each of its forward calls since the last step was one
+        micro-batch (no weight sharing), so that its gradient is exactly ``gᵀa`` of the step's
+        rows (every micro-batch's, joined), and when that route costs fewer flops. With
+        several ranks the combined gradient is ``Σ_r (n_r/N) g_rᵀ a_r`` (``(1/R) Σ_r g_rᵀ a_r``
+        for equal shares): the ranks' ``a`` and ``g`` rows are gathered in one collective,
+        each rank's ``g`` weighted by n_r/N, far fewer numbers than the gradient itself for the
+        MLP (N·(in+out) vs in·out) (docs/algorithm.md §5, §6). A layer takes the batch route
+        only when every rank could offer it, so all decide alike.
         """
         world = self.comm.world_size
         linear = {n: b for n, b in self.blocks.items() if isinstance(b, LinearBlock)}
         usable = {}
         for name, block in linear.items():
             block.set_batch(None, None)
-            cap = captures.get(name)
-            usable[name] = (cap is not None and cap.calls == 1
-                            and cap.complete and cap.a.dim() == 2
-                            and block.batch_route_cheaper(self._global_batch(cap.a.shape[0], shares)))
-        present = [captures[n] for n in linear if usable[n]]
-        if world == 1 or not present:
+            r = rows.get(name)
+            usable[name] = (r is not None and r.every_call and all(x.dim() == 2 for x in r.a)
+                            and block.batch_route_cheaper(self._global_batch(r.n, shares)))
+        joined = {n: rows[n].joined() for n in linear if usable[n]}
+        if world == 1 or not joined:
             # Several ranks with none present: no captures on any rank (the schedule is the same everywhere).
-            for name, block in linear.items():
-                if usable[name]:
-                    block.set_batch(captures[name].a, captures[name].g)
+            for name, (a, g) in joined.items():
+                linear[name].set_batch(a, g)
             return
-        counts = [present[0].a.shape[0]] * world if shares is None else shares
+        first = next(iter(joined.values()))[0]
+        counts = [first.shape[0]] * world if shares is None else shares
         mine = counts[self.comm.rank]
         # Uneven shares: this rank's g rows carry its weight n_r/N into the gathered batch;
         # equal ones are divided by R after the gather, as they always were.
         weight = None if shares is None else mine / sum(shares)
-        rows = [(captures[n].a, captures[n].g if weight is None else captures[n].g * weight)
-                if usable[n] and captures[n].a.shape[0] == mine else None for n in linear]
+        offered = [joined.get(n) if usable[n] and joined[n][0].shape[0] == mine else None for n in linear]
+        offered = [None if pair is None else (pair[0], pair[1] if weight is None else pair[1] * weight)
+                   for pair in offered]
         dims = [(b.in_features(), b.out_features()) for b in linear.values()]
-        ref = present[0].a
-        gathered = exchange.gather_rows(self.comm, rows, counts, dims, ref.dtype, ref.device)
+        # At least float32 (a bf16 capture under autocast), as the factors: MPI has no bf16.
+        dtype = torch.promote_types(first.dtype, torch.float32)
+        gathered = exchange.gather_rows(self.comm, offered, counts, dims, dtype, first.device)
         for block, batch in zip(linear.values(), gathered, strict=True):
             if batch is not None:
                 block.set_batch(batch[0], batch[1] / world if weight is None else batch[1])

@@ -6,6 +6,10 @@ it (a tensor hook rather than a module backward hook: it tolerates in-place ops 
 ``ReLU(inplace=True)`` after the layer). With ``skip_weight_grad`` a fully connected layer's
 output is replaced by ``WithoutWeightGrad``, whose backward computes only the input gradient;
 the callback then writes the weight gradient itself (docs/algorithm.md §5).
+
+Gradient accumulation (docs/algorithm.md §3): every forward call since the last step is kept,
+in order, so that k micro-batches give the factors and the batch route of their k·b rows;
+``micro_batches`` says which calls are the step's micro-batches.
 """
 
 from __future__ import annotations
@@ -39,35 +43,58 @@ class Capture:
         return self.g is not None
 
 
+def micro_batches(calls: list[Capture], k: int) -> list[Capture]:
+    """The calls of one step that stand for its micro-batches, given k micro-batches a step.
+
+    k calls: one per micro-batch, all of them. c·k calls (a layer used c times in each forward,
+    shared weights): the last call of each micro-batch, as one micro-batch has always taken its
+    last call. Any other count: the last call alone.
+    """
+    if len(calls) == k:
+        return list(calls)
+    if k >= 1 and calls and len(calls) % k == 0:
+        c = len(calls) // k
+        return list(calls[c - 1::c])
+    return calls[-1:]
+
+
 class Recorder:
     """Hooks on the preconditioned layers; holds the step's captures until the callback takes them.
 
     Args:
         modules: ``{layer name: module}``.
         skips_weight_grad: ``(name, input) -> bool``: whether this forward call may leave the
-            weight gradient to the callback (skip_weight_grad); asked once per layer and step.
+            weight gradient to the callback (skip_weight_grad); asked at a layer's first call
+            of a step, and that answer holds for its next ``micro_batches() - 1`` calls.
+        micro_batches: ``() -> k``, the micro-batches of a step (gradient accumulation).
 
     Attributes:
-        captures: ``{layer name: Capture}`` of training-mode forward calls since the last step.
+        captures: ``{layer name: Capture}``: each layer's latest training-mode forward call
+            since the last step.
+        calls: ``{layer name: [Capture]}``: every such call, in order.
         skipped: ``{layer name: [Capture]}``: the calls whose weight gradient autograd skips.
     """
 
     def __init__(self, modules: dict[str, nn.Module],
-                 skips_weight_grad: Callable[[str, torch.Tensor], bool]) -> None:
+                 skips_weight_grad: Callable[[str, torch.Tensor], bool],
+                 micro_batches: Callable[[], int] = lambda: 1) -> None:
         self.captures: dict[str, Capture] = {}
+        self.calls: dict[str, list[Capture]] = {}
         self.skipped: dict[str, list[Capture]] = {}
         self._skips_weight_grad = skips_weight_grad
+        self._micro_batches = micro_batches
+        self._skip: dict[str, bool] = {}
         self._handles = [module.register_forward_hook(self._hook(name)) for name, module in modules.items()]
 
-    def take(self) -> tuple[dict[str, Capture], dict[str, list[Capture]]]:
-        """The captures and skipped calls so far; the recorder starts afresh."""
-        taken = self.captures, self.skipped
+    def take(self) -> tuple[dict[str, Capture], dict[str, list[Capture]], dict[str, list[Capture]]]:
+        """The latest captures, every call and the skipped calls so far; the recorder starts afresh."""
+        taken = self.captures, self.calls, self.skipped
         self.clear()
         return taken
 
     def clear(self) -> None:
         """Forgets every capture (a step the trainer skipped, a restored state)."""
-        self.captures, self.skipped = {}, {}
+        self.captures, self.calls, self.skipped, self._skip = {}, {}, {}, {}
 
     def remove(self) -> None:
         """Detaches the hooks from the model."""
@@ -87,7 +114,12 @@ class Recorder:
             previous = self.captures.get(name)
             capture = Capture(args[0].detach(), 1 + (previous.calls if previous else 0))
             self.captures[name] = capture
-            if previous is None and self._skips_weight_grad(name, args[0]):
+            self.calls.setdefault(name, []).append(capture)
+            if previous is None:
+                self._skip[name] = self._skips_weight_grad(name, args[0])
+            # One decision per step: micro-batch m of k skips as the first did; a further call
+            # (a shared layer) goes the ordinary way, and step() rebuilds what it needs.
+            if self._skip.get(name) and capture.calls <= self._micro_batches():
                 self.skipped.setdefault(name, []).append(capture)
                 # A new output whose backward gives the input its gradient and hands the output
                 # gradient to the capture; the graph of `output`, with its weight GEMM, is dropped.

@@ -54,6 +54,12 @@ def layer_note(s: int, name: str, note: str) -> str:
     return f"{PREFIX} step {s}: layer {name}: {note}"
 
 
+def scaler_skip_line(s: int, scale: float) -> str:
+    """The grad scaler found non-finite scaled gradients: this step leaves K-FAC untouched."""
+    return (f"{PREFIX} step {s}: the grad scaler skips this step (non-finite gradients at loss scale "
+            f"{fmt(scale)}); factors, inverses and schedules untouched (said once)")
+
+
 NO_INVERSE = "no usable inverse; the layer keeps its plain gradient"
 ZEROED = "non-finite gradient; zeroed for this step"
 PLAIN_KEPT = "preconditioned gradient not finite; plain gradient kept"

@@ -27,17 +27,20 @@ class SkipWeightGrad:
         bias-free fully connected layer whose cheaper route is the (gathered) batch's. Every
         rank decides alike (the same global batch N, from ``expect_shares`` when the shares
         differ; the same layers), so every rank leaves the same gradients out of the gradient
-        all-reduce. (Whether a gradient is left from before, to
+        all-reduce. With k micro-batches a step (gradient accumulation) N is counted from k of
+        this first one, or from ``expect_shares``; the answer holds for all k. (Whether a
+        gradient is left from before, to
         accumulate onto, is known only at ``step()``: the usual loop zeroes gradients between
         forward and backward.)
         """
         block = self.blocks[name]
         return (self.config.skip_weight_grad and isinstance(block, LinearBlock)
                 and not block.has_bias and block.module.weight.requires_grad and a.dim() == 2
-                and block.batch_route_cheaper(self._global_batch(a.shape[0], self._expected)))
+                and block.batch_route_cheaper(self._global_batch(a.shape[0] * self.accumulate_steps,
+                                                                 self._expected)))
 
     def _precondition_skipped(self, s: int, skipped: dict[str, list[Capture]],
-                              shares: tuple[int, ...] | None) -> set[str]:
+                              shares: tuple[int, ...] | None, scale: float = 1.0) -> set[str]:
         """Writes the weight gradients that backward skipped (skip_weight_grad).
 
         Through the batch (every rank's rows, gathered) where one was offered and no gradient
@@ -48,7 +51,8 @@ class SkipWeightGrad:
         autograd would have added), combined over ranks in one collective (weights n_r/N for
         uneven ``shares``, docs/algorithm.md §6); the layer then goes the usual way (finiteness
         check, preconditioning). Every rank skipped the same layers and sees the same batch
-        flags, so all take the same branches.
+        flags, so all take the same branches. ``scale``: the grad scaler's loss scale, divided
+        out of the captured output gradients.
 
         Returns:
             The layers finished here.
@@ -80,10 +84,11 @@ class SkipWeightGrad:
                 self._say_zeroed(s, name)
                 weight.grad.zero_()
         if rebuild:
-            self._rebuild_plain(rebuild, shares)
+            self._rebuild_plain(rebuild, shares, scale)
         return done
 
-    def _rebuild_plain(self, skipped: dict[str, list[Capture]], shares: tuple[int, ...] | None) -> None:
+    def _rebuild_plain(self, skipped: dict[str, list[Capture]], shares: tuple[int, ...] | None,
+                       scale: float = 1.0) -> None:
         """Adds each layer's rank-combined ``Σ gᵀa`` to its gradient (none if no rank saw a backward).
 
         Combined as the trainer combines gradients (``trainer.gradients.average_gradients``):
@@ -92,7 +97,8 @@ class SkipWeightGrad:
         plains, seen = [], []
         for name, captures in skipped.items():
             block = self.blocks[name]
-            parts = [block.weight_grad(cap.a, cap.g) for cap in captures if cap.complete]
+            parts = [block.weight_grad(cap.a, cap.g if scale == 1.0 else cap.g / scale)
+                     for cap in captures if cap.complete]
             plains.append(torch.stack(parts).sum(0) if parts else torch.zeros_like(block.module.weight))
             seen.append(float(bool(parts)))
         counts = torch.tensor(seen, dtype=plains[0].dtype, device=plains[0].device)

@@ -5,6 +5,12 @@ sample, or be empty). The loss is the mean over the rank's local samples; gradie
 combined over ranks right after backward, each rank's weighted by its share of the batch, so
 every rank steps with the gradient one rank would compute on the whole batch and keeps the
 same weights (docs/algorithm.md §6).
+
+With ``accumulate_steps`` k a rank's share of a step is split into k micro-batches (as evenly
+as it goes), each run forward and backward with its loss the sum over its samples divided by
+the rank's n, so the k backward passes add up to the gradient of the rank's mean loss: the
+gradient, and K-FAC's factors, of the whole share (docs/algorithm.md §3). ``precision`` runs
+forward and loss under autocast (bf16, fp16 with a loss scaler; ``trainer/precision.py``).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from launcher.workdir import PREEMPTED_FILE, atomic_write_text
 from trainer import lbann_log
 from trainer.checkpoint import CheckpointPolicy, save_checkpoint
 from trainer.clock import TrainClock
-from trainer.data import batch_plan, epoch_batches
+from trainer.data import batch_plan, epoch_batches, split_batch
 from trainer.evaluate import evaluate
 from trainer.gradients import (
     NonFiniteError,
@@ -36,6 +42,7 @@ from trainer.gradients import (
     nonfinite_parameters,
 )
 from trainer.metrics import append_metrics, rewrite_metrics
+from trainer.precision import make_precision
 from trainer.signals import StopSignals
 from trainer.state import load_trainer_state, trainer_state
 
@@ -77,6 +84,8 @@ class Trainer:
         checkpoint: when and where to write checkpoints (None: never; also no stop on signals).
         on_nonfinite: ``skip`` a step whose loss or gradients hold NaN/Inf, or ``stop`` with a
             checkpoint of the state before it.
+        accumulate_steps: k micro-batches (forward and backward passes) per optimizer step.
+        precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; fp16 with a GradScaler, GPUs only).
     """
 
     def __init__(
@@ -98,6 +107,8 @@ class Trainer:
         log: Callable[[str], None] = print,
         checkpoint: Optional[CheckpointPolicy] = None,
         on_nonfinite: str = "skip",
+        accumulate_steps: int = 1,
+        precision: str = "fp32",
     ) -> None:
         self.model, self.optimizer, self.data = model, optimizer, data
         self.epochs, self.mini_batch_size = epochs, mini_batch_size
@@ -108,6 +119,12 @@ class Trainer:
         self.metrics_path = metrics_path
         self.log = log
         self.checkpoint, self.on_nonfinite = checkpoint, on_nonfinite
+        if accumulate_steps < 1:
+            raise ValueError(f"trainer.accumulate_steps: must be >= 1, got {accumulate_steps}")
+        self.accumulate_steps = accumulate_steps  # read by the K-FAC callback at on_setup_end
+        self.precision = make_precision(precision, device)
+        self.grad_scaler = self.precision.scaler  # fp16's; read by the K-FAC callback too
+        self.overflows = 0  # fp16 steps the scaler skipped
         self.epoch = 0
         self.step = 0
         self.batch = 0  # batches of the current epoch already done (a resumed run skips them)
@@ -216,30 +233,29 @@ class Trainer:
             self._dispatch("on_batch_begin")
             x = self.data.train_x[index].to(self.device, non_blocking=True)
             y = self.data.train_y[index].to(self.device, non_blocking=True)
-            logits = self.model(x)
-            # A rank without samples this step still runs forward and backward, so that it takes
-            # part in every collective and every K-FAC hook fires; it contributes zero (the mean
-            # of no samples would be NaN) (docs/algorithm.md §6).
-            self.loss = F.cross_entropy(logits, y) if len(y) else logits.sum() * 0
-            self._dispatch("on_forward_prop_end")
-            self.optimizer.zero_grad(set_to_none=True)
-            self.loss.backward()
+            correct = self._forward_backward(x, y)
             stop, bad_loss = average_gradients(self.model, self.comm, self.checkpoint is not None and
                                                self.signals.received is not None, not bool(torch.isfinite(self.loss)),
                                                self.shares)
+            scaler = self.grad_scaler
+            if scaler is not None:
+                scaler.unscale_(self.optimizer)  # K-FAC and the checks see the true gradients
             bad = nonfinite_gradients(self.model)
-            if bad_loss or bad:
+            if scaler is not None and bad and not bad_loss:
+                self._overflow(scaler)  # an fp16 overflow: the scaler skips the step, lowers its scale
+            elif bad_loss or bad:
                 self._nonfinite(bad_loss, bad, x)  # raises for on_nonfinite=stop
             else:
                 self._dispatch("on_backward_prop_end")
                 self._dispatch("on_optimize_begin")
-                self.optimizer.step()
+                if scaler is None:
+                    self.optimizer.step()
+                else:
+                    scaler.step(self.optimizer)
+                    scaler.update()
                 self._dispatch("on_optimize_end")
-                with torch.no_grad():
-                    n = len(y)
-                    self.totals += torch.tensor(
-                        [self.loss.item() * n, (logits.argmax(1) == y).sum().item(), n], dtype=torch.float64
-                    )
+                n = len(y)
+                self.totals += torch.tensor([self.loss.item() * n, correct, n], dtype=torch.float64)
             self.step += 1
             self.batch += 1
             self._dispatch("on_batch_end")
@@ -258,6 +274,56 @@ class Trainer:
         self.stats.train_accuracy = (100.0 * totals[1] / totals[2]).item()
         self._dispatch("on_epoch_end")
         return True
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        """Forward and backward of this rank's share, in ``accumulate_steps`` micro-batches.
+
+        Sets ``self.loss`` (the mean over the share) before the last backward, when
+        ``on_forward_prop_end`` runs. Returns the share's correct predictions.
+        """
+        n, k = len(y), self.accumulate_steps
+        self.optimizer.zero_grad(set_to_none=True)
+        if k == 1:
+            with self.precision.autocast():
+                logits = self.model(x)
+                # A rank without samples this step still runs forward and backward, so that it takes
+                # part in every collective and every K-FAC hook fires; it contributes zero (the mean
+                # of no samples would be NaN) (docs/algorithm.md §6).
+                self.loss = F.cross_entropy(logits, y) if n else logits.sum() * 0
+            self._dispatch("on_forward_prop_end")
+            self.precision.scale(self.loss).backward()
+            with torch.no_grad():
+                return int((logits.argmax(1) == y).sum())
+        # k micro-batches, every rank the same number (empty ones too: every K-FAC hook fires k
+        # times on every rank). Each loss is its sum over n, so the k backward passes add up to
+        # the gradient of the share's mean loss (docs/algorithm.md §3).
+        done = torch.zeros((), dtype=torch.float64)
+        correct = 0
+        sizes = split_batch(n, k)
+        for m, (xm, ym) in enumerate(zip(torch.split(x, sizes), torch.split(y, sizes), strict=True)):
+            with self.precision.autocast():
+                logits = self.model(xm)
+                loss = (F.cross_entropy(logits, ym, reduction="sum") / n) if len(ym) else logits.sum() * 0
+            with torch.no_grad():
+                correct += int((logits.argmax(1) == ym).sum())
+            if m == k - 1:
+                self.loss = loss.detach().double() + done
+                self._dispatch("on_forward_prop_end")
+            done += loss.detach().double()
+            self.precision.scale(loss).backward()
+        return correct
+
+    def _overflow(self, scaler: Any) -> None:
+        """An fp16 step whose scaled gradients overflowed: skipped by the scaler (no optimizer
+        step, no K-FAC step: its captures are dropped at the next ``on_batch_begin``)."""
+        scale = scaler.get_scale()
+        scaler.step(self.optimizer)  # finds the inf and skips
+        scaler.update()
+        self.overflows += 1
+        if self.overflows == 1:
+            self.log(f"trainer: step {self.step}: fp16 gradients overflowed at loss scale {scale:g}; step "
+                     f"skipped, scale now {scaler.get_scale():g} (the scaler's normal start; said once)")
+        self.optimizer.zero_grad(set_to_none=True)
 
     # -- stopping, faults and checkpoints -------------------------------------------------
 

@@ -11,6 +11,8 @@ global batch.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -51,14 +53,17 @@ class Block:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The layer's (and the factors') dtype."""
-        return self.module.weight.dtype
+        """The factors' dtype: float64 for a float64 layer, else float32, whatever the forward's
+        dtype (bf16 or fp16 weights or autocast: factors are accumulated and inverted in float32,
+        docs/algorithm.md §3)."""
+        return torch.float64 if self.module.weight.dtype == torch.float64 else torch.float32
 
     def factor_dims(self) -> list[int]:
         """Sizes of the square factors, in ``factor_names`` order."""
         raise NotImplementedError
 
-    def gram_terms(self, a: torch.Tensor, g: torch.Tensor, n_global: int) -> list[tuple[torch.Tensor, float]]:
+    def gram_terms(self, a: torch.Tensor, g: torch.Tensor, n_global: int,
+                   n_local: int | None = None) -> list[tuple[torch.Tensor, float]]:
         """Each factor's contribution as rows X and a scale c, the factor being ``c·XᵀX``.
 
         In ``factor_names`` order. Keeping the product unformed lets one rank fold it straight
@@ -68,14 +73,43 @@ class Block:
             a: The layer's input, batch first.
             g: The gradient of the local mean loss with respect to the layer's output.
             n_global: N, the global mini-batch size: the sum of every rank's local batch.
+            n_local: n, this rank's samples of the step (``None``: the rows of ``a``); with
+                micro-batches ``a`` holds one of them and n counts them all.
         """
         raise NotImplementedError
 
-    def contributions(self, a: torch.Tensor, g: torch.Tensor, n_global: int) -> list[torch.Tensor]:
-        """This rank's factor contributions ``c·XᵀX``, in ``factor_names`` order (see ``gram_terms``)."""
-        return [(x.mT @ x).mul_(c) for x, c in self.gram_terms(a, g, n_global)]
+    def step_terms(self, a: torch.Tensor | Sequence[torch.Tensor], g: torch.Tensor | Sequence[torch.Tensor],
+                   n_global: int) -> list[tuple[torch.Tensor, float]]:
+        """``gram_terms`` of one batch, or of a step's micro-batches (lists of ``a`` and ``g``).
 
-    def accumulate(self, a: torch.Tensor, g: torch.Tensor, n_global: int, decay: float) -> bool:
+        Micro-batches (docs/algorithm.md §3): g of each is the gradient of the rank's mean loss
+        over all its n samples (each micro-batch's loss weighted by its share of them), so
+        every micro-batch uses the rank's whole n; their rows are joined, one X per factor.
+        (A convolution's scale depends on the positions; rows of a micro-batch whose scale
+        differs are rescaled by the square root of the ratio.)
+        """
+        if isinstance(a, torch.Tensor):
+            return self.gram_terms(a, g, n_global)
+        n_local = sum(x.shape[0] for x in a)
+        per = [self.gram_terms(x, y, n_global, n_local) for x, y in zip(a, g, strict=True)]
+        if len(per) == 1:
+            return per[0]
+        joined = []
+        for f in range(len(self.factor_names)):
+            terms = [p[f] for p in per]
+            c = max(t[1] for t in terms)
+            rows = [x if cx == c or c == 0 else x * math.sqrt(cx / c) for x, cx in terms]
+            joined.append((torch.cat(rows), c))
+        return joined
+
+    def contributions(self, a: torch.Tensor | Sequence[torch.Tensor], g: torch.Tensor | Sequence[torch.Tensor],
+                      n_global: int) -> list[torch.Tensor]:
+        """This rank's factor contributions ``c·XᵀX``, in ``factor_names`` order (see ``gram_terms``;
+        ``a`` and ``g`` may be lists, one entry per micro-batch: ``step_terms``)."""
+        return [(x.mT @ x).mul_(c) for x, c in self.step_terms(a, g, n_global)]
+
+    def accumulate(self, a: torch.Tensor | Sequence[torch.Tensor], g: torch.Tensor | Sequence[torch.Tensor],
+                   n_global: int, decay: float) -> bool:
         """Folds this batch's factors into the running averages in one GEMM each (one rank).
 
         Same result as ``update_factors(contributions(...))`` without forming the batch
@@ -86,7 +120,7 @@ class Block:
         Returns:
             ``False`` (and nothing changes) if a new factor would not be finite.
         """
-        terms = [(x.to(self.dtype), c) for x, c in self.gram_terms(a, g, n_global)]
+        terms = [(x.to(self.dtype), c) for x, c in self.step_terms(a, g, n_global)]
         if not all(bool(torch.isfinite(x.square().sum() * c)) for x, c in terms):
             return False
         for name, (x, c) in zip(self.factor_names, terms, strict=True):

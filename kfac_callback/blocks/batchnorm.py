@@ -38,8 +38,10 @@ class BatchNormBlock(Block):
         var = x.var(dim=(0, 2), unbiased=False, keepdim=True)
         return (x - mean) * torch.rsqrt(var + self.module.eps)
 
-    def gram_terms(self, a: torch.Tensor, g: torch.Tensor, n_global: int) -> list[tuple[torch.Tensor, float]]:
-        n = a.shape[0]
+    def gram_terms(self, a: torch.Tensor, g: torch.Tensor, n_global: int,
+                   n_local: int | None = None) -> list[tuple[torch.Tensor, float]]:
+        # x̂ under each micro-batch's own statistics, as its forward normalised it.
+        n = a.shape[0] if n_local is None else n_local
         xhat = self.normalised(a)
         gr = g.to(self.dtype).reshape(xhat.shape)
         u = torch.cat([(gr * xhat).sum(dim=2), gr.sum(dim=2)], dim=1)

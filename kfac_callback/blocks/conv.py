@@ -42,9 +42,10 @@ class Conv2dBlock(KroneckerBlock):
         super().__init__(name, module)
         self.padding = _conv_padding(name, module)
 
-    def gram_terms(self, a: torch.Tensor, g: torch.Tensor, n_global: int) -> list[tuple[torch.Tensor, float]]:
+    def gram_terms(self, a: torch.Tensor, g: torch.Tensor, n_global: int,
+                   n_local: int | None = None) -> list[tuple[torch.Tensor, float]]:
         conv = self.module
-        n = a.shape[0]
+        n = a.shape[0] if n_local is None else n_local
         # (n, C_in·kh·kw, T): the channel-major patch layout matches weight.reshape(C_out, -1).
         patches = F.unfold(a.to(self.dtype), conv.kernel_size, padding=self.padding,
                            stride=conv.stride)

@@ -31,10 +31,12 @@ class LinearBlock(KroneckerBlock):
     def weight_grad(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """The weight gradient autograd gives one forward call: ``gᵀa`` over every sample row."""
         rows = a.reshape(-1, a.shape[-1])
-        return (g.reshape(-1, g.shape[-1]).mT @ rows).to(self.dtype)
+        # In the factors' dtype: a bf16/fp16 capture (autocast) is multiplied in float32.
+        return (g.reshape(-1, g.shape[-1]).to(self.dtype).mT @ rows.to(self.dtype)).to(self.module.weight.dtype)
 
-    def gram_terms(self, a: torch.Tensor, g: torch.Tensor, n_global: int) -> list[tuple[torch.Tensor, float]]:
-        n = a.shape[0]
+    def gram_terms(self, a: torch.Tensor, g: torch.Tensor, n_global: int,
+                   n_local: int | None = None) -> list[tuple[torch.Tensor, float]]:
+        n = a.shape[0] if n_local is None else n_local
         rows = self._with_ones(a.reshape(-1, a.shape[-1]).to(self.dtype))
         gr = g.reshape(-1, g.shape[-1]).to(self.dtype)
         # A = (1/N) Σ ā āᵀ; G = N Σ e eᵀ with e = grad_output·n/N: (n²/N) Σ grad_output grad_outputᵀ,
