@@ -43,6 +43,11 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
     dcfg: DataConfig = section(cfg.data, DataConfig)
     ocfg: OptimizerConfig = section(cfg.optimizer, OptimizerConfig)
     expected = cfg.launcher.nodes * cfg.launcher.procs_per_node
+    if info.world_size != expected and info.torchrun:
+        nodes = max(1, info.world_size // max(1, info.local_size))
+        raise SetupError(f"torchrun started {info.world_size} ranks but the config asks for {expected} "
+                         f"(launcher.nodes x launcher.procs_per_node): add --nodes {nodes} --procs-per-node "
+                         f"{info.world_size // nodes}")
     if info.world_size != expected:
         raise SetupError(f"this job has {info.world_size} ranks but the config asks for {expected} "
                          "(launcher.nodes x launcher.procs_per_node): start it with kfac.py, or match the two")
