@@ -6,6 +6,7 @@
         --kfac --kfac-damping-act 0.01 --kfac-damping-err 1
     python3 kfac.py model=cnn optimizer=momentum optimizer.learning_rate=0.01   # Hydra overrides
     python3 kfac.py --help
+    torchrun --nproc-per-node 2 kfac.py --nodes 1 --procs-per-node 2 --kfac   # ranks by torchrun
 
 LBANN's flags become Hydra overrides (launcher/flags.py); Hydra composes configs/ onto the
 schema (trainer/config.py); then this rank trains (trainer/run.py).
@@ -13,6 +14,7 @@ schema (trainer/config.py); then this rank trains (trainer/run.py).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -37,7 +39,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.config import CONFIG_DIR, LauncherConfig, config_groups, group_options
-from launcher.env import LAUNCHED, inside_slurm_allocation, rank_info
+from launcher.env import LAUNCHED, inside_slurm_allocation, rank_info, started_by_torchrun
 from launcher.flags import FlagError, did_you_mean, help_text, translate
 from launcher.workdir import ERR_LOG, choose_work_dir
 
@@ -62,14 +64,15 @@ def fail(message: str, status: int = 2, kind: str = "error") -> None:
     a grace period, which means the problem is its own (a node without a GPU, say). Ranks end
     with ``os._exit``: the launcher then stops the others without MPI_Abort's banner.
     """
-    info = rank_info(os.environ) if os.environ.get(LAUNCHED) else None
+    info = rank_info(os.environ) if os.environ.get(LAUNCHED) or started_by_torchrun(os.environ) else None
     if info is None or info.world_size == 1:
         print(f"kfac.py: {kind}: {message}", file=sys.stderr)
         sys.exit(status)
-    try:  # the launcher ends the job for a rank that exits only once MPI is initialised
-        from mpi4py import MPI  # noqa: F401
-    except ImportError:
-        pass
+    if not info.torchrun:  # torchrun ends the job on any rank's exit; there is no MPI to join
+        try:  # the launcher ends the job for a rank that exits only once MPI is initialised
+            from mpi4py import MPI  # noqa: F401
+        except ImportError:
+            pass
     if info.rank != 0:
         if kind != "interrupted":
             time.sleep(RANK_GRACE_SECONDS)
@@ -303,6 +306,9 @@ def launch(cfg: DictConfig) -> None:
     if os.environ.get(LAUNCHED):  # this process is one rank of a started job
         train(cfg, hydra_cfg.runtime.output_dir, rank_info(os.environ))
         return
+    if started_by_torchrun(os.environ):  # torchrun started the ranks: each trains here
+        train_under_torchrun(cfg, hydra_cfg.runtime.output_dir)
+        return
     from launcher.batch import SubmitError
     from launcher.launch import LaunchError, Run, start
 
@@ -323,6 +329,57 @@ def launch(cfg: DictConfig) -> None:
     if status:
         print(f"kfac.py: the run ended with status {status}; see {work_dir / ERR_LOG}", file=sys.stderr)
         sys.exit(status)
+
+
+def train_under_torchrun(cfg: DictConfig, output_dir: str) -> None:
+    """One rank of a job torchrun started: the ranks meet in torch.distributed (no MPI), rank 0
+    makes the work dir (``config.yaml``; ``out.log`` and ``err.log`` copy its output) and tells
+    the others, then every rank trains into it.
+
+    The process group joined here (gloo on CPUs, NCCL on GPUs; ``trainer.backend`` if set) is
+    the one the trainer's communicator then uses (``trainer/distributed.py``).
+    """
+    import atexit
+
+    import torch
+    import torch.distributed as dist
+
+    from launcher.launch import tee_output
+    from launcher.workdir import CONFIG_NAME, atomic_write_text
+    from trainer.config import section
+    from trainer.run import train
+
+    info = rank_info(os.environ)
+    expected = cfg.launcher.nodes * cfg.launcher.procs_per_node
+    if expected != info.world_size:  # before any work dir: the run could not start
+        nodes = max(1, info.world_size // max(1, info.local_size))
+        fail(f"torchrun started {info.world_size} ranks but the config asks for {expected} (launcher.nodes x "
+             f"launcher.procs_per_node): add --nodes {nodes} --procs-per-node {info.world_size // nodes}")
+    tcfg = cfg.trainer
+    cuda = tcfg.device != "cpu" and torch.cuda.is_available()
+    backend = tcfg.backend if tcfg.backend != "auto" else "nccl" if cuda else "gloo"
+    if backend == "mpi":
+        fail("trainer.backend=mpi: torchrun starts no MPI job; use trainer.backend=auto (gloo on CPUs, nccl "
+             "on GPUs) or gloo, or start the ranks with python3 kfac.py --procs-per-node N (mpiexec)")
+    if cuda:
+        torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+    dist.init_process_group(backend, init_method="env://", rank=info.rank, world_size=info.world_size)
+    atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    chosen: list[Any] = [None]
+    if info.rank == 0:
+        if os.path.abspath(output_dir) != os.path.abspath("."):  # hydra.run.dir given: that is the work dir
+            work_dir = Path(output_dir).resolve()
+        else:
+            launcher = section(cfg.launcher, LauncherConfig)
+            work_dir = choose_work_dir(Path(launcher.experiment_dir).resolve(), launcher.job_name, datetime.now())
+        work_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(work_dir / CONFIG_NAME, OmegaConf.to_yaml(cfg, resolve=True), mode=0o644)
+        print(f"work dir: {work_dir} ({info.world_size} ranks started by torchrun, backend {backend})", flush=True)
+        chosen = [str(work_dir)]
+    dist.broadcast_object_list(chosen, src=0)
+    work_dir = Path(chosen[0])
+    with tee_output(work_dir) if info.rank == 0 else contextlib.nullcontext():
+        train(cfg, str(work_dir), info)
 
 
 def split_hydra_args(args: list[str]) -> tuple[list[str], list[str], bool]:

@@ -1,7 +1,9 @@
-"""This process's rank, local rank and world size, read from the MPI launcher's environment.
+"""This process's rank, local rank and world size, read from the launcher's environment.
 
-Pure: takes the environment as a mapping. MPI's own variables come first, because a
-``mpiexec`` inside a SLURM allocation leaves SLURM's per-task variables unset or stale.
+Pure: takes the environment as a mapping. torchrun's variables come first (a torchrun started
+by srun or mpiexec, one per node, also sees that launcher's per-node variables), then MPI's
+own, because a ``mpiexec`` inside a SLURM allocation leaves SLURM's per-task variables unset
+or stale.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ LAUNCHED = "KFAC_LAUNCHED"
 
 # (rank, local rank, world size, local size) variables of each launcher, in priority order.
 SOURCES = (
+    ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"),  # torchrun (torch.distributed.run)
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE"),
     ("PMI_RANK", "MPI_LOCALRANKID", "PMI_SIZE", "MPI_LOCALNRANKS"),
     ("PMIX_RANK", "PMIX_LOCAL_RANK", "PMIX_SIZE", "PMIX_LOCAL_SIZE"),
@@ -29,7 +32,12 @@ class RankInfo:
     local_rank: int = 0
     world_size: int = 1
     local_size: int = 1
-    source: str = "none"
+    source: str = "none"  # OMPI, PMI, PMIX, SLURM, torchrun or none
+
+    @property
+    def torchrun(self) -> bool:
+        """Whether torchrun started this process (no MPI world: torch.distributed instead)."""
+        return self.source == "torchrun"
 
 
 def _int(environ: Mapping[str, str], key: str, default: int) -> int:
@@ -39,18 +47,29 @@ def _int(environ: Mapping[str, str], key: str, default: int) -> int:
     return int(digits) if digits.isdigit() else default
 
 
+def started_by_torchrun(environ: Mapping[str, str]) -> bool:
+    """Whether torchrun (or a launcher doing what it does) started this process: RANK,
+    LOCAL_RANK and WORLD_SIZE, and the MASTER_ADDR and MASTER_PORT that torch.distributed
+    meets at (plain RANK alone is too common a name to mean a job)."""
+    return all(k in environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
 def rank_info(environ: Mapping[str, str]) -> RankInfo:
-    """Reads rank, local rank and world size from OMPI_*, PMI_*, PMIX_* or SLURM_* variables.
+    """Reads rank, local rank and world size from torchrun's RANK/LOCAL_RANK/WORLD_SIZE/
+    LOCAL_WORLD_SIZE or the OMPI_*, PMI_*, PMIX_* or SLURM_* variables.
 
     With none of them set, this is a single process: rank 0 of 1.
     """
     for rank_key, local_key, size_key, local_size_key in SOURCES:
+        if rank_key == "RANK" and not started_by_torchrun(environ):
+            continue
         if rank_key in environ and size_key in environ:
             rank = _int(environ, rank_key, 0)
             world = _int(environ, size_key, 1)
             local = _int(environ, local_key, rank)
             local_size = _int(environ, local_size_key, world)
-            return RankInfo(rank, local, world, local_size, rank_key.split("_")[0])
+            source = "torchrun" if rank_key == "RANK" else rank_key.split("_")[0]
+            return RankInfo(rank, local, world, local_size, source)
     return RankInfo()
 
 

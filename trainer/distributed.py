@@ -10,7 +10,8 @@ backend runs underneath and tests can pass a single-process one:
 
 Backends: ``mpi`` (mpi4py on CPU tensors; on this project's CPUs several times faster than
 gloo, see benchmarks/collectives.py), ``gloo`` (torch.distributed on CPU), ``nccl`` (GPUs,
-one device per local rank). ``auto`` picks nccl for CUDA tensors, else mpi.
+one device per local rank). ``auto`` picks nccl for CUDA tensors, else mpi; under torchrun,
+which starts no MPI world, gloo on CPUs (docs/design.md).
 """
 
 from __future__ import annotations
@@ -18,30 +19,17 @@ from __future__ import annotations
 import atexit
 import os
 import socket
-from collections.abc import Sequence
 
 import torch
 
 from kfac_callback.base import SingleProcess
+from kfac_callback.process_group import ProcessGroupComm
+from kfac_callback.process_group import flatten as _flatten
+from kfac_callback.process_group import unflatten as _unflatten
 from launcher.env import RankInfo
 from trainer.host_address import reachable_address
 
 BACKENDS = ("auto", "mpi", "gloo", "nccl")
-
-
-def _flatten(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    if len(tensors) == 1 and tensors[0].is_contiguous():
-        return tensors[0].detach().reshape(-1)
-    return torch.cat([t.detach().reshape(-1) for t in tensors])
-
-
-def _unflatten(flat: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
-    if len(tensors) == 1 and flat.device == tensors[0].device and flat.data_ptr() == tensors[0].data_ptr():
-        return  # the collective worked on the tensor's own memory
-    offset = 0
-    for t in tensors:
-        t.copy_(flat[offset:offset + t.numel()].view_as(t))
-        offset += t.numel()
 
 
 class MPIComm:
@@ -82,43 +70,29 @@ class MPIComm:
         self._comm.Barrier()
 
 
-class TorchDistComm:
-    """torch.distributed collectives: gloo on CPUs, NCCL on GPUs (one device per local rank)."""
+class TorchDistComm(ProcessGroupComm):
+    """torch.distributed collectives: gloo on CPUs, NCCL on GPUs (one device per local rank).
+
+    Joins the process group if this process has none yet: under torchrun at the address it
+    gives (``env://``), else where ``_rendezvous`` says.
+    """
 
     def __init__(self, info: RankInfo, backend: str, multi_node: bool) -> None:
         import torch.distributed as dist
 
-        self._dist = dist
-        self.name = backend
-        self.rank, self.world_size = info.rank, info.world_size
-        self.local_rank, self.local_size = info.local_rank, info.local_size
         if not dist.is_initialized():
-            addr, port = _rendezvous(info, multi_node)
-            dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=self.rank,
-                                    world_size=self.world_size)
+            if info.torchrun:
+                dist.init_process_group(backend, init_method="env://", rank=info.rank, world_size=info.world_size)
+            else:
+                addr, port = _rendezvous(info, multi_node)
+                dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=info.rank,
+                                        world_size=info.world_size)
             # Tear the group down before MPI finalizes (atexit runs last-registered first):
             # a gloo group still alive at interpreter exit aborts the process.
             atexit.register(self.close)
-
-    def allreduce_sum_(self, tensors: list[torch.Tensor]) -> None:
-        """Sums ``tensors`` over ranks in place, in one all_reduce."""
-        if not tensors:
-            return
-        flat = _flatten(tensors)
-        self._dist.all_reduce(flat)
-        _unflatten(flat, tensors)
-
-    def broadcast_(self, tensors: list[torch.Tensor], src: int) -> None:
-        """Copies ``tensors`` from rank ``src`` to every rank, in one broadcast."""
-        if not tensors:
-            return
-        flat = _flatten(tensors)
-        self._dist.broadcast(flat, src=src)
-        _unflatten(flat, tensors)
-
-    def barrier(self) -> None:
-        """Waits for every rank."""
-        self._dist.barrier()
+        super().__init__()
+        self.name = backend
+        self.local_rank, self.local_size = info.local_rank, info.local_size
 
     def close(self) -> None:
         """Destroys the process group (idempotent)."""
@@ -150,7 +124,10 @@ def make_communicator(info: RankInfo, backend: str = "auto", device_type: str = 
     if info.world_size == 1:
         return SingleProcess()
     if backend == "auto":
-        backend = "nccl" if device_type == "cuda" else "mpi"
+        backend = "nccl" if device_type == "cuda" else "gloo" if info.torchrun else "mpi"
+    if backend == "mpi" and info.torchrun:
+        raise ValueError("trainer.backend=mpi: torchrun starts no MPI job; use trainer.backend=auto "
+                         "(gloo on CPUs, nccl on GPUs) or gloo, or start the ranks with mpiexec or srun")
     if backend == "nccl" and device_type != "cuda":
         raise ValueError("trainer.backend=nccl: NCCL needs GPUs (trainer.device=cuda or auto on a GPU node); "
                          "use trainer.backend=auto, mpi or gloo")

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from launcher.env import RankInfo, inside_slurm_allocation, rank_info
+from launcher.env import RankInfo, inside_slurm_allocation, rank_info, started_by_torchrun
 
 
 @pytest.mark.parametrize("environ,expected", [
@@ -25,3 +25,15 @@ def test_rank_info_reads_each_launchers_variables(environ, expected):
 def test_slurm_allocation_is_recognised_by_its_job_id():
     assert inside_slurm_allocation({"SLURM_JOB_ID": "12"})
     assert not inside_slurm_allocation({"PMI_RANK": "0"})
+
+
+def test_torchrun_variables_come_first_and_need_its_rendezvous_address():
+    torchrun = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2",
+                "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    # torchrun started by srun, one per node: SLURM's per-node task variables are not the rank.
+    info = rank_info({**torchrun, "SLURM_PROCID": "1", "SLURM_NTASKS": "2"})
+    assert (info.rank, info.local_rank, info.world_size, info.local_size, info.source) == (3, 1, 4, 2, "torchrun")
+    assert info.torchrun and started_by_torchrun(torchrun)
+    # RANK alone is too common a name to mean a job.
+    assert rank_info({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == RankInfo()
+    assert not started_by_torchrun({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
