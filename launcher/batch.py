@@ -155,6 +155,10 @@ def header_lines(spec: BatchSpec) -> list[str]:
     if spec.requeue:
         # A requeued job writes to the same logs: append rather than start them afresh.
         options += ["--requeue", "--open-mode=append"]
+    else:
+        # Otherwise SLURM's default may requeue a job whose node failed, and the job then waits,
+        # pending, for that node: a failure should end it (the checkpoint lets a new job resume).
+        options.append("--no-requeue")
     return [f"#SBATCH {option}" for option in options]
 
 

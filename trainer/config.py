@@ -63,6 +63,7 @@ class TrainerConfig:
     on_nonfinite: str = "skip"  # skip | stop: what a step with a NaN/Inf loss or gradient does
     accumulate_steps: int = 1  # k micro-batches per step: the gradient and K-FAC factors of the whole batch
     precision: str = "fp32"  # fp32 | bf16 | fp16: autocast for forward and loss (fp16: GradScaler, GPUs)
+    step_timeout_s: float = 300.0  # several ranks: end the job after this long without progress (0: never)
 
 
 @dataclass
@@ -120,6 +121,8 @@ def validate(cfg: Any) -> list[str]:
         if asked:
             errors.append(f"trainer.keep_checkpoints=0 writes no checkpoint, but {', '.join(asked)} needs them: "
                           "keep at least 1, or turn those off")
+    if t.step_timeout_s < 0:
+        errors.append(f"trainer.step_timeout_s: must be >= 0 seconds (0: never), got {t.step_timeout_s}")
     if t.on_nonfinite not in ON_NONFINITE:
         errors.append(f"trainer.on_nonfinite: {t.on_nonfinite!r} is not one of {', '.join(ON_NONFINITE)}")
     if t.accumulate_steps < 1:

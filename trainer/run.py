@@ -20,9 +20,11 @@ from trainer.config import DataConfig, TrainerConfig, section
 from trainer.data import default_data_dir, ensure_mnist, load_mnist
 from trainer.distributed import make_communicator
 from trainer.optimizers import OptimizerConfig, build_optimizer
+from trainer.placement import gather_placements, placement_lines
 from trainer.preflight import SetupError, problems
 from trainer.progress import ProgressCallback
 from trainer.trainer import Trainer
+from trainer.watchdog import StepWatchdog
 
 
 def choose_device(name: str, local_rank: int) -> torch.device:
@@ -67,11 +69,15 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
         comm = make_communicator(info, tcfg.backend, device.type, multi_node=cfg.launcher.nodes > 1)
     except ValueError as err:  # a backend this device cannot use
         raise SetupError(str(err)) from None
+    placements = gather_placements(comm, info.local_rank)
     # Before the data: a bad checkpoint is refused at once. A requeued job prefers its own newest.
     # (The model built for its shapes draws from the RNG; the seed is set again below.)
     resume, state = checked_resume(cfg, lambda: build_model(cfg.model.name), work_dir=output_dir, device=device)
     progress = ProgressCallback.from_setting(tcfg.progress, comm.rank)
     log = progress.wrap(rank0_print(comm))  # bar-safe: bars are cleared around each line
+    if comm.world_size > 1:
+        for line in placement_lines(placements):
+            log(line)
     dtype = getattr(torch, tcfg.dtype)
 
     data_dir = dcfg.dir or default_data_dir()
@@ -93,6 +99,8 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
         options = OmegaConf.to_container(cfg.kfac, resolve=True)
         options.pop("enabled")
         callbacks.append(KFACCallback(model, comm=comm, printer=log, **options))
+    if comm.world_size > 1 and tcfg.step_timeout_s > 0:
+        callbacks.append(StepWatchdog(tcfg.step_timeout_s, comm.rank, placements, output_dir))
     # Last, so the timer's batch times leave out drawing the bars.
     callbacks.append(progress)
     if tcfg.tensorboard and output_dir:
@@ -138,4 +146,10 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
 
 def train(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] = None) -> list[dict[str, Any]]:
     """Trains one run (this process's rank of it) and returns its per-epoch records."""
-    return build_trainer(cfg, output_dir, info).fit()
+    trainer = build_trainer(cfg, output_dir, info)
+    try:
+        return trainer.fit()
+    finally:
+        for callback in trainer.callbacks:
+            if isinstance(callback, StepWatchdog):
+                callback.stop()

@@ -61,6 +61,7 @@ SLURM_SCRIPT = """\
 #SBATCH --output=/exp/20240131_235959_mnist/out.log
 #SBATCH --error=/exp/20240131_235959_mnist/err.log
 #SBATCH --chdir=/exp/20240131_235959_mnist
+#SBATCH --no-requeue
 
 export OMP_NUM_THREADS=1
 echo "Started at $(date)"
@@ -87,7 +88,7 @@ def test_slurm_script_minimal_with_signal():
         "#!/bin/bash\n"
         "#SBATCH --nodes=1\n#SBATCH --ntasks=1\n#SBATCH --ntasks-per-node=1\n#SBATCH --job-name=kfac\n"
         "#SBATCH --output=/w/out.log\n#SBATCH --error=/w/err.log\n#SBATCH --chdir=/w\n#SBATCH --signal=USR1@120\n"
-        "\n"
+        "#SBATCH --no-requeue\n\n"
         'echo "Started at $(date)"\nsrun hostname\nstatus=$?\n'
         'echo "Finished at $(date) with status $status"\nexit $status\n'
     )
