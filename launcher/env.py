@@ -54,11 +54,34 @@ def started_by_torchrun(environ: Mapping[str, str]) -> bool:
     return all(k in environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
 
 
+def tasks_on_node(tasks_per_node: str, node: int) -> int | None:
+    """The task count of node ``node`` from SLURM's compressed list (``2(x3),1``); None if unreadable."""
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        count, _, times = part.partition("(x")
+        if not count.isdigit() or (times and not times.rstrip(")").isdigit()):
+            return None
+        counts += [int(count)] * (int(times.rstrip(")")) if times else 1)
+    return counts[node] if 0 <= node < len(counts) else None
+
+
+def _slurm_local(environ: Mapping[str, str], rank: int) -> tuple[int, int] | None:
+    """(local rank, local size) from SLURM's task variables, if they describe this rank."""
+    if _int(environ, "SLURM_PROCID", -1) != rank or "SLURM_LOCALID" not in environ:
+        return None
+    per_node = environ.get("SLURM_STEP_TASKS_PER_NODE") or environ.get("SLURM_TASKS_PER_NODE", "")
+    size = tasks_on_node(per_node, _int(environ, "SLURM_NODEID", 0))
+    local = _int(environ, "SLURM_LOCALID", 0)
+    return local, size if size is not None else local + 1
+
+
 def rank_info(environ: Mapping[str, str]) -> RankInfo:
     """Reads rank, local rank and world size from torchrun's RANK/LOCAL_RANK/WORLD_SIZE/
     LOCAL_WORLD_SIZE or the OMPI_*, PMI_*, PMIX_* or SLURM_* variables.
 
-    With none of them set, this is a single process: rank 0 of 1.
+    With none of them set, this is a single process: rank 0 of 1. Where the MPI's variables
+    give no local rank (SLURM's PMI-2 sets PMI_RANK and PMI_SIZE only), SLURM's own task
+    variables do: the rank's index and count on its node, not in the whole job.
     """
     for rank_key, local_key, size_key, local_size_key in SOURCES:
         if rank_key == "RANK" and not started_by_torchrun(environ):
@@ -66,8 +89,9 @@ def rank_info(environ: Mapping[str, str]) -> RankInfo:
         if rank_key in environ and size_key in environ:
             rank = _int(environ, rank_key, 0)
             world = _int(environ, size_key, 1)
-            local = _int(environ, local_key, rank)
-            local_size = _int(environ, local_size_key, world)
+            slurm = _slurm_local(environ, rank) if local_key not in environ else None
+            local = slurm[0] if slurm else _int(environ, local_key, rank)
+            local_size = slurm[1] if slurm else _int(environ, local_size_key, world)
             source = "torchrun" if rank_key == "RANK" else rank_key.split("_")[0]
             return RankInfo(rank, local, world, local_size, source)
     return RankInfo()

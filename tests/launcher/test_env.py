@@ -17,6 +17,12 @@ from launcher.env import RankInfo, inside_slurm_allocation, rank_info, started_b
       "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, RankInfo(1, 1, 2, 2, "PMI")),
     # No local variables: local rank = rank, one node.
     ({"PMI_RANK": "2", "PMI_SIZE": "4"}, RankInfo(2, 2, 4, 4, "PMI")),
+    # srun --mpi=pmi2 across nodes (what the second of 2 nodes saw): SLURM's task variables give
+    # the local rank and count on this node.
+    ({"PMI_RANK": "2", "PMI_SIZE": "4", "SLURM_PROCID": "2", "SLURM_LOCALID": "0", "SLURM_NODEID": "1",
+      "SLURM_NTASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}, RankInfo(2, 0, 4, 2, "PMI")),
+    ({"PMI_RANK": "4", "PMI_SIZE": "5", "SLURM_PROCID": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "1",
+      "SLURM_NTASKS": "5", "SLURM_TASKS_PER_NODE": "3,2"}, RankInfo(4, 1, 5, 2, "PMI")),
 ])
 def test_rank_info_reads_each_launchers_variables(environ, expected):
     assert rank_info(environ) == expected
@@ -37,3 +43,11 @@ def test_torchrun_variables_come_first_and_need_its_rendezvous_address():
     # RANK alone is too common a name to mean a job.
     assert rank_info({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}) == RankInfo()
     assert not started_by_torchrun({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+
+
+@pytest.mark.parametrize("text,node,expected", [("2(x2)", 1, 2), ("3,2", 0, 3), ("4(x2),1", 2, 1),
+                                                ("2(x2)", 2, None), ("", 0, None), ("x", 0, None)])
+def test_tasks_on_node_reads_slurms_compressed_counts(text, node, expected):
+    from launcher.env import tasks_on_node
+
+    assert tasks_on_node(text, node) == expected
