@@ -47,7 +47,7 @@ for step in range(args.steps):
     y = data.train_y[start:start + n].to(device)
     optimizer.zero_grad()
     loss = 0.0
-    for i, (xm, ym) in enumerate(zip(x.chunk(args.accumulate), y.chunk(args.accumulate))):
+    for i, (xm, ym) in enumerate(zip(x.chunk(args.accumulate), y.chunk(args.accumulate), strict=True)):
         # DDP all-reduces at the last micro-batch's backward only; each loss weighted by its share.
         with model.no_sync() if world > 1 and i < args.accumulate - 1 else contextlib.nullcontext():
             micro = F.cross_entropy(model(xm), ym) * len(ym) / n

@@ -17,7 +17,6 @@ communicator from the process group, each rank writes ``OUT_DIR/rank<R>.json`` w
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import os
 import sys
@@ -73,7 +72,7 @@ def worst(got: list[dict], want: list[dict]) -> float:
     out = 0.0
     for g, w in zip(got, want, strict=True):
         out = max(out, *(relative(g["grads"][k], v) for k, v in w["grads"].items()))
-        out = max(out, *(relative(a, b) for k, ms in w["factors"].items() for a, b in zip(g["factors"][k], ms)))
+        out = max(out, *(relative(a, b) for k, ms in w["factors"].items() for a, b in zip(g["factors"][k], ms, strict=True)))
     return out
 
 
@@ -99,14 +98,14 @@ def main() -> None:
                        "state": list(cb.state_dict()["factors"]), "model_state": list(cb.model.state_dict())}
 
     # 2. A resumed DDP run (states through a file) against an uninterrupted one.
-    def build(k: int = 2):
+    def build() -> tuple[DDP, KFACCallback]:
         model = DDP(fresh())
-        return model, KFACCallback(model, accumulate_steps=k, **OPTIONS), None
+        return model, KFACCallback(model, accumulate_steps=2, **OPTIONS)
 
-    model, cb, _ = build()
+    model, cb = build()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     whole = steps(model, cb, opt, data, 0, STEPS, 2, rank, world)
-    model, cb, _ = build()
+    model, cb = build()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     steps(model, cb, opt, data, 0, 3, 2, rank, world)
     path = os.path.join(out_dir, "state.pt")
@@ -115,7 +114,7 @@ def main() -> None:
         torch.save(state, path)
     dist.barrier()
     del model, cb, opt
-    model, cb, _ = build()
+    model, cb = build()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     saved = torch.load(path, weights_only=False)
     model.module.load_state_dict(saved["model"])
