@@ -553,9 +553,14 @@ class KFACCallback(SkipWeightGrad, Callback):
 
         A state without inverses (an older one) has them recomputed at the next step.
 
+        Layer names saved with a wrapper's prefix (``module.ip1``, by code that named DDP's
+        layers) are read as the user's (``ip1``).
+
         Raises:
             ValueError: If the state's layers differ from this callback's.
         """
+        state = {**state, **{key: {user_name(k): v for k, v in state[key].items()}
+                             for key in ("factors", "updates", "inverses") if state.get(key) is not None}}
         if set(state["factors"]) != set(self.blocks):
             raise ValueError(f"K-FAC state has layers {sorted(state['factors'])}, the callback "
                              f"has {sorted(self.blocks)}")

@@ -209,3 +209,20 @@ def test_the_scaler_must_unscale_before_the_step() -> None:
     scaler.scale(F.cross_entropy(model(x), y)).backward()
     with pytest.raises(ValueError, match=r"call scaler.unscale_\(optimizer\) before the K-FAC step"):
         cb.step()
+
+
+def test_layer_names_are_the_users_under_wrappers() -> None:
+    """DataParallel (DDP's naming, without a process group) and torch.compile's wrapper: blocks,
+    disable_layers and states use the names of the user's own model."""
+    model = wide_net()
+    cb = KFACCallback(torch.nn.DataParallel(model), disable_layers=["module.fc2"], **OPTIONS)
+    assert list(cb.blocks) == ["fc1"] and cb.model is model
+    x, y = vector_data(160, 10)(0, 8)
+    F.cross_entropy(model(x), y).backward()
+    cb.step()
+    state = cb.state_dict()
+    assert list(state["factors"]) == ["fc1"]
+    prefixed = {**state, **{k: {f"module.{n}": v for n, v in state[k].items()} for k in ("factors", "updates", "inverses")}}
+    again = KFACCallback(model, disable_layers=["fc2"], **OPTIONS)
+    again.load_state_dict(prefixed)
+    assert torch.equal(again.blocks["fc1"].A, cb.blocks["fc1"].A)
