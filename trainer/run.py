@@ -147,9 +147,13 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
 def train(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] = None) -> list[dict[str, Any]]:
     """Trains one run (this process's rank of it) and returns its per-epoch records."""
     trainer = build_trainer(cfg, output_dir, info)
+    watchdog = next((c for c in trainer.callbacks if isinstance(c, StepWatchdog)), None)
     try:
         return trainer.fit()
+    except Exception as err:  # a peer's death surfaces as the communicator's error in the survivors
+        if watchdog is not None:
+            watchdog.fail_if_ranks_lost(err)
+        raise
     finally:
-        for callback in trainer.callbacks:
-            if isinstance(callback, StepWatchdog):
-                callback.stop()
+        if watchdog is not None:
+            watchdog.stop()

@@ -141,21 +141,36 @@ class StepWatchdog(Callback):
         after = self._counts()
         return [r for r, (b, a) in enumerate(zip(before, after, strict=True)) if a is None or a == b]
 
-    def message(self, lost: list[int]) -> str:
-        """The one line: no progress, since when, and who went silent."""
-        head = (f"kfac.py: error: no training progress for {self.timeout_s:g} s after step {self.step} "
-                f"(trainer.step_timeout_s={self.timeout_s:g})")
+    def message(self, lost: list[int], cause: Optional[str] = None) -> str:
+        """The one line: what happened (no progress, or ``cause``), and who went silent."""
+        if cause is None:
+            head = (f"kfac.py: error: no training progress for {self.timeout_s:g} s after step {self.step} "
+                    f"(trainer.step_timeout_s={self.timeout_s:g})")
+        else:
+            head = f"kfac.py: error: communication failed after step {self.step} ({cause})"
         if lost:
-            return (f"{head}: lost rank(s) {ranks_by_host(lost, self.placements)}, silent for more than "
-                    f"{self.timeout_s:g} s; the job ends (resume with trainer.resume=latest)")
+            return (f"{head}: lost rank(s) {ranks_by_host(lost, self.placements)}, silent for "
+                    f"{LIVENESS_WAIT_S:g} s; the job ends (resume with trainer.resume=latest)")
         return f"{head}: a rank or its node was lost, or a collective hangs; the job ends"
 
-    def fire(self) -> None:
+    def fire(self, cause: Optional[str] = None) -> None:
         """Prints the line (if this is the lowest rank still alive) and ends the process."""
         lost = [r for r in self.lost_ranks() if r != self.rank]
         alive = [r for r in range(len(self.placements)) if r not in lost]
         if not alive or alive[0] == self.rank:
-            print(self.message(lost), file=sys.stderr, flush=True)
+            print(self.message(lost, cause), file=sys.stderr, flush=True)
         else:
             time.sleep(QUIET_GRACE_S)
         self._exit(EXIT_STATUS)
+
+    def fail_if_ranks_lost(self, err: BaseException) -> None:
+        """After ``err`` in a collective: if a rank is gone, the one line and the end of this rank.
+
+        Returns (so the caller re-raises ``err``) when every rank is still alive: then the error
+        is not a lost rank's, and its own traceback says more.
+        """
+        self.stop()
+        if self.dir is None or not self.lost_ranks():
+            return
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        self.fire(f"{type(err).__name__}: {first[:200]}")

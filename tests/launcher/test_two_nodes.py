@@ -1,0 +1,118 @@
+"""Two emulated nodes for real (launcher.slurm_cluster): ranks across nodes equal one rank, a lost
+node ends the job with one line, and a resubmitted job finishes with an uninterrupted run's numbers.
+
+Each node is a network namespace with its own host name and address, running Debian's slurmd;
+the jobs are submitted with ``kfac.py --batch-job launcher=slurm --nodes 2``, as a user would.
+Skipped (with the reason) where SLURM is missing or namespaces cannot be made (not root).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from launcher import netns
+from launcher.slurm_cluster import EmulatedCluster
+from launcher.slurm_local import missing_programs
+from trainer.checkpoint import load_checkpoint, newest_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent.parent
+# The README's K-FAC recipe in float64 on a fixed slice of real MNIST: 20 steps an epoch.
+RECIPE = ["--kfac", "trainer.mini_batch_size=100", "data.max_train_samples=2000", "data.max_test_samples=200",
+          "trainer.dtype=float64", "optimizer=sgd", "optimizer.learning_rate=0.1", "kfac.damping_act=[0.01]",
+          "kfac.damping_err=[1.0]", "kfac.inverse_dtype=float64", "trainer.flush_denormal=false"]
+TWO_NODES = ["launcher=slurm", "--nodes", "2", "--procs-per-node", "2", "launcher.time_limit=10"]
+
+reason = ", ".join(missing_programs()) and f"needs SLURM ({', '.join(missing_programs())} missing: .ci/install-slurm)"
+reason = reason or netns.unsupported_reason()
+pytestmark = pytest.mark.skipif(bool(reason), reason=reason or "")
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with EmulatedCluster(nodes=2, cpus=4) as c:
+        yield c
+
+
+def kfac(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(ROOT / "kfac.py"), *args], capture_output=True, text=True,
+                            timeout=timeout, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def submit(exp: Path, *args: str) -> tuple[Path, str]:
+    """(work dir, job id) of a batch job submitted through kfac.py."""
+    result = kfac("--batch-job", *TWO_NODES, f"launcher.experiment_dir={exp}", *args)
+    out = result.stdout + result.stderr
+    work_dir = re.search(r"work dir: (\S+)", out)
+    job = re.search(r"submitted batch job (\d+)", out)
+    assert work_dir and job, out
+    return Path(work_dir.group(1)), job.group(1)
+
+
+def reference(tmp: Path, *args: str) -> dict[str, torch.Tensor]:
+    """One rank's final weights, trained right here."""
+    result = kfac(f"launcher.experiment_dir={tmp}", *args)
+    out = result.stdout + result.stderr
+    return final_weights(Path(re.search(r"work dir: (\S+)", out).group(1)))
+
+
+def final_weights(work_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(newest_checkpoint(work_dir))["model"]
+
+
+def relative_difference(a: dict, b: dict) -> float:
+    return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in b)
+
+
+def logs(work_dir: Path) -> str:
+    return (work_dir / "out.log").read_text() + (work_dir / "err.log").read_text()
+
+
+def test_four_ranks_on_two_nodes_equal_one_rank_with_mpi_and_gloo(cluster, tmp_path):
+    jobs = {backend: submit(tmp_path, *RECIPE, "--num_epochs", "1", f"trainer.backend={backend}",
+                            f"launcher.job_name={backend}") for backend in ("mpi", "gloo")}
+    one = reference(tmp_path / "one", *RECIPE, "--num_epochs", "1")
+    for backend, (work_dir, job) in jobs.items():
+        assert cluster.wait_for_job(job, timeout_s=240) == "COMPLETED", logs(work_dir)
+        out = (work_dir / "out.log").read_text()
+        # The ranks really ran 2 per node, with local ranks counted per node.
+        for line in ("rank 0/4: host node1, local rank 0", "rank 1/4: host node1, local rank 1",
+                     "rank 2/4: host node2, local rank 0", "rank 3/4: host node2, local rank 1"):
+            assert line in out, (backend, out[:2000])
+        assert relative_difference(final_weights(work_dir), one) < 1e-9, backend
+
+
+def test_a_lost_node_ends_the_job_with_one_line_and_a_resubmitted_job_finishes(cluster, tmp_path):
+    args = [*RECIPE, "--num_epochs", "2", "trainer.checkpoint_every_epoch=true", "trainer.step_timeout_s=10",
+            "trainer.backend=gloo", "launcher.job_name=lost"]
+    work_dir, job = submit(tmp_path, *args)
+    uninterrupted = reference(tmp_path / "one", *RECIPE, "--num_epochs", "2")
+    deadline = time.monotonic() + 240
+    while newest_checkpoint(work_dir) is None:  # the end of epoch 1
+        assert time.monotonic() < deadline and cluster.job_state(job) in ("PENDING", "RUNNING"), logs(work_dir)
+        time.sleep(0.2)
+    lost_at = time.monotonic()
+    killed = cluster.kill_node("node2")
+    assert killed
+    state = cluster.wait_for_job(job, timeout_s=120)
+    ended_after = time.monotonic() - lost_at
+    assert ended_after < 60, ended_after
+    assert state in ("FAILED", "NODE_FAIL"), state  # SLURM records the failure
+    errors = [line for line in (work_dir / "err.log").read_text().splitlines() if line.startswith("kfac.py:")]
+    assert len(errors) == 1 and "node2" in errors[0], logs(work_dir)
+    print(f"node lost: the job ended {ended_after:.1f} s later ({state}): {errors[0]}")
+
+    cluster.start_node("node2")
+    work_dir2, job2 = submit(tmp_path, *args, "trainer.resume=latest")
+    assert cluster.wait_for_job(job2, timeout_s=240) == "COMPLETED", logs(work_dir2)
+    assert "resumed from" in (work_dir2 / "out.log").read_text()
+    assert relative_difference(final_weights(work_dir2), uninterrupted) < 1e-9
