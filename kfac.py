@@ -30,6 +30,20 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 # ruff: noqa: E402 (the path above must be set before the project's imports)
+from launcher.env import LAUNCHED, rank_info
+from launcher.mpi_start import init_mpi, start_timeout_s
+
+
+def join_mpi_first() -> None:
+    """A rank of an MPI job (mpiexec, srun) joins MPI before anything else (launcher/mpi_start.py)."""
+    if os.environ.get(LAUNCHED):
+        info = rank_info(os.environ)
+        if info.world_size > 1 and not info.torchrun:
+            init_mpi(info.rank, info.world_size, start_timeout_s(os.environ))
+
+
+join_mpi_first()
+
 # Only the pure launcher modules and Hydra here: --help must not load torch. The schema, the
 # checks that need the trainer and the training itself are imported where they are used.
 import hydra
@@ -39,7 +53,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from launcher.config import CONFIG_DIR, LauncherConfig, config_groups, group_options
-from launcher.env import LAUNCHED, inside_slurm_allocation, rank_info, started_by_torchrun
+from launcher.env import inside_slurm_allocation, started_by_torchrun
 from launcher.flags import FlagError, did_you_mean, help_text, translate
 from launcher.workdir import ERR_LOG, choose_work_dir
 

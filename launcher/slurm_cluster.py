@@ -47,15 +47,18 @@ class EmulatedCluster(LocalSlurm):
         nodes: Compute nodes (at least 1).
         root, cpus, real_memory_mb, timeout_s: As ``LocalSlurm``'s (``cpus`` per node).
         slurmd_timeout_s: How long a silent node stays up before SLURM sets it DOWN.
+        spool_per_node: ``False``: one spool folder for all nodes (a misconfiguration, for a test).
     """
 
     def __init__(self, nodes: int = 2, root: Optional[str | os.PathLike[str]] = None, *, cpus: int = 4,
-                 real_memory_mb: int = 1000, timeout_s: float = 60.0, slurmd_timeout_s: int = 10) -> None:
+                 real_memory_mb: int = 1000, timeout_s: float = 60.0, slurmd_timeout_s: int = 10,
+                 spool_per_node: bool = True) -> None:
         if nodes < 1:
             raise ValueError(f"EmulatedCluster: nodes must be >= 1, got {nodes}")
         super().__init__(root, cpus=cpus, real_memory_mb=real_memory_mb, timeout_s=timeout_s)
         self.nodes = nodes
         self.slurmd_timeout_s = slurmd_timeout_s
+        self.spool_per_node = spool_per_node
         self.namespaces: list[str] = []
         self.controller: Optional[netns.Host] = None
         self.login: Optional[netns.Host] = None
@@ -88,7 +91,8 @@ class EmulatedCluster(LocalSlurm):
         ctld_port = _free_port()
         paths.conf.write_text(render_cluster_conf(
             paths, self.controller.name, [(h.name, h.address) for h in self.compute], ctld_port, _free_port(),
-            cpus=self.cpus, real_memory_mb=self.real_memory_mb, slurmd_timeout_s=self.slurmd_timeout_s))
+            cpus=self.cpus, real_memory_mb=self.real_memory_mb, slurmd_timeout_s=self.slurmd_timeout_s,
+            spool_per_node=self.spool_per_node))
         self._spawn_munged()
         relay_out = paths.log / "relay.stdout"
         relay_out.unlink(missing_ok=True)

@@ -113,7 +113,8 @@ def render_slurm_conf(paths: SlurmPaths, hostname: str, ctld_port: int, slurmd_p
 
 def render_cluster_conf(paths: SlurmPaths, controller: str, nodes: Sequence[tuple[str, str]], ctld_port: int,
                         slurmd_port: int, *, cpus: int = 4, real_memory_mb: int = 1000,
-                        slurmd_timeout_s: int = 10, cluster_name: str = "kfacnodes") -> str:
+                        slurmd_timeout_s: int = 10, spool_per_node: bool = True,
+                        cluster_name: str = "kfacnodes") -> str:
     """The slurm.conf of an emulated multi-node cluster (``launcher.netns``).
 
     Every client and daemon reaches slurmctld at 127.0.0.1 (a relay in each namespace carries it
@@ -131,6 +132,8 @@ def render_cluster_conf(paths: SlurmPaths, controller: str, nodes: Sequence[tupl
         real_memory_mb: Memory each node claims, in MB.
         slurmd_timeout_s: How long a silent node stays up before slurmctld sets it DOWN and ends
             its jobs (SLURM's default, 300 s, is for real clusters; tests lose nodes on purpose).
+        spool_per_node: ``False`` gives every node the same spool folder: the misconfiguration
+            that makes MPI_Init hang (for the test that shows a hung start-up ends).
         cluster_name: ``ClusterName``.
     """
     names = ",".join(name for name, _ in nodes)
@@ -138,7 +141,7 @@ def render_cluster_conf(paths: SlurmPaths, controller: str, nodes: Sequence[tupl
         f"# An emulated {len(nodes)}-node SLURM on one machine, written by launcher.slurm_local.",
         *_common_lines(paths, cluster_name, controller, ctld_port, slurmd_port),
         f"SlurmdTimeout={slurmd_timeout_s}",
-        f"SlurmdSpoolDir={paths.spool}/%n",
+        f"SlurmdSpoolDir={paths.spool}/%n" if spool_per_node else f"SlurmdSpoolDir={paths.spool}",
         f"SlurmctldPidFile={paths.run / 'slurmctld.pid'}",
         f"SlurmdPidFile={paths.run / 'slurmd-%n.pid'}",
         f"SlurmctldLogFile={paths.log / 'slurmctld.log'}",

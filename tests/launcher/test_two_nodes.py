@@ -116,3 +116,16 @@ def test_a_lost_node_ends_the_job_with_one_line_and_a_resubmitted_job_finishes(c
     assert cluster.wait_for_job(job2, timeout_s=240) == "COMPLETED", logs(work_dir2)
     assert "resumed from" in (work_dir2 / "out.log").read_text()
     assert relative_difference(final_weights(work_dir2), uninterrupted) < 1e-9
+
+
+def test_a_start_up_that_hangs_in_mpi_init_ends_with_one_line(tmp_path, monkeypatch):
+    """Nodes sharing one spool folder share slurmstepd's PMI-2 socket there: MPI_Init never returns."""
+    with EmulatedCluster(nodes=2, cpus=4, spool_per_node=False) as broken:
+        monkeypatch.setenv("KFAC_START_TIMEOUT_S", "5")
+        work_dir, job = submit(tmp_path, "--num_epochs", "1", "data.max_train_samples=200")
+        started = time.monotonic()
+        assert broken.wait_for_job(job, timeout_s=60) == "FAILED", logs(work_dir)
+        errors = [line for line in (work_dir / "err.log").read_text().splitlines() if line.startswith("kfac.py:")]
+        assert errors == ["kfac.py: error: rank 0/4 on node1: MPI_Init did not return in 5 s (the PMI server "
+                          "never answered); the job ends"], logs(work_dir)
+        assert time.monotonic() - started < 30
