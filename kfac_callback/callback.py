@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -73,10 +73,11 @@ def unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
             return model, ddp
 
 
-def user_name(name: str) -> str:
-    """A layer name without a wrapper's prefix: ``module.ip1`` is ``ip1``."""
+def user_name(name: str, known: Collection[str] = ()) -> str:
+    """A layer name without a wrapper's prefix: ``module.ip1`` is ``ip1`` (a name in ``known``,
+    the model's own layers, stays as it is: a layer may be called ``module`` itself)."""
     parts = name.split(".")
-    while len(parts) > 1 and parts[0] in WRAPPER_ATTRIBUTES:
+    while len(parts) > 1 and parts[0] in WRAPPER_ATTRIBUTES and ".".join(parts) not in known:
         parts = parts[1:]
     return ".".join(parts)
 
@@ -154,7 +155,8 @@ class KFACCallback(SkipWeightGrad, Callback):
         self.skipped_steps = 0  # steps the grad scaler skipped (non-finite scaled gradients)
         self._printer = printer
         self.say = messages.Printer(lambda line: (self._printer or rank0_print(self.comm))(line))
-        self.blocks = _build_blocks(inner, [user_name(n) for n in c.disable_layers])
+        layers = preconditionable_layers(inner)
+        self.blocks = _build_blocks(inner, [user_name(n, layers) for n in c.disable_layers])
         self.dampings = [DampingSchedule(getattr(c, k), c.damping_warmup_steps) for k in DAMPING_KEYS]
         self.steps = 0
         self.inverse_dtype = getattr(torch, c.inverse_dtype)
@@ -559,7 +561,7 @@ class KFACCallback(SkipWeightGrad, Callback):
         Raises:
             ValueError: If the state's layers differ from this callback's.
         """
-        state = {**state, **{key: {user_name(k): v for k, v in state[key].items()}
+        state = {**state, **{key: {user_name(k, self.blocks): v for k, v in state[key].items()}
                              for key in ("factors", "updates", "inverses") if state.get(key) is not None}}
         if set(state["factors"]) != set(self.blocks):
             raise ValueError(f"K-FAC state has layers {sorted(state['factors'])}, the callback "
