@@ -51,10 +51,19 @@ def plan_hosts(tag: str, nodes: int) -> tuple[Host, Host, list[Host]]:
 
 
 def hosts_file_text(hosts: Sequence[Host]) -> str:
-    """The /etc/hosts every emulated machine sees: localhost and each host's bridge address."""
+    """The /etc/hosts every emulated machine sees: localhost and each host's bridge address.
+
+    Each address also in its IPv4-mapped IPv6 form: servers listening on both families (gloo's
+    and torch.distributed's TCP store) see their IPv4 clients so, and name them by reverse lookup.
+    """
     lines = ["127.0.0.1 localhost", "::1 localhost ip6-localhost ip6-loopback"]
     lines += [f"{h.address} {h.name}" for h in hosts]
+    lines += [f"::ffff:{h.address} {h.name}" for h in hosts]
     return "\n".join(lines) + "\n"
+
+
+RESOLV_CONF_TEXT = ("# The emulated cluster's machines have no name server: names come from its hosts file,\n"
+                    "# and no lookup leaves the cluster's network.\noptions attempts:1 timeout:1\n")
 
 
 def unsupported_reason() -> Optional[str]:
@@ -152,11 +161,14 @@ def kill_namespace(name: str, timeout_s: float = 10.0) -> list[int]:
 
 
 def node_argv(host: Host, hosts_file: Path, argv: Sequence[str]) -> list[str]:
-    """``argv`` run as if on ``host``: its network, its host name, the cluster's /etc/hosts.
+    """``argv`` run as if on ``host``: its network, its host name, the cluster's /etc/hosts (and
+    the ``resolv.conf`` beside it, with no name server, over /etc/resolv.conf).
 
     The pid of the process started from this argv is that of ``argv[0]`` itself (each wrapper
     execs the next), so it can be signalled as the daemon it is.
     """
-    script = 'hostname "$0" && mount --bind "$1" /etc/hosts && shift && exec "$@"'
+    resolv_conf = hosts_file.with_name("resolv.conf")
+    script = ('hostname "$0" && mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/resolv.conf '
+              '&& shift 2 && exec "$@"')
     return ["nsenter", f"--net={host.netns_path}", "--", "unshare", "--uts", "--mount", "--propagation", "private",
-            "--", "/bin/sh", "-c", script, host.name, str(hosts_file), *argv]
+            "--", "/bin/sh", "-c", script, host.name, str(hosts_file), str(resolv_conf), *argv]

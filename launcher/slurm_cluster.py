@@ -88,6 +88,7 @@ class EmulatedCluster(LocalSlurm):
         self._save_state()
         self.hosts_file.write_text(netns.hosts_file_text([self.controller, self.login, *self.compute]))
         self.hosts_file.chmod(0o644)
+        self.hosts_file.with_name("resolv.conf").write_text(netns.RESOLV_CONF_TEXT)
         ctld_port = _free_port()
         paths.conf.write_text(render_cluster_conf(
             paths, self.controller.name, [(h.name, h.address) for h in self.compute], ctld_port, _free_port(),

@@ -334,7 +334,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="the cluster's folder (default: <tmp>/kfac-local-slurm)")
     parser.add_argument("--nodes", type=int, default=0,
                         help="start: emulated compute nodes, each a network namespace (default 0: this machine)")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[argv.index("--") + 1:] if "--" in argv else []  # login's command, options and all
+    args = parser.parse_args(argv[:len(argv) - len(command) - 1] if "--" in argv else argv)
     root = Path(args.root or os.path.join(tempfile.gettempdir(), "kfac-local-slurm")).resolve()
     paths = SlurmPaths(root)
     pids = json.loads(paths.pids.read_text()) if paths.pids.exists() else {}
@@ -350,7 +352,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         try:
             cluster = slurm_cluster.EmulatedCluster.attach(root)
             if args.action == "login":
-                command = args.args or [os.environ.get("SHELL", "/bin/sh")]
+                command = command or args.args or [os.environ.get("SHELL", "/bin/sh")]
                 return subprocess.run(cluster.login_argv(command), env=cluster.env()).returncode
             if len(args.args) != 1:
                 parser.error(f"{args.action} takes one node name")

@@ -77,18 +77,29 @@ def logs(work_dir: Path) -> str:
     return (work_dir / "out.log").read_text() + (work_dir / "err.log").read_text()
 
 
-def test_four_ranks_on_two_nodes_equal_one_rank_with_mpi_and_gloo(cluster, tmp_path):
-    jobs = {backend: submit(tmp_path, *RECIPE, "--num_epochs", "1", f"trainer.backend={backend}",
-                            f"launcher.job_name={backend}") for backend in ("mpi", "gloo")}
+def test_four_ranks_on_two_nodes_equal_one_rank_in_a_batch_job_and_in_an_allocation(cluster, tmp_path):
+    """MPI in a batch job (sbatch, srun inside it); gloo in an allocation (salloc on the login host,
+    then kfac.py, which starts the ranks with srun), whose rendezvous is on rank 0's node address."""
+    work_dir, job = submit(tmp_path, *RECIPE, "--num_epochs", "1", "trainer.backend=mpi", "launcher.job_name=mpi")
+    allocation = subprocess.run(cluster.login_argv([
+        "salloc", "--nodes", "2", "--ntasks-per-node", "2", sys.executable, str(ROOT / "kfac.py"), "--nodes", "2",
+        "--procs-per-node", "2", *RECIPE, "--num_epochs", "1", "trainer.backend=gloo",
+        f"launcher.experiment_dir={tmp_path}", "launcher.job_name=gloo"]),
+        capture_output=True, text=True, timeout=300, env=cluster.env())
+    assert allocation.returncode == 0, allocation.stdout[-3000:] + allocation.stderr[-3000:]
+    runs = {"gloo": Path(re.search(r"work dir: (\S+)", allocation.stdout + allocation.stderr).group(1)),
+            "mpi": work_dir}
     one = reference(tmp_path / "one", *RECIPE, "--num_epochs", "1")
-    for backend, (work_dir, job) in jobs.items():
-        assert cluster.wait_for_job(job, timeout_s=240) == "COMPLETED", logs(work_dir)
-        out = (work_dir / "out.log").read_text()
+    assert cluster.wait_for_job(job, timeout_s=240) == "COMPLETED", logs(work_dir)
+    for backend, run_dir in runs.items():
+        out = (run_dir / "out.log").read_text()
         # The ranks really ran 2 per node, with local ranks counted per node.
         for line in ("rank 0/4: host node1, local rank 0", "rank 1/4: host node1, local rank 1",
                      "rank 2/4: host node2, local rank 0", "rank 3/4: host node2, local rank 1"):
             assert line in out, (backend, out[:2000])
-        assert relative_difference(final_weights(work_dir), one) < 1e-9, backend
+        # Every peer's address has a name in the cluster (no failed reverse lookups).
+        assert "cannot be retrieved" not in (run_dir / "err.log").read_text(), backend
+        assert relative_difference(final_weights(run_dir), one) < 1e-9, backend
 
 
 def test_a_lost_node_ends_the_job_with_one_line_and_a_resubmitted_job_finishes(cluster, tmp_path):
