@@ -48,17 +48,19 @@ class EmulatedCluster(LocalSlurm):
         root, cpus, real_memory_mb, timeout_s: As ``LocalSlurm``'s (``cpus`` per node).
         slurmd_timeout_s: How long a silent node stays up before SLURM sets it DOWN.
         spool_per_node: ``False``: one spool folder for all nodes (a misconfiguration, for a test).
+        cred_expire_s: Launch credentials' lifetime; a requeued job waits that long to restart.
     """
 
     def __init__(self, nodes: int = 2, root: Optional[str | os.PathLike[str]] = None, *, cpus: int = 4,
                  real_memory_mb: int = 1000, timeout_s: float = 60.0, slurmd_timeout_s: int = 10,
-                 spool_per_node: bool = True) -> None:
+                 spool_per_node: bool = True, cred_expire_s: int = 120) -> None:
         if nodes < 1:
             raise ValueError(f"EmulatedCluster: nodes must be >= 1, got {nodes}")
         super().__init__(root, cpus=cpus, real_memory_mb=real_memory_mb, timeout_s=timeout_s)
         self.nodes = nodes
         self.slurmd_timeout_s = slurmd_timeout_s
         self.spool_per_node = spool_per_node
+        self.cred_expire_s = cred_expire_s
         self.namespaces: list[str] = []
         self.controller: Optional[netns.Host] = None
         self.login: Optional[netns.Host] = None
@@ -93,7 +95,7 @@ class EmulatedCluster(LocalSlurm):
         paths.conf.write_text(render_cluster_conf(
             paths, self.controller.name, [(h.name, h.address) for h in self.compute], ctld_port, _free_port(),
             cpus=self.cpus, real_memory_mb=self.real_memory_mb, slurmd_timeout_s=self.slurmd_timeout_s,
-            spool_per_node=self.spool_per_node))
+            spool_per_node=self.spool_per_node, cred_expire_s=self.cred_expire_s))
         self._spawn_munged()
         relay_out = paths.log / "relay.stdout"
         relay_out.unlink(missing_ok=True)

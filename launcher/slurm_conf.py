@@ -113,7 +113,7 @@ def render_slurm_conf(paths: SlurmPaths, hostname: str, ctld_port: int, slurmd_p
 
 def render_cluster_conf(paths: SlurmPaths, controller: str, nodes: Sequence[tuple[str, str]], ctld_port: int,
                         slurmd_port: int, *, cpus: int = 4, real_memory_mb: int = 1000,
-                        slurmd_timeout_s: int = 10, spool_per_node: bool = True,
+                        slurmd_timeout_s: int = 10, spool_per_node: bool = True, cred_expire_s: int = 120,
                         cluster_name: str = "kfacnodes") -> str:
     """The slurm.conf of an emulated multi-node cluster (``launcher.netns``).
 
@@ -132,6 +132,8 @@ def render_cluster_conf(paths: SlurmPaths, controller: str, nodes: Sequence[tupl
         real_memory_mb: Memory each node claims, in MB.
         slurmd_timeout_s: How long a silent node stays up before slurmctld sets it DOWN and ends
             its jobs (SLURM's default, 300 s, is for real clusters; tests lose nodes on purpose).
+        cred_expire_s: How long a job's launch credential lives; a requeued job waits that long
+            before it starts again (SLURM's default: 120 s).
         spool_per_node: ``False`` gives every node the same spool folder: the misconfiguration
             that makes MPI_Init hang (for the test that shows a hung start-up ends).
         cluster_name: ``ClusterName``.
@@ -139,7 +141,8 @@ def render_cluster_conf(paths: SlurmPaths, controller: str, nodes: Sequence[tupl
     names = ",".join(name for name, _ in nodes)
     lines = [
         f"# An emulated {len(nodes)}-node SLURM on one machine, written by launcher.slurm_local.",
-        *_common_lines(paths, cluster_name, controller, ctld_port, slurmd_port),
+        *(f"{line},cred_expire={cred_expire_s}" if line.startswith("AuthInfo=") and cred_expire_s != 120 else line
+          for line in _common_lines(paths, cluster_name, controller, ctld_port, slurmd_port)),
         f"SlurmdTimeout={slurmd_timeout_s}",
         f"SlurmdSpoolDir={paths.spool}/%n" if spool_per_node else f"SlurmdSpoolDir={paths.spool}",
         f"SlurmctldPidFile={paths.run / 'slurmctld.pid'}",

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.skipif(bool(reason), reason=reason or "")
 
 @pytest.fixture(scope="module")
 def cluster():
-    with EmulatedCluster(nodes=2, cpus=4) as c:
+    with EmulatedCluster(nodes=2, cpus=4, cred_expire_s=5) as c:  # a requeued job restarts in seconds
         yield c
 
 
@@ -140,3 +140,54 @@ def test_a_start_up_that_hangs_in_mpi_init_ends_with_one_line(tmp_path, monkeypa
         assert errors == ["kfac.py: error: rank 0/4 on node1: MPI_Init did not return in 5 s (the PMI server "
                           "never answered); the job ends"], logs(work_dir)
         assert time.monotonic() - started < 30
+
+
+@pytest.mark.slow
+def test_every_inverse_strategy_on_two_nodes_equals_one_rank(cluster, tmp_path):
+    """One srun step across both nodes trains with each owner strategy in turn (tests/trainer/rank_job.py)."""
+    common = ["trainer.epochs=1", "trainer.mini_batch_size=100", "data.max_train_samples=2000",
+              "data.max_test_samples=100", "trainer.dtype=float64", "kfac.enabled=true", "optimizer=sgd",
+              "optimizer.learning_rate=0.1", "kfac.damping_act=[0.01]", "kfac.damping_err=[1.0]",
+              "kfac.inverse_dtype=float64", "trainer.flush_denormal=false"]
+    job_py = str(ROOT / "tests/trainer/rank_job.py")
+    (tmp_path / "one").mkdir()
+    one = subprocess.run([sys.executable, job_py, str(tmp_path / "one"), *common, "strategies=all"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert one.returncode == 0, one.stderr[-3000:]
+    strategies = ["all", "each", "root", "balanced"]
+    step = ["srun", "--mpi=pmi2", "--kill-on-bad-exit=1", "--nodes=2", "--ntasks-per-node=2", sys.executable,
+            "-m", "mpi4py", job_py, str(tmp_path), *common, "launcher.nodes=2", "strategies=" + ",".join(strategies)]
+    sbatch = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=2", f"--output={tmp_path}/out.log",
+                             "--wrap", " ".join(step)], capture_output=True, text=True, env=cluster.env(), timeout=30)
+    assert sbatch.returncode == 0, sbatch.stderr
+    assert cluster.wait_for_job(sbatch.stdout.strip(), timeout_s=600) == "COMPLETED", (tmp_path / "out.log").read_text()
+    reference = torch.load(tmp_path / "one" / "all.pt")
+    for strategy in strategies:
+        assert relative_difference(torch.load(tmp_path / f"{strategy}.pt"), reference) < 1e-9, strategy
+
+
+@pytest.mark.slow
+def test_usr1_reaches_every_rank_on_both_nodes_and_the_requeued_job_resumes(cluster, tmp_path):
+    args = [*RECIPE, "--num_epochs", "2", "launcher.requeue=true", "trainer.checkpoint_every_steps=5",
+            "launcher.job_name=preempt"]
+    work_dir, job = submit(tmp_path, *args)
+    uninterrupted = reference(tmp_path / "one", *RECIPE, "--num_epochs", "2")
+    deadline = time.monotonic() + 240
+    while newest_checkpoint(work_dir) is None:
+        assert time.monotonic() < deadline, logs(work_dir)
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--signal=USR1", job], env=cluster.env(), check=True, timeout=30)
+    assert cluster.wait_for_job(job, timeout_s=400) == "COMPLETED", logs(work_dir)
+    out = (work_dir / "out.log").read_text()
+    stops = re.findall(r"trainer: stopped by SIGUSR1 at step (\d+)", out)
+    assert len(stops) == 1 and "requeueing job" in out, out  # one consistent stop, one checkpoint
+    assert f"step_{int(stops[0]):06d}.pt: step {stops[0]}" in out  # the requeued job resumed there
+    assert relative_difference(final_weights(work_dir), uninterrupted) < 1e-9
+
+
+@pytest.mark.slow
+def test_twenty_two_node_jobs_in_a_row_all_complete(cluster, tmp_path):
+    for i in range(20):
+        work_dir, job = submit(tmp_path, "--num_epochs", "1", "data.max_train_samples=400",
+                               "data.max_test_samples=100", f"launcher.job_name=row{i}")
+        assert cluster.wait_for_job(job, timeout_s=240) == "COMPLETED", (i, logs(work_dir))

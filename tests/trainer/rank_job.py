@@ -37,11 +37,12 @@ def main() -> None:
             overrides.remove(item)
     ConfigStore.instance().store(name="schema", node=Config)
     info = rank_info(os.environ)
+    nodes = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("launcher.nodes=")), 1)
     with initialize_config_dir(config_dir=os.path.join(ROOT, "configs"), version_base="1.3"):
         for strategy in strategies:
             cfg = compose(config_name="config", overrides=[
                 *overrides, f"kfac.inverse_strategy={strategy}",
-                f"launcher.procs_per_node={info.world_size}"])
+                f"launcher.procs_per_node={info.world_size // nodes}"])
             trainer = build_trainer(cfg, None, info)
             trainer.fit()
             flat = weights_checksum(trainer.model)
