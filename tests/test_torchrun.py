@@ -92,7 +92,8 @@ def test_kfac_py_under_torchrun_with_accumulation_gives_one_ranks_weights(tmp_pa
 @pytest.mark.parametrize("overrides, message", [
     ([], "torchrun started 2 ranks but the config asks for 1 (launcher.nodes x launcher.procs_per_node): "
          "add --nodes 1 --procs-per-node 2"),
-    (["--nodes", "1", "--procs-per-node", "2", "trainer.backend=mpi"], "trainer.backend=mpi: torchrun starts no MPI job"),
+    pytest.param(["--nodes", "1", "--procs-per-node", "2", "trainer.backend=mpi"],
+                 "trainer.backend=mpi: torchrun starts no MPI job", marks=pytest.mark.slow),
 ])
 def test_kfac_py_under_torchrun_refuses_in_one_line(overrides, message, tmp_path):
     result = subprocess.run([*TORCHRUN, str(ROOT / "kfac.py"), *overrides, f"launcher.experiment_dir={tmp_path}"],
