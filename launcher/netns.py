@@ -2,8 +2,10 @@
 
 Each node is a network namespace (``ip netns add``) with one interface on a bridge that lives
 in the controller's namespace; a process enters a node through ``node_argv`` (its network
-namespace, plus a UTS namespace for the node's host name and a private mount namespace in
-which the cluster's hosts file is bound over /etc/hosts). The machine's own network, host name
+namespace, plus a UTS namespace for the node's host name, an IPC namespace, and a private mount
+namespace in which the cluster's hosts file is bound over /etc/hosts). The IPC namespace makes
+the nodes distinct machines to MPI too: UCX otherwise takes ranks on the same kernel (same boot
+id, same IPC namespace) for neighbours and joins them by shared memory across "nodes". The machine's own network, host name
 and /etc/hosts are never changed: every address lives only inside namespaces made here.
 
 ``nsenter --net`` is used rather than ``ip netns exec``: the latter remounts /sys, which hides
@@ -170,5 +172,5 @@ def node_argv(host: Host, hosts_file: Path, argv: Sequence[str]) -> list[str]:
     resolv_conf = hosts_file.with_name("resolv.conf")
     script = ('hostname "$0" && mount --bind "$1" /etc/hosts && mount --bind "$2" /etc/resolv.conf '
               '&& shift 2 && exec "$@"')
-    return ["nsenter", f"--net={host.netns_path}", "--", "unshare", "--uts", "--mount", "--propagation", "private",
+    return ["nsenter", f"--net={host.netns_path}", "--", "unshare", "--uts", "--ipc", "--mount", "--propagation", "private",
             "--", "/bin/sh", "-c", script, host.name, str(hosts_file), str(resolv_conf), *argv]

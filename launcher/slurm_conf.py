@@ -144,6 +144,7 @@ def render_cluster_conf(paths: SlurmPaths, controller: str, nodes: Sequence[tupl
         *(f"{line},cred_expire={cred_expire_s}" if line.startswith("AuthInfo=") and cred_expire_s != 120 else line
           for line in _common_lines(paths, cluster_name, controller, ctld_port, slurmd_port)),
         f"SlurmdTimeout={slurmd_timeout_s}",
+        "MessageTimeout=30",  # one machine carries the whole cluster: a busy one answers late
         f"SlurmdSpoolDir={paths.spool}/%n" if spool_per_node else f"SlurmdSpoolDir={paths.spool}",
         f"SlurmctldPidFile={paths.run / 'slurmctld.pid'}",
         f"SlurmdPidFile={paths.run / 'slurmd-%n.pid'}",
