@@ -7,7 +7,7 @@ slurmctld in the controller's namespace. Nothing is sent to any address but loop
 
 Run by ``launcher.slurm_local``::
 
-    python -m launcher.ns_relay --port P --to /run/netns/X-controller --listen self --listen /run/netns/X-node1
+    python -m launcher.ns_relay --cluster ROOT --port P --to /run/netns/X-controller --listen self --listen /run/netns/X-node1
 """
 
 from __future__ import annotations
@@ -84,6 +84,7 @@ def _listen(listen_fd: Optional[int], to_fd: int, port: int, ready: threading.Ev
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launcher.ns_relay", description=__doc__.splitlines()[0])
+    parser.add_argument("--cluster", default="", help="the cluster's folder (names this relay for `stop`)")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--to", required=True, help="the namespace file of the target (slurmctld's)")
     parser.add_argument("--listen", action="append", default=[],

@@ -100,7 +100,7 @@ class EmulatedCluster(LocalSlurm):
         relay_out = paths.log / "relay.stdout"
         relay_out.unlink(missing_ok=True)
         listen = ["--listen", "self", *(a for h in (self.login, *self.compute) for a in ("--listen", str(h.netns_path)))]
-        self._spawn(RELAY, [sys.executable, "-m", "launcher.ns_relay", "--port", str(ctld_port),
+        self._spawn(RELAY, [sys.executable, "-m", "launcher.ns_relay", "--cluster", str(paths.root), "--port", str(ctld_port),
                             "--to", str(self.controller.netns_path), *listen], stdout=relay_out)
         self._wait(lambda: relay_out.exists() and "ready" in relay_out.read_text(), "the relay to listen")
         self._spawn("slurmctld", netns.node_argv(self.controller, self.hosts_file,

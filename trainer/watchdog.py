@@ -129,10 +129,11 @@ class StepWatchdog(Callback):
                 self.fire()
                 return
 
-    def lost_ranks(self, wait_s: float = LIVENESS_WAIT_S) -> list[int]:
-        """Ranks whose heartbeat count did not move in ``wait_s`` seconds (this one's keeps moving)."""
+    def lost_ranks(self, wait_s: Optional[float] = None) -> list[int]:
+        """Ranks whose heartbeat count did not move in ``wait_s`` seconds (default ``LIVENESS_WAIT_S``)."""
         if self.dir is None:
             return []
+        wait_s = LIVENESS_WAIT_S if wait_s is None else wait_s
         before = self._counts()
         deadline = self._clock() + wait_s
         while self._clock() < deadline:

@@ -48,7 +48,7 @@ def max_relative_difference(a: dict, b: dict) -> float:
     return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in b)
 
 
-@pytest.mark.parametrize("model", ["mlp", "cnn"])
+@pytest.mark.parametrize("model", ["mlp", pytest.param("cnn", marks=pytest.mark.slow)])
 def test_four_and_two_ranks_give_one_ranks_weights_for_every_owner_strategy(model, tmp_path):
     overrides = [f"model={model}", *COMMON]
     run_job(1, tmp_path / "r1", overrides, ["all"])
