@@ -5,7 +5,7 @@ daemon: the machine's own namespace (where users run ``sbatch`` and ``squeue``) 
 This relay listens on that port in each of those namespaces and carries every connection to
 slurmctld in the controller's namespace. Nothing is sent to any address but loopback ones.
 
-Run by ``launcher.slurm_local``::
+Run by ``launcher.slurm_cluster``::
 
     python -m launcher.ns_relay --cluster ROOT --port P --to /run/netns/X-controller --listen self --listen /run/netns/X-node1
 """

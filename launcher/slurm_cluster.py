@@ -1,4 +1,4 @@
-"""An emulated multi-node SLURM on one machine: the private SLURM of ``launcher.slurm_local``,
+"""An emulated multi-node SLURM on one machine: the private SLURM of ``launcher.slurm_daemons``,
 with each compute node a Linux network namespace of its own (``launcher.netns``).
 
 Debian's slurmctld, slurmd and munged run unchanged; only the machines are emulated. slurmctld
@@ -30,7 +30,7 @@ from typing import Optional
 
 from launcher import netns
 from launcher.slurm_conf import SlurmPaths, render_cluster_conf
-from launcher.slurm_local import LocalSlurm, LocalSlurmError, _free_port, find_binary, stop_pids
+from launcher.slurm_daemons import LocalSlurm, LocalSlurmError, find_binary, free_port, stop_pids
 
 RELAY = "relay"
 
@@ -91,9 +91,9 @@ class EmulatedCluster(LocalSlurm):
         self.hosts_file.write_text(netns.hosts_file_text([self.controller, self.login, *self.compute]))
         self.hosts_file.chmod(0o644)
         self.hosts_file.with_name("resolv.conf").write_text(netns.RESOLV_CONF_TEXT)
-        ctld_port = _free_port()
+        ctld_port = free_port()
         paths.conf.write_text(render_cluster_conf(
-            paths, self.controller.name, [(h.name, h.address) for h in self.compute], ctld_port, _free_port(),
+            paths, self.controller.name, [(h.name, h.address) for h in self.compute], ctld_port, free_port(),
             cpus=self.cpus, real_memory_mb=self.real_memory_mb, slurmd_timeout_s=self.slurmd_timeout_s,
             spool_per_node=self.spool_per_node, cred_expire_s=self.cred_expire_s))
         self._spawn_munged()

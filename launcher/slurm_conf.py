@@ -1,6 +1,6 @@
-"""The pure part of the private SLURM of ``launcher.slurm_local``: its folders, slurm.conf, daemon argv.
+"""The pure part of the private SLURM of ``launcher.slurm_daemons``: its folders, slurm.conf, daemon argv.
 
-Nothing here reads or writes a file or starts a process; ``launcher.slurm_local`` does.
+Nothing here reads or writes a file or starts a process; ``launcher.slurm_daemons`` and ``launcher.slurm_cluster`` do.
 """
 
 from __future__ import annotations

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher import slurm_local
+from launcher import slurm_daemons
 from launcher.batch import render_batch_script
 from launcher.config import LauncherConfig
 from launcher.launch import Run, batch_spec
-from launcher.slurm_local import LocalSlurm, missing_programs
+from launcher.slurm_daemons import LocalSlurm, missing_programs
 from trainer.checkpoint import list_checkpoints, load_checkpoint, newest_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -46,13 +46,13 @@ def test_batch_script_asks_for_usr1_before_the_limit_and_requeues_after_a_stop()
 def slurm():
     if missing_programs():
         pytest.skip("SLURM is not installed (.ci/install-slurm)")
-    render = slurm_local.render_slurm_conf
+    render = slurm_daemons.render_slurm_conf
 
     def quick_requeue(*args, **kwargs):
         return re.sub(r"^(AuthInfo=\S+)$", r"\1,cred_expire=5", render(*args, **kwargs), flags=re.M)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(slurm_local, "render_slurm_conf", quick_requeue)
+        patch.setattr(slurm_daemons, "render_slurm_conf", quick_requeue)
         with LocalSlurm(cpus=4) as cluster:
             yield cluster
 

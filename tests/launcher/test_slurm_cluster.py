@@ -12,7 +12,7 @@ import pytest
 from launcher import netns
 from launcher.slurm_cluster import cluster_tag
 from launcher.slurm_conf import SlurmPaths, render_cluster_conf
-from launcher.slurm_local import missing_programs
+from launcher.slurm_daemons import missing_programs
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 

@@ -20,7 +20,7 @@ import torch
 
 from launcher import netns
 from launcher.slurm_cluster import EmulatedCluster
-from launcher.slurm_local import missing_programs
+from launcher.slurm_daemons import missing_programs
 from trainer.checkpoint import load_checkpoint, newest_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent.parent
