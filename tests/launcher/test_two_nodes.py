@@ -114,10 +114,11 @@ def test_four_ranks_on_two_nodes_equal_one_rank_in_a_batch_job_and_in_an_allocat
 def test_a_lost_node_ends_the_job_with_one_line_and_a_resubmitted_job_finishes(cluster, tmp_path, backend):
     """MPI's survivors wait in the collective until the step watchdog ends them; gloo's see the
     connection reset. Either way the lowest surviving rank names the lost ranks and their node."""
-    args = [*RECIPE, "--num_epochs", "2", "trainer.checkpoint_every_epoch=true", "trainer.step_timeout_s=10",
+    recipe = [*RECIPE, "data.max_train_samples=1000"]  # 10 steps an epoch
+    args = [*recipe, "--num_epochs", "2", "trainer.checkpoint_every_epoch=true", "trainer.step_timeout_s=10",
             f"trainer.backend={backend}", f"launcher.job_name=lost{backend}"]
     work_dir, job = submit(tmp_path, *args)
-    uninterrupted = reference(tmp_path / "one", *RECIPE, "--num_epochs", "2")
+    uninterrupted = reference(tmp_path / "one", *recipe, "--num_epochs", "2")
     deadline = time.monotonic() + 240
     while newest_checkpoint(work_dir) is None:  # the end of epoch 1
         assert time.monotonic() < deadline and cluster.job_state(job) in ("PENDING", "RUNNING"), logs(work_dir)

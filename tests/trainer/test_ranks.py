@@ -23,8 +23,8 @@ MPIEXEC = str(Path(PYTHON).parent / "mpiexec")
 # Whatever MPI the venv holds: Open MPI needs leave to oversubscribe the cores and to run as root.
 FLAGS = mpiexec_flags(local_mpi_flavor(MPIEXEC)) if os.access(MPIEXEC, os.X_OK) else []
 STRATEGIES = ["all", "each", "root", "balanced"]
-# 20 K-FAC steps in float64 on a fixed slice of real MNIST.
-COMMON = ["trainer.epochs=1", "trainer.mini_batch_size=100", "data.max_train_samples=2000",
+# 10 K-FAC steps in float64 on a fixed slice of real MNIST.
+COMMON = ["trainer.epochs=1", "trainer.mini_batch_size=100", "data.max_train_samples=1000",
           "data.max_test_samples=100", "trainer.dtype=float64", "kfac.enabled=true",
           "optimizer=sgd", "optimizer.learning_rate=0.1", "kfac.damping_act=[0.01]", "kfac.damping_err=[1.0]",
           "kfac.inverse_dtype=float64", "trainer.flush_denormal=false"]

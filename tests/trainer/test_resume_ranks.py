@@ -49,6 +49,7 @@ def relative_difference(a: dict, b: dict) -> float:
     return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in b)
 
 
+@pytest.mark.slow  # tests/trainer/test_resume.py resumes 4 ranks' checkpoint on 2 in the default run
 def test_checkpoints_resume_on_another_rank_count_with_the_uninterrupted_numbers(tmp_path):
     four = run(tmp_path, 4, "launcher.job_name=four")
     one = run(tmp_path, 1, "launcher.job_name=one")
