@@ -1,13 +1,13 @@
 """A TCP relay from 127.0.0.1:PORT in several network namespaces to 127.0.0.1:PORT in another.
 
-The emulated cluster's slurm.conf names one controller address, 127.0.0.1, for every client and
-daemon: the machine's own namespace (where users run ``sbatch`` and ``squeue``) and each node's.
-This relay listens on that port in each of those namespaces and carries every connection to
-slurmctld in the controller's namespace. Nothing is sent to any address but loopback ones.
+The emulated cluster's slurm.conf for the machine's own namespace (where users run ``sbatch``
+and ``squeue``) names slurmctld at 127.0.0.1, an address that namespace has; this relay listens
+there and carries every connection to slurmctld in the controller's namespace (it can listen in
+several namespaces). Nothing is sent to any address but loopback ones.
 
 Run by ``launcher.slurm_cluster``::
 
-    python -m launcher.ns_relay --cluster ROOT --port P --to /run/netns/X-controller --listen self --listen /run/netns/X-node1
+    python -m launcher.ns_relay --cluster ROOT --port P --to /run/netns/X-controller --listen self
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ with each compute node a Linux network namespace of its own (``launcher.netns``)
 Debian's slurmctld, slurmd and munged run unchanged; only the machines are emulated. slurmctld
 runs as the host ``controller`` (whose namespace holds the bridge), one slurmd runs inside each
 node ``node1`` ... ``nodeN``, munged beside them (its socket is a file, so every namespace
-reaches it), and ``launcher.ns_relay`` lets every namespace reach slurmctld at 127.0.0.1. A
+reaches it), and ``launcher.ns_relay`` lets the machine's own namespace reach slurmctld at
+127.0.0.1 (``slurm.conf``; inside the cluster, ``slurm-inside.conf`` names its bridge address). A
 ``login`` host sits on the bridge too: ``salloc`` runs there (``login_argv``), because the ranks'
 nodes must reach ``srun`` at an address of their network. The nodes share the file system, as
 a cluster's shared home does.
@@ -91,20 +92,21 @@ class EmulatedCluster(LocalSlurm):
         self.hosts_file.write_text(netns.hosts_file_text([self.controller, self.login, *self.compute]))
         self.hosts_file.chmod(0o644)
         self.hosts_file.with_name("resolv.conf").write_text(netns.RESOLV_CONF_TEXT)
-        ctld_port = free_port()
-        paths.conf.write_text(render_cluster_conf(
-            paths, self.controller.name, [(h.name, h.address) for h in self.compute], ctld_port, free_port(),
-            cpus=self.cpus, real_memory_mb=self.real_memory_mb, slurmd_timeout_s=self.slurmd_timeout_s,
-            spool_per_node=self.spool_per_node, cred_expire_s=self.cred_expire_s))
+        ctld_port, slurmd_port = free_port(), free_port()
+        for conf, address in ((paths.conf, "127.0.0.1"), (self.inside_conf, self.controller.address)):
+            conf.write_text(render_cluster_conf(
+                paths, self.controller.name, [(h.name, h.address) for h in self.compute], ctld_port, slurmd_port,
+                cpus=self.cpus, real_memory_mb=self.real_memory_mb, slurmd_timeout_s=self.slurmd_timeout_s,
+                spool_per_node=self.spool_per_node, cred_expire_s=self.cred_expire_s, ctld_address=address))
         self._spawn_munged()
         relay_out = paths.log / "relay.stdout"
         relay_out.unlink(missing_ok=True)
-        listen = ["--listen", "self", *(a for h in (self.login, *self.compute) for a in ("--listen", str(h.netns_path)))]
+        listen = ["--listen", "self"]  # inside the cluster, slurmd hands every job slurm-inside.conf
         self._spawn(RELAY, [sys.executable, "-m", "launcher.ns_relay", "--cluster", str(paths.root), "--port", str(ctld_port),
                             "--to", str(self.controller.netns_path), *listen], stdout=relay_out)
         self._wait(lambda: relay_out.exists() and "ready" in relay_out.read_text(), "the relay to listen")
         self._spawn("slurmctld", netns.node_argv(self.controller, self.hosts_file,
-                                                 [find_binary("slurmctld") or "slurmctld", "-D", "-f", str(paths.conf)]))
+                                                 [find_binary("slurmctld") or "slurmctld", "-D", "-f", str(self.inside_conf)]))
         for host in self.compute:
             self.start_node(host.name, wait=False)
         self._wait(lambda: self._all_idle(), f"{self.nodes} node(s) to be idle")
@@ -140,7 +142,8 @@ class EmulatedCluster(LocalSlurm):
         host = self.host(name)
         (self.paths.spool / host.name).mkdir(parents=True, exist_ok=True)
         self._spawn(f"slurmd@{host.name}", netns.node_argv(
-            host, self.hosts_file, [find_binary("slurmd") or "slurmd", "-D", "-f", str(self.paths.conf), "-N", host.name]))
+            host, self.hosts_file,
+            [find_binary("slurmd") or "slurmd", "-D", "-f", str(self.inside_conf), "-N", host.name]))
         if wait:
             self._wait(lambda: self.node_states().get(host.name) == "idle", f"{host.name} to be idle")
 
@@ -159,10 +162,16 @@ class EmulatedCluster(LocalSlurm):
         """Takes the node's network link down (``up=True``: back up)."""
         netns.set_link(self.host(name), up)
 
+    @property
+    def inside_conf(self) -> Path:
+        """The slurm.conf of the daemons and of clients inside the cluster (slurmctld at its own address)."""
+        assert self.paths is not None
+        return self.paths.root / "slurm-inside.conf"
+
     def login_argv(self, argv: list[str]) -> list[str]:
-        """``argv`` run on the login host (``salloc`` belongs there)."""
+        """``argv`` run on the login host (``salloc`` belongs there), with the cluster's inside conf."""
         assert self.login is not None, "start() first"
-        return netns.node_argv(self.login, self.hosts_file, argv)
+        return netns.node_argv(self.login, self.hosts_file, ["env", f"SLURM_CONF={self.inside_conf}", *argv])
 
     def stop(self) -> None:
         """Stops the daemons by pid (the slurmds first), then removes the namespaces (and what ran there)."""

@@ -55,10 +55,11 @@ class SlurmPaths:
         return self.root / "log"
 
 
-def _common_lines(paths: SlurmPaths, cluster_name: str, ctld_host: str, ctld_port: int, slurmd_port: int) -> list[str]:
+def _common_lines(paths: SlurmPaths, cluster_name: str, ctld_host: str, ctld_port: int, slurmd_port: int,
+                  ctld_address: str = "127.0.0.1") -> list[str]:
     return [
         f"ClusterName={cluster_name}",
-        f"SlurmctldHost={ctld_host}(127.0.0.1)",
+        f"SlurmctldHost={ctld_host}({ctld_address})",
         f"SlurmctldPort={ctld_port}",
         f"SlurmdPort={slurmd_port}",
         "SlurmUser=root",
@@ -114,11 +115,14 @@ def render_slurm_conf(paths: SlurmPaths, hostname: str, ctld_port: int, slurmd_p
 def render_cluster_conf(paths: SlurmPaths, controller: str, nodes: Sequence[tuple[str, str]], ctld_port: int,
                         slurmd_port: int, *, cpus: int = 4, real_memory_mb: int = 1000,
                         slurmd_timeout_s: int = 10, spool_per_node: bool = True, cred_expire_s: int = 120,
-                        cluster_name: str = "kfacnodes") -> str:
+                        ctld_address: str = "127.0.0.1", cluster_name: str = "kfacnodes") -> str:
     """The slurm.conf of an emulated multi-node cluster (``launcher.netns``).
 
-    Every client and daemon reaches slurmctld at 127.0.0.1 (a relay in each namespace carries it
-    to the controller's); slurmctld and the nodes reach each node at its own bridge address.
+    Two copies differ in slurmctld's address only: the daemons and every client inside the
+    cluster reach it at its bridge address (``ctld_address``), so it sees their real addresses and
+    can answer them (salloc waits for a message that its allocation was granted); clients in the
+    machine's own namespace reach it at 127.0.0.1, through a relay. Each node is reached at its
+    own bridge address.
     Each node keeps its own spool, pid file and log (``%n``: the node's name): nodes sharing a
     spool folder would share the sockets slurmstepd makes there.
 
@@ -136,13 +140,14 @@ def render_cluster_conf(paths: SlurmPaths, controller: str, nodes: Sequence[tupl
             before it starts again (SLURM's default: 120 s).
         spool_per_node: ``False`` gives every node the same spool folder: the misconfiguration
             that makes MPI_Init hang (for the test that shows a hung start-up ends).
+        ctld_address: slurmctld's address in this copy.
         cluster_name: ``ClusterName``.
     """
     names = ",".join(name for name, _ in nodes)
     lines = [
         f"# An emulated {len(nodes)}-node SLURM on one machine, written by launcher.slurm_local.",
         *(f"{line},cred_expire={cred_expire_s}" if line.startswith("AuthInfo=") and cred_expire_s != 120 else line
-          for line in _common_lines(paths, cluster_name, controller, ctld_port, slurmd_port)),
+          for line in _common_lines(paths, cluster_name, controller, ctld_port, slurmd_port, ctld_address)),
         f"SlurmdTimeout={slurmd_timeout_s}",
         "MessageTimeout=30",  # one machine carries the whole cluster: a busy one answers late
         f"SlurmdSpoolDir={paths.spool}/%n" if spool_per_node else f"SlurmdSpoolDir={paths.spool}",

@@ -64,8 +64,13 @@ def test_the_cli_starts_two_nodes_kills_one_and_stop_leaves_nothing(tmp_path):
         env = dict(os.environ, SLURM_CONF=str(root / "slurm.conf"))
         sinfo = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], capture_output=True, text=True, env=env, timeout=30)
         assert sinfo.stdout.split() == ["node1", "idle", "node2", "idle"]
-        hostname = cli("login", "--", "hostname")
-        assert hostname.returncode == 0  # the command's output went to the terminal, not captured here
+        # An allocation that must wait: slurmctld tells salloc later, at the address it came from.
+        busy = subprocess.run(["sbatch", "--nodes=2", "--ntasks-per-node=4", "--output=/dev/null", "--wrap", "sleep 3"],
+                              capture_output=True, text=True, env=env, timeout=30)
+        assert busy.returncode == 0, busy.stderr
+        waited = cli("login", "--", "salloc", "--nodes", "2", "--ntasks-per-node", "1", "srun", "hostname")
+        assert waited.returncode == 0 and "queued and waiting for resources" in waited.stderr, waited.stderr
+        assert sorted(waited.stdout.split()) == ["node1", "node2"]
         tag = cluster_tag(root.resolve())
         assert netns.namespace_pids(f"{tag}-node2")  # node2's slurmd
         assert cli("kill-node", "node2").returncode == 0
