@@ -31,6 +31,7 @@ HEARTBEAT_DIR = ".heartbeats"
 EXIT_STATUS = 4
 LIVENESS_WAIT_S = 3.0  # how long the counts are watched before a rank is called lost
 QUIET_GRACE_S = 3.0  # what the other survivors wait, so the line is printed before srun ends the step
+# (the printing rank itself waits LIVENESS_WAIT_S + 1 s, still counting: see fire())
 
 
 class StepWatchdog(Callback):
@@ -135,10 +136,7 @@ class StepWatchdog(Callback):
             return []
         wait_s = LIVENESS_WAIT_S if wait_s is None else wait_s
         before = self._counts()
-        deadline = self._clock() + wait_s
-        while self._clock() < deadline:
-            time.sleep(0.25)
-            self._heartbeat()
+        self._beat_for(wait_s)
         after = self._counts()
         return [r for r, (b, a) in enumerate(zip(before, after, strict=True)) if a is None or a == b]
 
@@ -160,9 +158,18 @@ class StepWatchdog(Callback):
         alive = [r for r in range(len(self.placements)) if r not in lost]
         if not alive or alive[0] == self.rank:
             print(self.message(lost, cause), file=sys.stderr, flush=True)
+            # Still counting for a while: a survivor whose own watch began late must see this
+            # rank alive, or it would think itself the lowest one left and print a second line.
+            self._beat_for(LIVENESS_WAIT_S + 1.0)
         else:
             time.sleep(QUIET_GRACE_S)
         self._exit(EXIT_STATUS)
+
+    def _beat_for(self, seconds: float) -> None:
+        deadline = self._clock() + seconds
+        while self._clock() < deadline:
+            self._heartbeat()
+            time.sleep(0.25)
 
     def fail_if_ranks_lost(self, err: BaseException) -> None:
         """After ``err`` in a collective: if a rank is gone, the one line and the end of this rank.
