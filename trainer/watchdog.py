@@ -71,7 +71,9 @@ class StepWatchdog(Callback):
         self._count += 1
         try:
             self.dir.mkdir(exist_ok=True)
-            (self.dir / f"rank-{self.rank}").write_text(f"{self._count}\n")
+            tmp = self.dir / f".rank-{self.rank}.tmp"
+            tmp.write_text(f"{self._count}\n")
+            os.replace(tmp, self.dir / f"rank-{self.rank}")  # a reader never sees a half-written count
         except OSError:
             pass  # a full or read-only disk must not end the run; the line then names no rank
 

@@ -21,7 +21,7 @@ def test_placements_lines_and_grouping():
 
 
 def test_a_rank_without_progress_is_ended_and_the_lowest_live_rank_names_the_silent_ones(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(watchdog, "LIVENESS_WAIT_S", 0.6)
+    monkeypatch.setattr(watchdog, "LIVENESS_WAIT_S", 1.5)
     exits: list[tuple[int, int]] = []
     dogs = [StepWatchdog(0.4, r, PLACES, str(tmp_path), exit=lambda status, r=r: exits.append((r, status)))
             for r in range(4)]
