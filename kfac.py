@@ -82,11 +82,7 @@ def fail(message: str, status: int = 2, kind: str = "error") -> None:
     if info is None or info.world_size == 1:
         print(f"kfac.py: {kind}: {message}", file=sys.stderr)
         sys.exit(status)
-    if not info.torchrun:  # torchrun ends the job on any rank's exit; there is no MPI to join
-        try:  # the launcher ends the job for a rank that exits only once MPI is initialised
-            from mpi4py import MPI  # noqa: F401
-        except ImportError:
-            pass
+    # An MPI rank joined MPI at start-up (join_mpi_first), so its exit ends the job.
     if info.rank != 0:
         if kind != "interrupted":
             time.sleep(RANK_GRACE_SECONDS)
