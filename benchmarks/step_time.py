@@ -7,7 +7,8 @@ All optimizers run in the same processes on the same real MNIST batches, taking 
 ``--round`` steps until each has run ``--steps`` timed steps, so the ratios are measured under
 the same conditions even when the machine's speed drifts. The global batch is ``--batch`` (100),
 split over the ranks. K-FAC runs twice: at LBANN's README recipe (factors and inverses every
-step) and at our recommended amortized settings (``configs/experiment/kfac_fast.yaml``).
+step) and at an amortized experiment (``--experiment``: ``configs/experiment/kfac_fast.yaml``, the
+recommended one at batch 100, or ``kfac_large_batch.yaml``).
 
 The floor: the kernels one K-FAC step cannot avoid, each timed alone on the layers' sizes
 (Gram products of the factors, Cholesky factorisations, explicit inverses, solves and products
@@ -62,13 +63,13 @@ class CountingComm:
         self.comm.barrier()
 
 
-FAST = ROOT / "configs" / "experiment" / "kfac_fast.yaml"
+EXPERIMENTS = ROOT / "configs" / "experiment"
 RECIPE = {"damping_act": [0.01], "damping_err": [1.0]}
 
 
-def fast_settings() -> tuple[str, float, float, dict]:
-    """The recommended amortized settings: base optimizer, learning rate, weight decay, K-FAC options."""
-    doc = yaml.safe_load(FAST.read_text())
+def fast_settings(experiment: str = "kfac_fast") -> tuple[str, float, float, dict]:
+    """An amortized K-FAC experiment's settings: base optimizer, learning rate, weight decay, K-FAC options."""
+    doc = yaml.safe_load((EXPERIMENTS / f"{experiment}.yaml").read_text())
     optimizer = next(d["override /optimizer"] for d in doc["defaults"]
                      if isinstance(d, dict) and "override /optimizer" in d)
     options = {k: v for k, v in doc["kfac"].items() if k != "enabled"}
@@ -251,6 +252,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="timed steps (the mean is amortized over them)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (plus the interval warm-up)")
     parser.add_argument("--round", type=int, default=10, help="steps of one optimizer before the next one's turn")
+    parser.add_argument("--experiment", default="kfac_fast", choices=["kfac_fast", "kfac_large_batch"],
+                        help="the amortized K-FAC recipe timed beside LBANN's (configs/experiment/)")
     args = parser.parse_args()
 
     info = rank_info(os.environ)
@@ -259,12 +262,12 @@ def main() -> None:
     current: dict[str, Runner | None] = {"runner": None}
     comm = CountingComm(make_communicator(info), lambda: current["runner"])
     batches = mnist_batches(args.batch, comm.rank, comm.world_size)
-    fast_optimizer, fast_lr, fast_decay, fast_options = fast_settings()
+    fast_optimizer, fast_lr, fast_decay, fast_options = fast_settings(args.experiment)
     runners = {
         "sgd": Runner(args.model, "sgd", 0.1, None, comm, batches),
         "adam": Runner(args.model, "adam", 1e-4, None, comm, batches),
         "kfac (README recipe)": Runner(args.model, "sgd", 0.1, dict(RECIPE), comm, batches),
-        "kfac (kfac_fast)": Runner(args.model, fast_optimizer, fast_lr, fast_options, comm, batches, fast_decay),
+        f"kfac ({args.experiment})": Runner(args.model, fast_optimizer, fast_lr, fast_options, comm, batches, fast_decay),
     }
     for runner in runners.values():
         current["runner"] = runner
@@ -283,10 +286,10 @@ def main() -> None:
     if comm.rank != 0:
         return
     sgd = results["sgd"]["mean"]
-    fast = results["kfac (kfac_fast)"]["cb"].config
+    fast = results[f"kfac ({args.experiment})"]["cb"].config
     print(f"### {args.model}, {comm.world_size} rank(s), global batch {args.batch}, "
           f"{torch.get_num_threads()} thread(s)/rank, mean of {args.steps} steps\n")
-    print(f"kfac_fast: {fast_optimizer} lr {fast_lr:g}, weight decay {fast_decay:g}, "
+    print(f"{args.experiment}: {fast_optimizer} lr {fast_lr:g}, weight decay {fast_decay:g}, "
           f"update interval {fast.update_interval_init}->"
           f"{fast.update_interval_target} over {fast.update_interval_steps} steps (timed after), compute interval "
           f"{fast.compute_interval_steps}, damping act {fast.damping_act} err {fast.damping_err}\n")
@@ -300,7 +303,7 @@ def main() -> None:
             floor = floor_ms(r["cb"], args.batch, sgd * 1e3, c.update_interval_target, c.compute_interval_steps, kernels)
             cells = [f"{floor:.2f}", f"{floor / (sgd * 1e3):.2f}"]
         print(f"| {name} | {r['mean'] * 1e3:.2f} | {r['mean'] / sgd:.2f} | {cells[0]} | {cells[1]} |")
-    for name in ("kfac (README recipe)", "kfac (kfac_fast)"):
+    for name in ("kfac (README recipe)", f"kfac ({args.experiment})"):
         own = dict(results[name]["phases"])
         own["factors"] = own.get("factors", 0.0) - own.get("factor_allreduce", 0.0)
         own["precondition"] = own.get("precondition", 0.0) - own.get("exchange", 0.0)
