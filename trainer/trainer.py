@@ -86,6 +86,8 @@ class Trainer:
             checkpoint of the state before it.
         accumulate_steps: k micro-batches (forward and backward passes) per optimizer step.
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; fp16 with a GradScaler, GPUs only).
+        lr_schedule: ``(step, total_steps) -> learning rate``, set on every param group before each
+            step's hooks (``trainer.lr_schedule``; None: the optimizer's rate stays as built).
     """
 
     def __init__(
@@ -109,6 +111,7 @@ class Trainer:
         on_nonfinite: str = "skip",
         accumulate_steps: int = 1,
         precision: str = "fp32",
+        lr_schedule: Optional[Callable[[int, int], float]] = None,
     ) -> None:
         self.model, self.optimizer, self.data = model, optimizer, data
         self.epochs, self.mini_batch_size = epochs, mini_batch_size
@@ -125,6 +128,7 @@ class Trainer:
         self.precision = make_precision(precision, device)
         self.grad_scaler = self.precision.scaler  # fp16's; read by the K-FAC callback too
         self.overflows = 0  # fp16 steps the scaler skipped
+        self.lr_schedule = lr_schedule
         self.epoch = 0
         self.step = 0
         self.batch = 0  # batches of the current epoch already done (a resumed run skips them)
@@ -230,6 +234,7 @@ class Trainer:
         # The order is a pure function of (seed, epoch): a resumed epoch skips what was done.
         for index in itertools.islice(batches, self.batch, None):
             self.shares = self.plan.step_shares(self.batch)  # read by callbacks (K-FAC) from here on
+            self._set_learning_rate()  # before every hook of the step: K-FAC reads it after backward
             self._dispatch("on_batch_begin")
             x = self.data.train_x[index].to(self.device, non_blocking=True)
             y = self.data.train_y[index].to(self.device, non_blocking=True)
@@ -274,6 +279,19 @@ class Trainer:
         self.stats.train_accuracy = (100.0 * totals[1] / totals[2]).item()
         self._dispatch("on_epoch_end")
         return True
+
+    def _set_learning_rate(self) -> None:
+        """Sets this step's rate on every param group: a function of the step alone, so a resumed
+        run (its step from the checkpoint) goes on exactly as the uninterrupted one."""
+        if self.lr_schedule is None:
+            return
+        lr = self.lr_schedule(self.step, self.epochs * self.shape.train_iters)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def learning_rate(self) -> float:
+        """The rate of the latest step (of the next one before any step), as the records carry it."""
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> int:
         """Forward and backward of this rank's share, in ``accumulate_steps`` micro-batches.
@@ -452,6 +470,7 @@ class Trainer:
             "step": self.step,
             "train_objective": self.stats.train_loss,
             "train_accuracy": self.stats.train_accuracy,
+            "learning_rate": self.learning_rate(),
             "run_time": self.stats.epoch_time,
             "wall_time": time.time() - self._start,
             "minibatch_time": {"mean": mean, "max": mx, "min": mn, "stdev": sd},
