@@ -132,6 +132,8 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
         test_every_epoch=tcfg.test_every_epoch,
         test_every_steps=tcfg.test_every_steps,
         stop_at_test_accuracy=tcfg.stop_at_test_accuracy,
+        full_train_objective=tcfg.full_train_objective,
+        stop_at_train_objective=tcfg.stop_at_train_objective,
         metrics_path=metrics_path,
         log=log,
         checkpoint=policy,
