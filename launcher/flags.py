@@ -16,6 +16,9 @@ from typing import Optional
 from launcher.config import group_options
 
 STRATEGIES = ("all", "each", "root", "balanced")
+# optimizer.schedule's choices; the home is trainer/lr_schedule.py (the launcher imports no trainer
+# code), a test keeps the two the same.
+SCHEDULES = ("constant", "cosine", "step")
 
 
 class FlagError(ValueError):
@@ -125,6 +128,8 @@ FLAGS: dict[str, Flag] = {
     "--model": Flag("model", _group("model"), "a configs/model/ file"),
     "--optimizer": Flag("optimizer", _group("optimizer"), "a configs/optimizer/ file"),
     "--optimizer-learning-rate": Flag("optimizer.learning_rate", _positive_float, "learning rate"),
+    "--optimizer-warmup-steps": Flag("optimizer.warmup_steps", _int(0), "linear learning-rate warm-up steps"),
+    "--optimizer-schedule": Flag("optimizer.schedule", _choice(SCHEDULES), " | ".join(SCHEDULES) + " (after warm-up)"),
     "--kfac": Flag("kfac.enabled", None, "attach the K-FAC callback"),
     "--kfac-damping-act": Flag("kfac.damping_act", _damping, "activation damping: v or init,target"),
     "--kfac-damping-err": Flag("kfac.damping_err", _damping, "error damping: v or init,target"),

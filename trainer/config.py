@@ -49,6 +49,8 @@ class TrainerConfig:
     test_every_epoch: bool = False
     test_every_steps: int = 0  # 0: off; else also test every N global steps ("kind": "test" metrics records)
     stop_at_test_accuracy: Optional[float] = None  # end the run once a test reaches this accuracy (%)
+    full_train_objective: bool = False  # each test of test_every_steps also evaluates the whole training set
+    stop_at_train_objective: Optional[float] = None  # end the run once that full-train objective is <= this
     device: str = "auto"
     flush_denormal: bool = True
     dtype: str = "float32"
@@ -110,6 +112,7 @@ def validate(cfg: Any) -> list[str]:
     elif target is not None and not (t.test_every_steps or t.test_every_epoch):
         errors.append("trainer.stop_at_test_accuracy: needs trainer.test_every_steps > 0 or "
                       "trainer.test_every_epoch=true (otherwise only the final test would check it)")
+    errors += train_objective_errors(t)
     if t.checkpoint_every_steps < 0:
         errors.append(f"trainer.checkpoint_every_steps: must be >= 0 (0: off), got {t.checkpoint_every_steps}")
     if t.keep_checkpoints < 0:
@@ -140,6 +143,21 @@ def validate(cfg: Any) -> list[str]:
     errors += validate_optimizer(cfg.optimizer)
     errors += validate_kfac(cfg.kfac)
     errors += validate_launcher(cfg.launcher)
+    return errors
+
+
+def train_objective_errors(t: Any) -> list[str]:
+    """trainer.full_train_objective and trainer.stop_at_train_objective: both need periodic tests."""
+    errors = []
+    if t.full_train_objective and not t.test_every_steps > 0:
+        errors.append("trainer.full_train_objective: needs trainer.test_every_steps > 0 (the full training set is "
+                      "evaluated at each periodic test)")
+    target = t.stop_at_train_objective
+    if target is not None and not 0 < target < float("inf"):
+        errors.append(f"trainer.stop_at_train_objective: must be a cross-entropy > 0 (or null), got {target}")
+    elif target is not None and not t.full_train_objective:  # (test_every_steps is the check above's)
+        errors.append("trainer.stop_at_train_objective: needs trainer.full_train_objective=true and "
+                      "trainer.test_every_steps > 0 (the objective it checks is measured at those tests)")
     return errors
 
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+from trainer.lr_schedule import schedule_errors
 
 OPTIMIZERS = ("momentum", "sgd", "adam", "adagrad", "rmsprop")
 
@@ -24,6 +26,14 @@ class OptimizerConfig:
     # L2 weight decay, all optimizers; 0 as in LBANN's examples. It is added inside the optimizer's
     # step, so with K-FAC it joins the already preconditioned gradient (not preconditioned itself).
     weight_decay: float = 0.0
+    # The learning-rate schedule, every optimizer (trainer/lr_schedule.py): the rate is a pure
+    # function of the step, so a resumed run continues it exactly.
+    warmup_steps: int = 0  # linear warm-up: lr * (s+1)/W for the first W steps
+    schedule: str = "constant"  # constant | cosine | step, after the warm-up
+    schedule_steps: int = 0  # S, the decay's horizon in steps; 0: the whole run (epochs x steps per epoch)
+    final_lr_fraction: float = 0.0  # cosine: the floor, a fraction of learning_rate
+    step_gamma: float = 0.1  # step: the factor at each milestone
+    step_milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])  # step: fractions of S
 
 
 def validate_optimizer(cfg: OptimizerConfig) -> list[str]:
@@ -35,7 +45,7 @@ def validate_optimizer(cfg: OptimizerConfig) -> list[str]:
         errors.append(f"optimizer.learning_rate: must be > 0, got {cfg.learning_rate}")
     if not cfg.weight_decay >= 0:
         errors.append(f"optimizer.weight_decay: must be >= 0, got {cfg.weight_decay}")
-    return errors
+    return errors + schedule_errors(cfg)
 
 
 def build_optimizer(cfg: OptimizerConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:

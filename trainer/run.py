@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +20,7 @@ from trainer.checkpoint import CHECKPOINT_DIR, CheckpointPolicy, checked_resume,
 from trainer.config import DataConfig, TrainerConfig, section
 from trainer.data import default_data_dir, ensure_mnist, load_mnist
 from trainer.distributed import make_communicator
+from trainer.lr_schedule import describe, learning_rate
 from trainer.optimizers import OptimizerConfig, build_optimizer
 from trainer.placement import gather_placements, placement_lines
 from trainer.preflight import SetupError, problems
@@ -130,13 +132,19 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
         test_every_epoch=tcfg.test_every_epoch,
         test_every_steps=tcfg.test_every_steps,
         stop_at_test_accuracy=tcfg.stop_at_test_accuracy,
+        full_train_objective=tcfg.full_train_objective,
+        stop_at_train_objective=tcfg.stop_at_train_objective,
         metrics_path=metrics_path,
         log=log,
         checkpoint=policy,
         on_nonfinite=tcfg.on_nonfinite,
         accumulate_steps=tcfg.accumulate_steps,
         precision=tcfg.precision,
+        lr_schedule=functools.partial(learning_rate, ocfg),
     )
+    schedule = describe(ocfg, trainer.epochs * trainer.shape.train_iters)
+    if schedule:
+        log(schedule)
     if state is not None:
         trainer.load_state_dict(state)
         log(f"resumed from {resume}: step {trainer.step}, epoch {trainer.epoch}, batch {trainer.batch} "

@@ -79,6 +79,9 @@ class Trainer:
         test_every_steps: also evaluate it every this many (global) steps (0: off); each
             evaluation while training then appends a ``"kind": "test"`` record to the metrics.
         stop_at_test_accuracy: end the run once a test reaches this accuracy in % (None: never).
+        full_train_objective: every test record (``test_every_steps``) also holds the objective and
+            accuracy on the whole training set, evaluated like the test set (eval mode, in order).
+        stop_at_train_objective: end the run once that full-train objective is <= this (None: never).
         metrics_path: where one JSON line per epoch (and per test, see above) goes (None: nowhere).
         log: prints a line (on rank 0).
         checkpoint: when and where to write checkpoints (None: never; also no stop on signals).
@@ -86,6 +89,8 @@ class Trainer:
             checkpoint of the state before it.
         accumulate_steps: k micro-batches (forward and backward passes) per optimizer step.
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; fp16 with a GradScaler, GPUs only).
+        lr_schedule: ``(step, total_steps) -> learning rate``, set on every param group before each
+            step's hooks (``trainer.lr_schedule``; None: the optimizer's rate stays as built).
     """
 
     def __init__(
@@ -103,12 +108,15 @@ class Trainer:
         test_every_epoch: bool = False,
         test_every_steps: int = 0,
         stop_at_test_accuracy: Optional[float] = None,
+        full_train_objective: bool = False,
+        stop_at_train_objective: Optional[float] = None,
         metrics_path: Optional[str] = None,
         log: Callable[[str], None] = print,
         checkpoint: Optional[CheckpointPolicy] = None,
         on_nonfinite: str = "skip",
         accumulate_steps: int = 1,
         precision: str = "fp32",
+        lr_schedule: Optional[Callable[[int, int], float]] = None,
     ) -> None:
         self.model, self.optimizer, self.data = model, optimizer, data
         self.epochs, self.mini_batch_size = epochs, mini_batch_size
@@ -125,6 +133,7 @@ class Trainer:
         self.precision = make_precision(precision, device)
         self.grad_scaler = self.precision.scaler  # fp16's; read by the K-FAC callback too
         self.overflows = 0  # fp16 steps the scaler skipped
+        self.lr_schedule = lr_schedule
         self.epoch = 0
         self.step = 0
         self.batch = 0  # batches of the current epoch already done (a resumed run skips them)
@@ -136,7 +145,10 @@ class Trainer:
         self.history: list[dict[str, Any]] = []
         self.test_records: list[dict[str, Any]] = []  # "kind": "test" records (test_every_steps > 0)
         self.reached: Optional[float] = None  # the test accuracy that met stop_at_test_accuracy
+        self.full_train_objective, self.stop_at_train_objective = full_train_objective, stop_at_train_objective
+        self.reached_objective: Optional[float] = None  # the full-train objective that met stop_at_train_objective
         self._eval: Optional[tuple[int, float, float]] = None  # (step, loss, accuracy) of the last test
+        self._train_eval: Optional[tuple[int, float, float]] = None  # the same, of the last full-train pass
         self.clock = TrainClock()  # training seconds, tests left out
         self.loss: Optional[torch.Tensor] = None
         self.plan = batch_plan(len(self.data.train_y), self.mini_batch_size, self.comm.world_size)
@@ -159,8 +171,10 @@ class Trainer:
     def fit(self) -> list[dict[str, Any]]:
         """Trains up to ``epochs`` epochs (from where a loaded state left off), tests at the end.
 
-        A test that reaches ``stop_at_test_accuracy`` ends the run there as if that epoch were
-        the last: its (partial) epoch record, the final test lines and checkpoint, ``reached`` set.
+        A test that reaches ``stop_at_test_accuracy`` (or a full-train objective at or below
+        ``stop_at_train_objective``) ends the run there as if that epoch were the last: its
+        (partial) epoch record, the final test lines and checkpoint, ``reached`` (or
+        ``reached_objective``) set.
 
         Returns:
             The per-epoch records (those of a loaded checkpoint first). On SIGTERM/SIGUSR1 it
@@ -178,23 +192,27 @@ class Trainer:
                     self.clock.stop()
                     return self.history
                 # The test accuracy is a sum over all ranks: every rank takes the same decision.
-                last = self.epoch == self.epochs - 1 or self.reached is not None
+                last = self.epoch == self.epochs - 1 or self.target_met()
                 if last:
                     self._dispatch("on_train_end")
                 if last or self.test_every_epoch:
                     self.test()  # after a periodic test at this very step: its result, not a second pass
-                if not last and self.reached is not None:
+                if not last and self.target_met():
                     last = True
                     self._dispatch("on_train_end")
                 self._record()
                 if self.checkpoint and (last or self.checkpoint.every_epoch):
                     self.save(epoch_done=True)
-                cut_short = self.reached is not None and (epoch < self.epochs - 1 or self.batch < self.shape.train_iters)
+                cut_short = self.target_met() and (epoch < self.epochs - 1 or self.batch < self.shape.train_iters)
                 self.batch = 0
                 if last:
                     break
         self.clock.stop()
-        if cut_short:
+        if cut_short and self.reached_objective is not None:
+            self.log(f"trainer: full training objective {self.reached_objective:.6g} <= trainer.stop_at_train_objective="
+                     f"{lbann_log.g(self.stop_at_train_objective)} at step {self.step} (epoch {self.epoch}) after "
+                     f"{self.train_time():.1f}s of training; run stopped")
+        if cut_short and self.reached is not None:
             self.log(f"trainer: test accuracy {self.reached:.2f}% >= trainer.stop_at_test_accuracy="
                      f"{lbann_log.g(self.stop_at_test_accuracy)} at step {self.step} (epoch {self.epoch}) after "
                      f"{self.train_time():.1f}s of training; run stopped")
@@ -230,6 +248,7 @@ class Trainer:
         # The order is a pure function of (seed, epoch): a resumed epoch skips what was done.
         for index in itertools.islice(batches, self.batch, None):
             self.shares = self.plan.step_shares(self.batch)  # read by callbacks (K-FAC) from here on
+            self._set_learning_rate()  # before every hook of the step: K-FAC reads it after backward
             self._dispatch("on_batch_begin")
             x = self.data.train_x[index].to(self.device, non_blocking=True)
             y = self.data.train_y[index].to(self.device, non_blocking=True)
@@ -266,7 +285,7 @@ class Trainer:
                 self.save()
             if self.test_every_steps and self.step % self.test_every_steps == 0:
                 self.periodic_test()
-                if self.reached is not None:
+                if self.target_met():
                     break  # the epoch ends here; fit() makes it the last
         totals = self.totals.clone()
         self.comm.allreduce_sum_([totals])
@@ -274,6 +293,19 @@ class Trainer:
         self.stats.train_accuracy = (100.0 * totals[1] / totals[2]).item()
         self._dispatch("on_epoch_end")
         return True
+
+    def _set_learning_rate(self) -> None:
+        """Sets this step's rate on every param group: a function of the step alone, so a resumed
+        run (its step from the checkpoint) goes on exactly as the uninterrupted one."""
+        if self.lr_schedule is None:
+            return
+        lr = self.lr_schedule(self.step, self.epochs * self.shape.train_iters)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def learning_rate(self) -> float:
+        """The rate of the latest step (of the next one before any step), as the records carry it."""
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> int:
         """Forward and backward of this rank's share, in ``accumulate_steps`` micro-batches.
@@ -410,8 +442,12 @@ class Trainer:
         one progress line and one ``"kind": "test"`` record; the training clock stops meanwhile."""
         running = self.clock.stop()
         loss, accuracy = self.evaluate()
+        full = ""
+        if self.full_train_objective:
+            train_loss, train_accuracy = self.evaluate_train()
+            full = f", full training objective {train_loss:.6g} (accuracy {train_accuracy:.2f}%)"
         self.log(f"trainer: step {self.step} (epoch {self.epoch}): test accuracy {accuracy:.2f}%, "
-                 f"objective {loss:.6g}, {self.train_time():.1f}s of training")
+                 f"objective {loss:.6g}{full}, {self.train_time():.1f}s of training")
         self._after_test()
         if running:
             self.clock.start()
@@ -426,6 +462,12 @@ class Trainer:
                 "train_time": self.train_time(), "wall_time": time.time() - self._start,
                 "test_objective": loss, "test_accuracy": accuracy,
             }
+            if self.full_train_objective:
+                train_loss, train_accuracy = self.evaluate_train()  # the periodic test's pass, or the final test's
+                record.update(train_objective_full=train_loss, train_accuracy_full=train_accuracy)
+                target = self.stop_at_train_objective
+                if target is not None and train_loss <= target:
+                    self.reached_objective = train_loss
             self.test_records.append(record)
             if self.metrics_path and self.comm.rank == 0:
                 append_metrics(self.metrics_path, record)
@@ -445,6 +487,22 @@ class Trainer:
                                                self.device, self.comm))
         return self._eval[1], self._eval[2]
 
+    def evaluate_train(self) -> tuple[float, float]:
+        """(Objective, accuracy in %) on the whole training set, in order and in eval mode, as
+        ``evaluate`` does the test set: the objective itself, not the epoch's running mean over
+        weights that kept changing. Cached per step like ``evaluate``."""
+        if self._train_eval is None or self._train_eval[0] != self.step:
+            batches = epoch_batches(len(self.data.train_y), self.mini_batch_size, 0, self.seed,
+                                    self.comm.rank, self.comm.world_size, shuffle=False)
+            self._train_eval = (self.step, *evaluate(self.model, self.data.train_x, self.data.train_y, batches,
+                                                     self.device, self.comm))
+        return self._train_eval[1], self._train_eval[2]
+
+    def target_met(self) -> bool:
+        """Whether a test met ``stop_at_test_accuracy`` or ``stop_at_train_objective`` (the same on
+        every rank: both numbers are sums over all ranks)."""
+        return self.reached is not None or self.reached_objective is not None
+
     def _record(self) -> None:
         mean, mx, mn, sd = lbann_log.batch_time_stats(self.stats.batch_times)
         record: dict[str, Any] = {
@@ -452,6 +510,7 @@ class Trainer:
             "step": self.step,
             "train_objective": self.stats.train_loss,
             "train_accuracy": self.stats.train_accuracy,
+            "learning_rate": self.learning_rate(),
             "run_time": self.stats.epoch_time,
             "wall_time": time.time() - self._start,
             "minibatch_time": {"mean": mean, "max": mx, "min": mn, "stdev": sd},

@@ -22,6 +22,8 @@ TRANSLATIONS = [
     (["--optimizer", "momentum"], ["optimizer=momentum"]),
     (["--optimizer-learning-rate", "1e-1"], ["optimizer.learning_rate=0.1"]),
     (["--optimizer_learning_rate", "0.001"], ["optimizer.learning_rate=0.001"]),
+    (["--optimizer-warmup-steps", "100"], ["optimizer.warmup_steps=100"]),
+    (["--optimizer_schedule", "cosine"], ["optimizer.schedule=cosine"]),
     (["--kfac"], ["kfac.enabled=true"]),
     (["--kfac-damping-act", "0.01"], ["kfac.damping_act=[0.01]"]),
     (["--kfac-damping-err", "1"], ["kfac.damping_err=[1.0]"]),
@@ -82,6 +84,8 @@ BAD = [
     (["--kfac=1"], "--kfac: takes no value"),
     (["--optimizer-learning-rate", "nan"], "expected a finite number"),
     (["--kfac-inverse-strategy", "random"], "'random' is not one of all, each, root, balanced"),
+    (["--optimizer-warmup-steps", "-1"], "--optimizer-warmup-steps: expected an integer >= 0, got -1"),
+    (["--optimizer-schedule", "linear"], "--optimizer-schedule: 'linear' is not one of constant, cosine, step"),
 ]
 
 
