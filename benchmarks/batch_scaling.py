@@ -69,13 +69,20 @@ CENTRE = {
     "kfac": {100: 0.1, 300: 0.1, 1000: 0.3, 3000: 0.3, 10000: 0.3},
 }
 MAX_WIDEN = 2
-EPOCHS = {100: 4, 300: 5, 1000: 10, 3000: 15, 10000: 15, 60000: 40}
+EPOCHS = {100: 4, 300: 5, 1000: 8, 3000: 12, 10000: 15, 60000: 40}
 # K-FAC as measured first (the issue's probe): SGD base, damping act 0.03 / err 1, inverses every
 # 5 steps; a running-average memory short enough for runs of a few hundred steps.
 KFAC_BASE = ("--kfac --kfac-damping-act 0.03 --kfac-damping-err 1 --kfac-compute-interval-steps 5 "
              "kfac.kronecker_decay=0.95")
 BASE_FLAGS = {"kfac": "--optimizer sgd " + KFAC_BASE, "adam": "--optimizer adam", "momentum": "--optimizer momentum"}
 WARMUP_FRACTION = 0.05
+# The objective phase evaluates the whole training set (6x a test): fewer tests, longer runs.
+OBJECTIVE_EPOCHS = {100: 10, 300: 12, 1000: 15, 3000: 20, 10000: 20, 60000: 40}
+
+
+def objective_every(batch: int) -> int:
+    """Full-train evaluation interval of the objective phase: every half epoch at batch 100."""
+    return max(1, round(30000 / batch))
 
 
 def test_every(batch: int) -> int:
@@ -250,7 +257,8 @@ def markdown(outcomes: Sequence[Outcome], batches: Sequence[int], settings: Mapp
                 hit = o.objective.get(v)
                 cells.append(f"{hit['step']} / {hit['train_time']:.0f}" if hit else "never")
             low = min((p["objective"] for p in o.objective.get("curve", [])), default=None)
-            lines.append(f"| {o.run.name} | " + " | ".join(cells) + f" | {low:.3g} |" if low is not None else " | - |")
+            lowest = f"{low:.3g}" if low is not None else "-"
+            lines.append(f"| {o.run.name} | " + " | ".join(cells) + f" | {lowest} |")
     return "\n".join(lines) + "\n"
 
 
@@ -318,9 +326,12 @@ def outcome(run: Run, runs: Path, status: str) -> Outcome:
 
 
 def command(run: Run, runs: Path, threads: int, stop: Sequence[str]) -> list[str]:
+    objective = run.phase == "objective"
+    epochs = (OBJECTIVE_EPOCHS if objective else EPOCHS)[run.batch]
+    every = (objective_every if objective else test_every)(run.batch)
     return [sys.executable, str(ROOT / "kfac.py"), "--model", "mlp", "--mini_batch_size", str(run.batch),
             *shlex.split(run.flags), "--nodes", "1", "--procs-per-node", "1",
-            f"trainer.epochs={EPOCHS[run.batch]}", f"trainer.test_every_steps={test_every(run.batch)}",
+            f"trainer.epochs={epochs}", f"trainer.test_every_steps={every}",
             *stop, "trainer.progress=false", f"trainer.num_threads={threads}", "trainer.test_every_epoch=false",
             f"launcher.experiment_dir={runs / run.name}", f"launcher.job_name={run.name}"]
 

@@ -101,3 +101,16 @@ def test_run_names_are_unique_per_batch_family_lr_and_phase():
 @pytest.mark.parametrize(("batch", "every"), [(100, 50), (1000, 5), (3000, 2), (10000, 1)])
 def test_test_interval(batch, every):
     assert interval(batch) == every
+
+
+def test_objective_hits_are_the_first_full_train_evaluations_below_each_value():
+    from benchmarks.batch_scaling import objective_every, objective_hits
+
+    records = [{"kind": "test", "step": s, "train_time": float(s), "train_objective_full": v}
+               for s, v in ((10, 0.05), (20, 0.009), (30, 0.002), (40, 0.0009))]
+    records.insert(2, {"epoch": 0, "step": 25, "train_objective": 1e-9})  # an epoch record: not a full-train pass
+    hits = objective_hits(records)
+    assert hits[1e-2]["step"] == 20 and hits[1e-3]["step"] == 40
+    assert [p["step"] for p in hits["curve"]] == [10, 20, 30, 40]
+    assert objective_hits(records[:2])[1e-3] is None
+    assert objective_every(100) == 300 and objective_every(3000) == 10
