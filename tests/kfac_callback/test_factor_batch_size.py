@@ -18,6 +18,8 @@ from kfac_callback.subsample import subsample_shares
 from tests.kfac_callback.test_uneven_shares import STEPS, conv_net, image_data, relative, train, vector_data, wide_net
 from tests.support.threads import ThreadComm, run_ranks
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny runs: several threads only thrash
+
 D = torch.float64
 OPTIONS = {"damping_act": 0.01, "damping_err": 0.1, "kronecker_decay": 0.7, "printer": lambda s: None}
 
