@@ -199,3 +199,21 @@ def test_empirical_ignores_sample_fisher() -> None:
         cb.step()
         runs.append([p.grad for p in model.parameters()] + [m for b in cb.blocks.values() for m in b.factors()])
     assert all(torch.equal(p, q) for p, q in zip(*runs, strict=True))
+
+
+def test_our_trainer_samples_the_fisher_and_passes_its_learning_rate() -> None:
+    """trainer.logits reaches sample_fisher at on_forward_prop_end (else step() would refuse),
+    the trainer's seed seeds the labels, and kl_clip gets the optimizer's learning rate."""
+    from tests.support.trainers import make_trainer
+
+    factors = {}
+    for fisher in ("empirical", "mc"):
+        trainer = make_trainer(optimizer="sgd")
+        cb = KFACCallback(trainer.model, fisher=fisher, kl_clip=1e-6, factor_batch_size=6, printer=lambda s: None)
+        trainer.callbacks = [cb]
+        cb.on_setup_end(trainer)  # as the trainer calls it when given the callback at construction
+        trainer.fit()
+        assert cb.steps == 2 and cb.seed == trainer.seed
+        assert 0 < cb.metrics()["kfac_kl_nu"] < 1
+        factors[fisher] = cb.blocks["ip3"].G
+    assert relative(factors["mc"], factors["empirical"]) > 0.01
