@@ -8,9 +8,11 @@ names) and from a plain PyTorch loop::
     kfac = KFACCallback(model, damping_act=0.01, damping_err=1.0)
     for x, y in data:
         optimizer.zero_grad()
-        loss = loss_fn(model(x), y)   # mean over the LOCAL mini-batch
+        logits = model(x)
+        kfac.sample_fisher(logits)    # a no-op unless fisher="mc" (docs/algorithm.md §3)
+        loss = loss_fn(logits, y)     # mean over the LOCAL mini-batch
         loss.backward()               # (average gradients over ranks here)
-        kfac.step()
+        kfac.step()                   # kl_clip > 0: step(learning_rate=optimizer.param_groups[0]["lr"])
         optimizer.step()
 
 With several ranks whose shares of a batch differ (100 samples over 3 ranks: 34, 33, 33),
@@ -37,13 +39,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from kfac_callback import exchange, kl_clip, mc_fisher, messages
+from kfac_callback import exchange, kl_clip, messages
 from kfac_callback.assignment import LayerInfo, assign_owners
 from kfac_callback.base import Callback, Communicator, SingleProcess, rank0_print
 from kfac_callback.blocks import Block, Dampings, LinearBlock, is_preconditionable, make_block, preconditionable_layers
 from kfac_callback.capture import Capture, Recorder, micro_batches
 from kfac_callback.config import DAMPING_KEYS, make_config
 from kfac_callback.linalg import all_finite
+from kfac_callback.mc_fisher import MonteCarloFisher
 from kfac_callback.phases import PhaseClock
 from kfac_callback.process_group import ProcessGroupComm, initialised_world
 from kfac_callback.schedules import DampingSchedule, is_compute_step, is_update_step, update_interval
@@ -104,7 +107,7 @@ class StepRows:
         return torch.cat(self.a), torch.cat(self.g)
 
 
-class KFACCallback(SkipWeightGrad, Callback):
+class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
     """Kronecker-factored preconditioning of Linear, Conv2d and affine BatchNorm layers.
 
     Args:
@@ -310,29 +313,6 @@ class KFACCallback(SkipWeightGrad, Callback):
     def _global_batch(self, local: int, shares: tuple[int, ...] | None) -> int:
         """N, the step's global batch: the sum of the shares, or ``local`` on every rank."""
         return local * self.comm.world_size if shares is None else sum(shares)
-
-    def sample_fisher(self, logits: torch.Tensor) -> None:
-        """kfac.fisher=mc: the output gradients of a loss with labels sampled from the model.
-
-        Call it on every step after the forward pass, before ``loss.backward()``, with the
-        step's logits (n × classes, softmax cross-entropy). It does nothing unless
-        ``fisher=mc`` and this step updates the factors; then it draws one label per sample
-        from softmax(logits) and differentiates that loss's mean over the rank's rows with
-        respect to the layers' outputs (one extra backward, ``.grad`` untouched); the coming
-        ``step()`` builds G and F from these gradients, the gradient and the batch route
-        keep the true labels' (docs/algorithm.md §3, "Fisher"). With uneven shares call
-        ``expect_shares`` first: the labels are drawn over the global batch.
-        """
-        if self.config.fisher != "mc" or not self.is_update_step():
-            return
-        calls = [c for layer in self.capture.calls.values() for c in layer if c.g_fisher is None]
-        if not calls:
-            return
-        offset, total = mc_fisher.own_rows(self._expected, logits.shape[0], self.comm.rank, self.comm.world_size)
-        labels = mc_fisher.sampled_labels(logits, self.seed, self.steps, offset, total)
-        grads = mc_fisher.output_gradients(logits, labels, [c.edge for c in calls])
-        for capture, g in zip(calls, grads, strict=True):
-            capture.g_fisher = None if g is None else g.detach()
 
     def step(self, shares: Sequence[int] | None = None, learning_rate: float | None = None) -> None:
         """One K-FAC step; call it after backward (and gradient averaging), before the optimizer.

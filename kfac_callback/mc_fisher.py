@@ -68,3 +68,31 @@ def own_rows(shares: Sequence[int] | None, n: int, rank: int, world: int) -> tup
         raise ValueError(f"K-FAC: sample_fisher: {n} logits rows on rank {rank}, whose share is "
                          f"{shares[rank]} (expect_shares)")
     return sum(shares[:rank]), sum(shares)
+
+
+class MonteCarloFisher:
+    """The fisher=mc part of ``KFACCallback``: a mixin that reads the callback's ``config``,
+    ``capture``, ``comm``, ``seed``, ``steps`` and announced shares."""
+
+    def sample_fisher(self, logits: torch.Tensor) -> None:
+        """kfac.fisher=mc: the output gradients of a loss with labels sampled from the model.
+
+        Call it on every step after the forward pass, before ``loss.backward()``, with the
+        step's logits (n × classes, softmax cross-entropy). It does nothing unless
+        ``fisher=mc`` and this step updates the factors; then it draws one label per sample
+        from softmax(logits) and differentiates that loss's mean over the rank's rows with
+        respect to the layers' outputs (one extra backward, ``.grad`` untouched); the coming
+        ``step()`` builds G and F from these gradients, the gradient and the batch route
+        keep the true labels' (docs/algorithm.md §3, "Fisher"). With uneven shares call
+        ``expect_shares`` first: the labels are drawn over the global batch.
+        """
+        if self.config.fisher != "mc" or not self.is_update_step():
+            return
+        calls = [c for layer in self.capture.calls.values() for c in layer if c.g_fisher is None]
+        if not calls:
+            return
+        offset, total = own_rows(self._expected, logits.shape[0], self.comm.rank, self.comm.world_size)
+        labels = sampled_labels(logits, self.seed, self.steps, offset, total)
+        grads = output_gradients(logits, labels, [c.edge for c in calls])
+        for capture, g in zip(calls, grads, strict=True):
+            capture.g_fisher = None if g is None else g.detach()
