@@ -8,9 +8,11 @@ names) and from a plain PyTorch loop::
     kfac = KFACCallback(model, damping_act=0.01, damping_err=1.0)
     for x, y in data:
         optimizer.zero_grad()
-        loss = loss_fn(model(x), y)   # mean over the LOCAL mini-batch
+        logits = model(x)
+        kfac.sample_fisher(logits)    # a no-op unless fisher="mc" (docs/algorithm.md §3)
+        loss = loss_fn(logits, y)     # mean over the LOCAL mini-batch
         loss.backward()               # (average gradients over ranks here)
-        kfac.step()
+        kfac.step()                   # kl_clip > 0: step(learning_rate=optimizer.param_groups[0]["lr"])
         optimizer.step()
 
 With several ranks whose shares of a batch differ (100 samples over 3 ranks: 34, 33, 33),
@@ -37,17 +39,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from kfac_callback import exchange, messages
+from kfac_callback import exchange, kl_clip, messages
 from kfac_callback.assignment import LayerInfo, assign_owners
 from kfac_callback.base import Callback, Communicator, SingleProcess, rank0_print
 from kfac_callback.blocks import Block, Dampings, LinearBlock, is_preconditionable, make_block, preconditionable_layers
 from kfac_callback.capture import Capture, Recorder, micro_batches
 from kfac_callback.config import DAMPING_KEYS, make_config
 from kfac_callback.linalg import all_finite
+from kfac_callback.mc_fisher import MonteCarloFisher
 from kfac_callback.phases import PhaseClock
 from kfac_callback.process_group import ProcessGroupComm, initialised_world
 from kfac_callback.schedules import DampingSchedule, is_compute_step, is_update_step, update_interval
 from kfac_callback.skip_weight_grad import SkipWeightGrad
+from kfac_callback.subsample import factor_batch
 
 # From this compute interval on, explicit inverses (formed once, then GEMMs) beat Cholesky
 # solves at every step (benchmarks/step_time.py).
@@ -103,7 +107,7 @@ class StepRows:
         return torch.cat(self.a), torch.cat(self.g)
 
 
-class KFACCallback(SkipWeightGrad, Callback):
+class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
     """Kronecker-factored preconditioning of Linear, Conv2d and affine BatchNorm layers.
 
     Args:
@@ -120,6 +124,8 @@ class KFACCallback(SkipWeightGrad, Callback):
         grad_scaler: A ``torch.amp.GradScaler`` scaling the loss (fp16): output gradients are
             divided by its scale, and a step it skips (non-finite scaled gradients) is skipped
             here too, its factors never folded in. Call ``scaler.unscale_(optimizer)`` first.
+        seed: Seeds the labels ``fisher=mc`` samples, with the step counter (our trainer
+            sets it from its own seed).
         **kwargs: ``KFACConfig`` fields (see ``make_config`` for accepted spellings).
 
     Attributes:
@@ -138,8 +144,10 @@ class KFACCallback(SkipWeightGrad, Callback):
 
     def __init__(self, model: nn.Module, comm: Communicator | None = None,
                  printer: Callable[[str], None] | None = None, accumulate_steps: int = 1,
-                 grad_scaler: Any = None, **kwargs: Any) -> None:
+                 grad_scaler: Any = None, seed: int = 0, **kwargs: Any) -> None:
         self.config = c = make_config(**kwargs)
+        self.seed = seed
+        self.kl_nu = 1.0  # kl_clip: ν of the last step
         inner, ddp = unwrap(model)
         if ddp and c.skip_weight_grad:
             raise ValueError("K-FAC: skip_weight_grad does not work with DistributedDataParallel, which "
@@ -176,6 +184,9 @@ class KFACCallback(SkipWeightGrad, Callback):
     def accumulate_steps(self, k: int) -> None:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"K-FAC: accumulate_steps must be an integer >= 1, got {k!r}")
+        if k > 1 and self.config.fisher == "mc":
+            raise ValueError(f"K-FAC: kfac.fisher=mc does not support trainer.accumulate_steps={k} "
+                             "(accumulate_steps > 1); use kfac.fisher=empirical or accumulate_steps=1")
         self._accumulate_steps = k
 
     @classmethod
@@ -221,6 +232,7 @@ class KFACCallback(SkipWeightGrad, Callback):
             self._comm_given = True
             self.owners = self._assign()
         self.accumulate_steps = getattr(trainer, "accumulate_steps", self.accumulate_steps)
+        self.seed = int(getattr(trainer, "seed", self.seed))
         if getattr(trainer, "grad_scaler", None) is not None:
             self.grad_scaler = trainer.grad_scaler
         for line in self.setup_lines():
@@ -234,9 +246,17 @@ class KFACCallback(SkipWeightGrad, Callback):
         self.capture.clear()
         self.expect_shares(getattr(trainer, "shares", None))
 
+    def on_forward_prop_end(self, trainer: Any) -> None:
+        """Samples the Monte-Carlo Fisher's output gradients from the step's ``trainer.logits``."""
+        logits = getattr(trainer, "logits", None)
+        if logits is not None:
+            self.sample_fisher(logits)
+
     def on_backward_prop_end(self, trainer: Any) -> None:
-        """Preconditions the (rank-averaged) gradients, with the trainer's ``shares`` of this step."""
-        self.step(getattr(trainer, "shares", None))
+        """Preconditions the (rank-averaged) gradients, with the trainer's ``shares`` of this step
+        and (for kl_clip) its optimizer's learning rate."""
+        lr = trainer.optimizer.param_groups[0]["lr"] if self.config.kl_clip > 0 else None
+        self.step(getattr(trainer, "shares", None), learning_rate=lr)
 
     def on_epoch_end(self, trainer: Any) -> None:
         """Prints LBANN's damping line; ``trainer.epoch`` is 0-based."""
@@ -259,6 +279,7 @@ class KFACCallback(SkipWeightGrad, Callback):
             "kfac_damping_bn_err": d.bn_err,
             "kfac_update_interval": update_interval(self.steps, c.update_interval_init,
                                                     c.update_interval_target, c.update_interval_steps),
+            **({"kfac_kl_nu": self.kl_nu} if c.kl_clip > 0 else {}),
         }
 
     def is_update_step(self) -> bool:
@@ -293,7 +314,7 @@ class KFACCallback(SkipWeightGrad, Callback):
         """N, the step's global batch: the sum of the shares, or ``local`` on every rank."""
         return local * self.comm.world_size if shares is None else sum(shares)
 
-    def step(self, shares: Sequence[int] | None = None) -> None:
+    def step(self, shares: Sequence[int] | None = None, learning_rate: float | None = None) -> None:
         """One K-FAC step; call it after backward (and gradient averaging), before the optimizer.
 
         Args:
@@ -303,6 +324,8 @@ class KFACCallback(SkipWeightGrad, Callback):
                 loss the mean over its own n_r samples); the factors then use the true N and
                 each rank's own n_r, and the batch route weights each rank's rows alike
                 (docs/algorithm.md §3, §6). A rank with no samples still calls ``step()``.
+            learning_rate: The base optimizer's current learning rate; needed (only) with
+                ``kl_clip`` > 0, whose ν it enters (docs/algorithm.md §5).
 
         The gradients must be as backward left them: a fully connected layer's preconditioned
         gradient is built from the batch's inputs and output gradients (``set_batch``), so an
@@ -316,8 +339,13 @@ class KFACCallback(SkipWeightGrad, Callback):
 
         Raises:
             ValueError: ``shares`` without one count per rank, or, with ``skip_weight_grad``,
-                uneven shares that ``expect_shares`` did not announce before the forward pass.
+                uneven shares that ``expect_shares`` did not announce before the forward pass;
+                ``kl_clip`` without ``learning_rate``; ``fisher=mc`` without ``sample_fisher``.
         """
+        clip = self.config.kl_clip
+        if clip > 0 and learning_rate is None:
+            raise ValueError("K-FAC: kfac.kl_clip > 0 needs the base optimizer's learning rate: "
+                             "step(shares, learning_rate=optimizer.param_groups[0]['lr'])")
         shares = self._uneven(shares)
         expected, self._expected = self._expected, None
         if self.config.skip_weight_grad and shares != expected:
@@ -335,16 +363,23 @@ class KFACCallback(SkipWeightGrad, Callback):
         with torch.autocast(self._device_type(), enabled=False):
             rows = self._step_rows(calls, scale)
             if rows and self.is_update_step():
+                # fisher=mc: G and F from the sampled labels' output gradients (docs/algorithm.md §3).
+                fisher = self._step_rows(calls, 1.0, True) if self.config.fisher == "mc" else rows
                 with self.clock("factors"):
-                    self._update_factors(s, rows, shares)
+                    self._update_factors(s, fisher, shares)
             if is_compute_step(s, self.config.compute_interval_steps) or self._need_inverses:
                 with self.clock("inverses"):
                     self._compute_inverses(s, damping)
             with self.clock("batch_gather"):
                 self._offer_batches(rows, shares)
             with self.clock("precondition"):
+                # kl_clip needs the plain gradient (or the batch rows standing for it) kept.
+                plain_rows = kl_clip.batch_rows(self.blocks, skipped) if clip > 0 else {}
                 done = self._precondition_skipped(s, skipped, shares, scale)
+                plain = kl_clip.plain_grads(self.blocks, plain_rows) if clip > 0 else {}
                 self._precondition(s, done)
+                if clip > 0:  # after the broadcast: every rank the same ν (docs/algorithm.md §5)
+                    self.kl_nu = kl_clip.clip(self.blocks, plain, plain_rows, learning_rate, clip)
         for d in self.dampings:
             d.advance()
         self.steps += 1
@@ -378,15 +413,18 @@ class KFACCallback(SkipWeightGrad, Callback):
             return None
         return float(scaler.get_scale())
 
-    def _step_rows(self, calls: dict[str, list[Capture]], scale: float) -> dict[str, StepRows]:
+    def _step_rows(self, calls: dict[str, list[Capture]], scale: float, fisher: bool = False) -> dict[str, StepRows]:
         """Per layer backward reached, its micro-batches' rows (``capture.micro_batches``), the
-        output gradients divided by the loss scale."""
+        output gradients divided by the loss scale; ``fisher``: the sampled loss's (mc)."""
         rows = {}
         for name, layer_calls in calls.items():
             chosen = micro_batches(layer_calls, self.accumulate_steps)
             if not chosen or not all(c.complete for c in chosen):
                 continue
-            g = [c.g if scale == 1.0 else c.g / scale for c in chosen]
+            if fisher and any(c.g_fisher is None for c in chosen):
+                raise ValueError(f"K-FAC: kfac.fisher=mc: layer {name} has no sampled output gradient; call "
+                                 "sample_fisher(logits) after the forward pass, before backward, every step")
+            g = [c.g_fisher if fisher else c.g if scale == 1.0 else c.g / scale for c in chosen]
             every = len(chosen) == len(layer_calls) == self.accumulate_steps
             rows[name] = StepRows([c.a for c in chosen], g, every)
         return rows
@@ -395,14 +433,18 @@ class KFACCallback(SkipWeightGrad, Callback):
         """Folds this step's factors into the running averages (summed over ranks first).
 
         Each rank's contribution takes its own n (every micro-batch's rows) and the global N
-        (docs/algorithm.md §3); a rank without samples contributes zeros.
+        (docs/algorithm.md §3); a rank without samples contributes zeros. With
+        ``factor_batch_size`` only each rank's first m_r samples count, M in place of N.
         """
-        decay = self.config.kronecker_decay
-        if self.comm.world_size == 1:
+        decay, limit, world = self.config.kronecker_decay, self.config.factor_batch_size, self.comm.world_size
+        if world == 1:
             # One rank: each layer's batch factors go straight into its running averages.
             for name, block in self.blocks.items():
                 r = rows.get(name)
-                if r is not None and not block.accumulate(r.a, r.g, r.n, decay):
+                if r is None:
+                    continue
+                m, keep = factor_batch(limit, r.n, 1, 0, None)  # a subsample (docs/algorithm.md §3)
+                if not block.accumulate(r.a, r.g, r.n if m is None else m, decay, keep):
                     self._warn_bad_factor(s, name)
             return
         if not self.blocks:
@@ -410,7 +452,12 @@ class KFACCallback(SkipWeightGrad, Callback):
         contributions = []
         for name, block in self.blocks.items():
             r = rows.get(name)
-            contributions.append(None if r is None else block.contributions(r.a, r.g, self._global_batch(r.n, shares)))
+            if r is None:
+                contributions.append(None)
+                continue
+            m, keep = factor_batch(limit, r.n, world, self.comm.rank, shares)
+            contributions.append(block.contributions(r.a, r.g, self._global_batch(r.n, shares) if m is None else m,
+                                                     keep))
         dtype = exchange.widest_dtype([b.module.weight for b in self.blocks.values()], torch.float32)
         device = next(iter(self.blocks.values())).module.weight.device
         with self.clock("factor_allreduce"):

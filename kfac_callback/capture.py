@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 
 @dataclass
@@ -31,11 +32,16 @@ class Capture:
         calls: How many forward calls the layer had since the last step (1 unless shared or
             accumulated: only then is the gradient exactly ``gᵀa`` of this batch).
         g: The gradient of the loss with respect to that call's output, once backward ran.
+        edge: The output's gradient edge (kfac.fisher=mc differentiates a sampled loss with
+            respect to it; taken at forward, so later in-place ops do not move it).
+        g_fisher: The sampled loss's gradient there (``KFACCallback.sample_fisher``).
     """
 
     a: torch.Tensor
     calls: int
     g: torch.Tensor | None = None
+    edge: Any = None
+    g_fisher: torch.Tensor | None = None
 
     @property
     def complete(self) -> bool:
@@ -123,12 +129,15 @@ class Recorder:
                 self.skipped.setdefault(name, []).append(capture)
                 # A new output whose backward gives the input its gradient and hands the output
                 # gradient to the capture; the graph of `output`, with its weight GEMM, is dropped.
-                return WithoutWeightGrad.apply(args[0], module.weight, _Carry(output.detach(), capture))
+                out = WithoutWeightGrad.apply(args[0], module.weight, _Carry(output.detach(), capture))
+                capture.edge = get_gradient_edge(out)
+                return out
 
             def grad_hook(grad: torch.Tensor) -> None:
                 capture.g = grad.detach()
 
             output.register_hook(grad_hook)
+            capture.edge = get_gradient_edge(output)
             return None
 
         return hook

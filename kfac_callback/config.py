@@ -14,12 +14,13 @@ from typing import Any
 
 STRATEGIES = ("all", "each", "root", "balanced")
 INVERSE_DTYPES = ("float32", "float64")
+FISHERS = ("empirical", "mc")
 DAMPING_KEYS = ("damping_act", "damping_err", "damping_bn_act", "damping_bn_err")
 
 
 @dataclass
 class KFACConfig:
-    """Options of the K-FAC callback (docs/algorithm.md §1, §4, §5).
+    """Options of the K-FAC callback (docs/algorithm.md §1, §3, §4, §5).
 
     Each damping is a list: one value is a constant, two values are ``[init, target]`` and the
     damping warms down from init to target over ``damping_warmup_steps`` steps.
@@ -51,6 +52,14 @@ class KFACConfig:
     # preconditioned one, or rebuilds the plain one where it cannot precondition. Until
     # step(), their .grad is None.
     skip_weight_grad: bool = False
+    # Factors from at most this many samples of each global batch (0: all of them); the
+    # gradient still uses the whole batch (docs/algorithm.md §3, "Subsampled factors").
+    factor_batch_size: int = 0
+    # "empirical": G from the true labels; "mc": from labels sampled from the model's own
+    # predictions (docs/algorithm.md §3, "Fisher").
+    fisher: str = "empirical"
+    # KL-clipping of the preconditioned update (0: off; docs/algorithm.md §5).
+    kl_clip: float = 0.0
 
 
 def as_damping_list(value: Any) -> list[float]:
@@ -139,6 +148,15 @@ def validate_kfac(cfg: Any) -> list[str]:
     factor = float(cfg.learning_rate_factor)
     if not math.isfinite(factor) or factor <= 0:
         errors.append(f"kfac.learning_rate_factor: must be a finite value > 0, got {factor:g}")
+    fbs = cfg.factor_batch_size
+    if isinstance(fbs, bool) or not isinstance(fbs, int) or fbs < 0:
+        errors.append(f"kfac.factor_batch_size: must be an integer >= 0 (0: the whole batch), "
+                      f"got {cfg.factor_batch_size!r}")
+    if cfg.fisher not in FISHERS:
+        errors.append(f"kfac.fisher: unknown Fisher {cfg.fisher!r}; choose one of {', '.join(FISHERS)}")
+    clip = float(cfg.kl_clip)
+    if not math.isfinite(clip) or clip < 0:
+        errors.append(f"kfac.kl_clip: must be a finite value >= 0 (0: off), got {clip:g}")
     return errors
 
 

@@ -32,11 +32,18 @@ def setup_lines(c: KFACConfig, layers: list[tuple[str, str, list[tuple[str, int]
         f"use_eigen={int(c.use_eigen)} inverse_strategy={c.inverse_strategy} "
         f"inverse_dtype={c.inverse_dtype} learning_rate_factor={fmt(c.learning_rate_factor)} "
         f"disable_layers={','.join(c.disable_layers) or 'none'} "
-        f"skip_weight_grad={int(c.skip_weight_grad)} ranks={ranks}"]
+        f"skip_weight_grad={int(c.skip_weight_grad)}{levers(c)} ranks={ranks}"]
     for name, kind, factors, owner in layers:
         shapes = ", ".join(f"{f} {square(n)}" for f, n in factors)
         lines.append(f"{PREFIX} layer {name} ({kind}): {shapes}, owner rank {owner}")
     return lines
+
+
+def levers(c: KFACConfig) -> str:
+    """The options of ours that are not at their defaults (defaults print LBANN's line as it was)."""
+    changed = [(k, v) for k, v, off in (("factor_batch_size", c.factor_batch_size, 0), ("fisher", c.fisher, "empirical"),
+                                         ("kl_clip", c.kl_clip, 0.0)) if v != off]
+    return "".join(f" {k}={fmt(v) if isinstance(v, float) else v}" for k, v in changed)
 
 
 def damping_line(act: float, err: float, bn_act: float, bn_err: float, epochs: int) -> str:

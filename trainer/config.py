@@ -142,6 +142,9 @@ def validate(cfg: Any) -> list[str]:
             errors.append(f"data.{key}: must be >= 1 (or null for all), got {value}")
     errors += validate_optimizer(cfg.optimizer)
     errors += validate_kfac(cfg.kfac)
+    if cfg.kfac.enabled and cfg.kfac.fisher == "mc" and t.accumulate_steps > 1:
+        errors.append(f"kfac.fisher=mc: not supported with trainer.accumulate_steps={t.accumulate_steps} > 1; "
+                      "use kfac.fisher=empirical or trainer.accumulate_steps=1")
     errors += validate_launcher(cfg.launcher)
     return errors
 

@@ -153,6 +153,7 @@ class Trainer:
         self.loss: Optional[torch.Tensor] = None
         self.plan = batch_plan(len(self.data.train_y), self.mini_batch_size, self.comm.world_size)
         self.shares: Optional[tuple[int, ...]] = None  # per rank, its samples of the current step
+        self.logits: Optional[torch.Tensor] = None  # the step's logits, before its backward (accumulate_steps=1)
         self.shape = self._epoch_shape()
         self._start = time.time()
         self._dispatch("on_setup_end")
@@ -322,6 +323,7 @@ class Trainer:
                 # part in every collective and every K-FAC hook fires; it contributes zero (the mean
                 # of no samples would be NaN) (docs/algorithm.md §6).
                 self.loss = F.cross_entropy(logits, y) if n else logits.sum() * 0
+            self.logits = logits  # read by callbacks at on_forward_prop_end (K-FAC's fisher=mc)
             self._dispatch("on_forward_prop_end")
             self.precision.scale(self.loss).backward()
             with torch.no_grad():

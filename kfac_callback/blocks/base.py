@@ -63,7 +63,7 @@ class Block:
         raise NotImplementedError
 
     def gram_terms(self, a: torch.Tensor, g: torch.Tensor, n_global: int,
-                   n_local: int | None = None) -> list[tuple[torch.Tensor, float]]:
+                   n_local: int | None = None, keep: int | None = None) -> list[tuple[torch.Tensor, float]]:
         """Each factor's contribution as rows X and a scale c, the factor being ``c·XᵀX``.
 
         In ``factor_names`` order. Keeping the product unformed lets one rank fold it straight
@@ -75,23 +75,33 @@ class Block:
             n_global: N, the global mini-batch size: the sum of every rank's local batch.
             n_local: n, this rank's samples of the step (``None``: the rows of ``a``); with
                 micro-batches ``a`` holds one of them and n counts them all.
+            keep: Only the first ``keep`` samples contribute (``None``: all): a subsample for
+                the factors, ``n_global`` then its global size M (docs/algorithm.md §3,
+                "Subsampled factors"); per-sample quantities that depend on the whole batch
+                (BatchNorm's x̂) still use every row.
         """
         raise NotImplementedError
 
     def step_terms(self, a: torch.Tensor | Sequence[torch.Tensor], g: torch.Tensor | Sequence[torch.Tensor],
-                   n_global: int) -> list[tuple[torch.Tensor, float]]:
+                   n_global: int, keep: int | None = None) -> list[tuple[torch.Tensor, float]]:
         """``gram_terms`` of one batch, or of a step's micro-batches (lists of ``a`` and ``g``).
 
         Micro-batches (docs/algorithm.md §3): g of each is the gradient of the rank's mean loss
         over all its n samples (each micro-batch's loss weighted by its share of them), so
         every micro-batch uses the rank's whole n; their rows are joined, one X per factor.
         (A convolution's scale depends on the positions; rows of a micro-batch whose scale
-        differs are rescaled by the square root of the ratio.)
+        differs are rescaled by the square root of the ratio.) ``keep``: the rank's first
+        ``keep`` samples over its micro-batches in order (``gram_terms``).
         """
         if isinstance(a, torch.Tensor):
-            return self.gram_terms(a, g, n_global)
+            return self.gram_terms(a, g, n_global, None, keep)
         n_local = sum(x.shape[0] for x in a)
-        per = [self.gram_terms(x, y, n_global, n_local) for x, y in zip(a, g, strict=True)]
+        left = n_local if keep is None else keep
+        per = []
+        for x, y in zip(a, g, strict=True):
+            take = min(left, x.shape[0])
+            left -= take
+            per.append(self.gram_terms(x, y, n_global, n_local, None if keep is None else take))
         if len(per) == 1:
             return per[0]
         joined = []
@@ -103,13 +113,13 @@ class Block:
         return joined
 
     def contributions(self, a: torch.Tensor | Sequence[torch.Tensor], g: torch.Tensor | Sequence[torch.Tensor],
-                      n_global: int) -> list[torch.Tensor]:
+                      n_global: int, keep: int | None = None) -> list[torch.Tensor]:
         """This rank's factor contributions ``c·XᵀX``, in ``factor_names`` order (see ``gram_terms``;
         ``a`` and ``g`` may be lists, one entry per micro-batch: ``step_terms``)."""
-        return [(x.mT @ x).mul_(c) for x, c in self.step_terms(a, g, n_global)]
+        return [(x.mT @ x).mul_(c) for x, c in self.step_terms(a, g, n_global, keep)]
 
     def accumulate(self, a: torch.Tensor | Sequence[torch.Tensor], g: torch.Tensor | Sequence[torch.Tensor],
-                   n_global: int, decay: float) -> bool:
+                   n_global: int, decay: float, keep: int | None = None) -> bool:
         """Folds this batch's factors into the running averages in one GEMM each (one rank).
 
         Same result as ``update_factors(contributions(...))`` without forming the batch
@@ -120,7 +130,7 @@ class Block:
         Returns:
             ``False`` (and nothing changes) if a new factor would not be finite.
         """
-        terms = [(x.to(self.dtype), c) for x, c in self.step_terms(a, g, n_global)]
+        terms = [(x.to(self.dtype), c) for x, c in self.step_terms(a, g, n_global, keep)]
         if not all(bool(torch.isfinite(x.square().sum() * c)) for x, c in terms):
             return False
         for name, (x, c) in zip(self.factor_names, terms, strict=True):

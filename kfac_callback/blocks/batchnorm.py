@@ -39,11 +39,14 @@ class BatchNormBlock(Block):
         return (x - mean) * torch.rsqrt(var + self.module.eps)
 
     def gram_terms(self, a: torch.Tensor, g: torch.Tensor, n_global: int,
-                   n_local: int | None = None) -> list[tuple[torch.Tensor, float]]:
-        # x̂ under each micro-batch's own statistics, as its forward normalised it.
+                   n_local: int | None = None, keep: int | None = None) -> list[tuple[torch.Tensor, float]]:
+        # x̂ under each micro-batch's own statistics, as its forward normalised it: a subsample
+        # (keep) takes its rows of x̂, normalised over the whole micro-batch (docs/algorithm.md §3).
         n = a.shape[0] if n_local is None else n_local
         xhat = self.normalised(a)
         gr = g.to(self.dtype).reshape(xhat.shape)
+        if keep is not None:
+            xhat, gr = xhat[:keep], gr[:keep]
         u = torch.cat([(gr * xhat).sum(dim=2), gr.sum(dim=2)], dim=1)
         # N Σ u uᵀ with u built from e = grad_output·n/N.
         return [(u, n * n / n_global)]

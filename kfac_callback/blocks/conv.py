@@ -43,9 +43,11 @@ class Conv2dBlock(KroneckerBlock):
         self.padding = _conv_padding(name, module)
 
     def gram_terms(self, a: torch.Tensor, g: torch.Tensor, n_global: int,
-                   n_local: int | None = None) -> list[tuple[torch.Tensor, float]]:
+                   n_local: int | None = None, keep: int | None = None) -> list[tuple[torch.Tensor, float]]:
         conv = self.module
         n = a.shape[0] if n_local is None else n_local
+        if keep is not None:  # a subsample: every position of its samples (docs/algorithm.md §3)
+            a, g = a[:keep], g[:keep]
         # (n, C_in·kh·kw, T): the channel-major patch layout matches weight.reshape(C_out, -1).
         patches = F.unfold(a.to(self.dtype), conv.kernel_size, padding=self.padding,
                            stride=conv.stride)

@@ -35,8 +35,10 @@ class LinearBlock(KroneckerBlock):
         return (g.reshape(-1, g.shape[-1]).to(self.dtype).mT @ rows.to(self.dtype)).to(self.module.weight.dtype)
 
     def gram_terms(self, a: torch.Tensor, g: torch.Tensor, n_global: int,
-                   n_local: int | None = None) -> list[tuple[torch.Tensor, float]]:
+                   n_local: int | None = None, keep: int | None = None) -> list[tuple[torch.Tensor, float]]:
         n = a.shape[0] if n_local is None else n_local
+        if keep is not None:  # a subsample: its samples' rows (docs/algorithm.md §3)
+            a, g = a[:keep], g[:keep]
         rows = self._with_ones(a.reshape(-1, a.shape[-1]).to(self.dtype))
         gr = g.reshape(-1, g.shape[-1]).to(self.dtype)
         # A = (1/N) Σ ā āᵀ; G = N Σ e eᵀ with e = grad_output·n/N: (n²/N) Σ grad_output grad_outputᵀ,
