@@ -17,7 +17,15 @@ import torch.nn.functional as F
 
 from kfac_callback import KFACCallback
 from kfac_callback.blocks import LinearBlock
-from tests.kfac_callback.test_uneven_shares import conv_net, image_data, inverses, relative, vector_data, wide_net
+from tests.kfac_callback.test_uneven_shares import (
+    conv_net,
+    image_data,
+    inverses,
+    relative,
+    vector_data,
+    wide_net,
+    worst_difference,
+)
 from tests.support.threads import ThreadComm, run_ranks
 
 STEPS = 3
@@ -72,17 +80,6 @@ def train(model: torch.nn.Module, cb: KFACCallback, data: Any, k: int, comm: Thr
             scaler.step(opt)
             scaler.update()
     return record
-
-
-def worst_difference(got: list[dict[str, Any]], want: list[dict[str, Any]]) -> float:
-    worst = 0.0
-    for step_got, step_want in zip(got, want, strict=True):
-        for name, g in step_want["grads"].items():
-            worst = max(worst, relative(step_got["grads"][name], g))
-        for name, mats in step_want["factors"].items():
-            for m_got, m_want in zip(step_got["factors"][name], mats, strict=True):
-                worst = max(worst, relative(m_got, m_want))
-    return worst
 
 
 def reference(case: str) -> tuple[list[dict[str, Any]], dict[str, list[torch.Tensor]], torch.nn.Module]:
