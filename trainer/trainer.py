@@ -483,10 +483,7 @@ class Trainer:
         right after a periodic one) returns the first call's result.
         """
         if self._eval is None or self._eval[0] != self.step:
-            batches = epoch_batches(len(self.data.test_y), self.mini_batch_size, 0, self.seed,
-                                    self.comm.rank, self.comm.world_size, shuffle=False)
-            self._eval = (self.step, *evaluate(self.model, self.data.test_x, self.data.test_y, batches,
-                                               self.device, self.comm))
+            self._eval = (self.step, *self._evaluate_on(self.data.test_x, self.data.test_y))
         return self._eval[1], self._eval[2]
 
     def evaluate_train(self) -> tuple[float, float]:
@@ -494,11 +491,14 @@ class Trainer:
         ``evaluate`` does the test set: the objective itself, not the epoch's running mean over
         weights that kept changing. Cached per step like ``evaluate``."""
         if self._train_eval is None or self._train_eval[0] != self.step:
-            batches = epoch_batches(len(self.data.train_y), self.mini_batch_size, 0, self.seed,
-                                    self.comm.rank, self.comm.world_size, shuffle=False)
-            self._train_eval = (self.step, *evaluate(self.model, self.data.train_x, self.data.train_y, batches,
-                                                     self.device, self.comm))
+            self._train_eval = (self.step, *self._evaluate_on(self.data.train_x, self.data.train_y))
         return self._train_eval[1], self._train_eval[2]
+
+    def _evaluate_on(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+        """(Objective, accuracy in %) of all of ``x, y`` in order, every rank its share of each batch."""
+        batches = epoch_batches(len(y), self.mini_batch_size, 0, self.seed, self.comm.rank,
+                                self.comm.world_size, shuffle=False)
+        return evaluate(self.model, x, y, batches, self.device, self.comm)
 
     def target_met(self) -> bool:
         """Whether a test met ``stop_at_test_accuracy`` or ``stop_at_train_objective`` (the same on
