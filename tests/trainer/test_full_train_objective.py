@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from torch.nn import functional as F
 
 from kfac_callback.base import Callback
 from launcher.workdir import read_metrics
 from models import build_model
+from tests.support.configs import config_with
 from tests.support.hooks import HookRecorder
 from tests.support.trainers import make_trainer
 from trainer.callbacks import TimerCallback
 from trainer.checkpoint import load_checkpoint, newest_checkpoint
-from trainer.config import Config, validate
+from trainer.config import validate
 from trainer.data import load_mnist
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -106,13 +106,6 @@ def test_stop_at_train_objective_ends_the_run_at_the_first_test_at_or_below_it(t
     assert stop.endswith("s of training; run stopped")
 
 
-def config(**trainer):
-    cfg = OmegaConf.structured(Config)
-    for key, value in trainer.items():
-        cfg.trainer[key] = value
-    return cfg
-
-
 @pytest.mark.parametrize("values,message", [
     ({"full_train_objective": True}, "trainer.full_train_objective: needs trainer.test_every_steps > 0"),
     ({"stop_at_train_objective": 0.1, "test_every_steps": 5},
@@ -123,13 +116,13 @@ def config(**trainer):
      "trainer.stop_at_train_objective: must be a cross-entropy > 0 (or null), got 0.0"),
 ])
 def test_bad_values_name_their_key(values, message):
-    errors = validate(config(**values))
+    errors = validate(config_with("trainer", **values))
     assert len(errors) == 1 and message in errors[0], errors
 
 
 def test_good_values_pass():
-    assert validate(config(full_train_objective=True, test_every_steps=10)) == []
-    assert validate(config(full_train_objective=True, test_every_steps=10, stop_at_train_objective=0.05)) == []
+    assert validate(config_with("trainer", full_train_objective=True, test_every_steps=10)) == []
+    assert validate(config_with("trainer", full_train_objective=True, test_every_steps=10, stop_at_train_objective=0.05)) == []
 
 
 def test_kfac_py_rejects_a_stop_without_the_full_objective_in_one_line():

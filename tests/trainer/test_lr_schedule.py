@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from kfac_callback.base import Callback
 from launcher.flags import SCHEDULES as FLAG_SCHEDULES
+from tests.support.configs import config_with
 from tests.support.trainers import make_trainer
 from trainer.checkpoint import CheckpointPolicy, load_checkpoint
-from trainer.config import Config, validate
+from trainer.config import validate
 from trainer.lr_schedule import SCHEDULES, describe, learning_rate
 from trainer.optimizers import OPTIMIZERS, OptimizerConfig
 
@@ -131,13 +131,6 @@ def test_a_run_resumed_mid_epoch_continues_the_schedule_exactly(tmp_path):
     assert [r["learning_rate"] for r in history] == [r["learning_rate"] for r in uninterrupted.history]
 
 
-def optimizer_config(**values):
-    cfg = OmegaConf.structured(Config)
-    for key, value in values.items():
-        cfg.optimizer[key] = value
-    return cfg
-
-
 @pytest.mark.parametrize("values,message", [
     ({"warmup_steps": -1}, "optimizer.warmup_steps: must be >= 0 (0: no warm-up), got -1"),
     ({"schedule": "linear"}, "optimizer.schedule: 'linear' is not one of constant, cosine, step"),
@@ -150,13 +143,13 @@ def optimizer_config(**values):
     ({"step_milestones": [0.5, 2.0]}, "got [0.5, 2.0]"),
 ])
 def test_bad_schedule_values_name_their_key(values, message):
-    errors = validate(optimizer_config(**values))
+    errors = validate(config_with("optimizer", **values))
     assert len(errors) == 1 and message in errors[0], errors
 
 
 def test_good_schedules_pass_and_the_flag_choices_match():
-    assert validate(optimizer_config(warmup_steps=100, schedule="cosine", final_lr_fraction=0.1)) == []
-    assert validate(optimizer_config(schedule="step", schedule_steps=1000, step_milestones=[0.3])) == []
+    assert validate(config_with("optimizer", warmup_steps=100, schedule="cosine", final_lr_fraction=0.1)) == []
+    assert validate(config_with("optimizer", schedule="step", schedule_steps=1000, step_milestones=[0.3])) == []
     assert FLAG_SCHEDULES == SCHEDULES
 
 

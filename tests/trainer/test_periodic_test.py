@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from launcher.workdir import read_metrics
+from tests.support.configs import config_with
 from tests.support.hooks import HookRecorder
 from tests.support.trainers import make_trainer
 from trainer.callbacks import TimerCallback
-from trainer.config import Config, validate
+from trainer.config import validate
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
@@ -135,13 +135,6 @@ def test_test_records_and_the_clock_survive_a_checkpoint(tmp_path):
         (1, "test"), (2, "test"), (2, "epoch"), (3, "test"), (4, "test"), (4, "epoch")]
 
 
-def config(**trainer):
-    cfg = OmegaConf.structured(Config)
-    for key, value in trainer.items():
-        cfg.trainer[key] = value
-    return cfg
-
-
 @pytest.mark.parametrize("values,message", [
     ({"test_every_steps": -1}, "trainer.test_every_steps: must be >= 0 (0: off), got -1"),
     ({"stop_at_test_accuracy": 0.0, "test_every_steps": 5}, "trainer.stop_at_test_accuracy: must be a test accuracy"),
@@ -149,13 +142,13 @@ def config(**trainer):
     ({"stop_at_test_accuracy": 98.0}, "trainer.stop_at_test_accuracy: needs trainer.test_every_steps > 0 or"),
 ])
 def test_bad_values_name_their_key(values, message):
-    errors = validate(config(**values))
+    errors = validate(config_with("trainer", **values))
     assert len(errors) == 1 and message in errors[0]
 
 
 def test_good_values_pass():
-    assert validate(config(test_every_steps=100, stop_at_test_accuracy=98.0)) == []
-    assert validate(config(test_every_epoch=True, stop_at_test_accuracy=97.5)) == []
+    assert validate(config_with("trainer", test_every_steps=100, stop_at_test_accuracy=98.0)) == []
+    assert validate(config_with("trainer", test_every_epoch=True, stop_at_test_accuracy=97.5)) == []
 
 
 def test_kfac_py_rejects_a_bad_value_in_one_line():
