@@ -383,9 +383,10 @@ def phase_lr(bench: Bench, batches: Sequence[int], families: Sequence[str]) -> N
     bench.run_all([lr_run(b, f, lr) for b in batches for f in families for lr in first_grid(f, b)])
     for _ in range(MAX_WIDEN):
         more = []
+        outcomes = bench.outcomes()  # every run's metrics, read once per round
         for b in batches:
             for f in families:
-                mine = [o for o in bench.outcomes() if o.run.batch == b and o.run.family == f and o.run.phase == "lr"]
+                mine = [o for o in outcomes if o.run.batch == b and o.run.family == f and o.run.phase == "lr"]
                 best = best_of(mine)
                 if best is not None:
                     lr = next_lr(LR_GRID[f], [o.run.lr for o in mine], best.run.lr)
@@ -399,9 +400,10 @@ def phase_lr(bench: Bench, batches: Sequence[int], families: Sequence[str]) -> N
 def phase_schedule(bench: Bench, batches: Sequence[int], families: Sequence[str]) -> None:
     """Warm-up + cosine for every family alike, at its best constant rate and 2x, 3x it."""
     todo = []
+    outcomes = bench.outcomes()
     for b in batches:
         for f in families:
-            best = best_of(o for o in bench.outcomes() if o.run.batch == b and o.run.family == f and o.run.phase == "lr")
+            best = best_of(o for o in outcomes if o.run.batch == b and o.run.family == f and o.run.phase == "lr")
             if best is None:
                 continue
             for mult in (1, 2, 3):
