@@ -2,32 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 
-from benchmarks.batch_scaling import (
-    LR_GRID,
+from benchmarks.batch_scaling import LR_GRID, Bench, first_grid, lever_runs, lr_run, next_lr
+from benchmarks.batch_scaling import test_every as interval  # not named test_*: pytest would collect it
+from benchmarks.batch_scaling_report import (
     Outcome,
     Run,
     best_of,
     critical_batch,
-    first_grid,
-    lr_run,
     markdown,
-    next_lr,
+    objective_hits,
     steps_curve,
     write_csv,
     write_plot,
 )
-from benchmarks.batch_scaling import test_every as interval  # not named test_*: pytest would collect it
-from benchmarks.time_to_accuracy import Point, first_hits
+from benchmarks.time_to_accuracy import Point
 
 
 def fake(batch: int, family: str, lr: float, accuracies: list[float], every: int = 10, phase: str = "lr") -> Outcome:
     run = lr_run(batch, family, lr, phase)
     points = [Point(float(i), acc, (i + 1) * every, (i + 1) * every * batch / 60000) for i, acc in enumerate(accuracies)]
-    return Outcome(run, points, first_hits(points, (97.5, 98.0)), "ok", {})
+    return Outcome.of(run, points)
 
 
 def test_first_grid_is_the_centre_and_its_neighbours():
@@ -104,13 +103,70 @@ def test_test_interval(batch, every):
 
 
 def test_objective_hits_are_the_first_full_train_evaluations_below_each_value():
-    from benchmarks.batch_scaling import objective_every, objective_hits
+    from benchmarks.batch_scaling import objective_curve, objective_every
 
     records = [{"kind": "test", "step": s, "train_time": float(s), "train_objective_full": v}
                for s, v in ((10, 0.05), (20, 0.009), (30, 0.002), (40, 0.0009))]
     records.insert(2, {"epoch": 0, "step": 25, "train_objective": 1e-9})  # an epoch record: not a full-train pass
-    hits = objective_hits(records)
+    hits = objective_hits(objective_curve(records))
     assert hits[1e-2]["step"] == 20 and hits[1e-3]["step"] == 40
     assert [p["step"] for p in hits["curve"]] == [10, 20, 30, 40]
-    assert objective_hits(records[:2])[1e-3] is None
+    assert objective_hits(objective_curve(records[:2]))[1e-3] is None
     assert objective_every(100) == 300 and objective_every(3000) == 10
+
+
+def test_a_stored_summary_gives_back_the_same_outcome():
+    o = fake(3000, "kfac", 1.0, [97.0, 97.6, 98.1], every=2)
+    o = Outcome.of(o.run, o.points, "ok", [{"step": 2, "train_time": 1.5, "objective": 0.004},
+                                           {"step": 4, "train_time": 3.0, "objective": 0.0008}])
+    back = Outcome.from_json(o.run.name, o.as_json())
+    assert back.run == o.run and back.points == o.points and back.best == 98.1
+    assert back.steps_to(97.5) == 4 and back.steps_to(98.0) == 6
+    assert back.objective[1e-3]["step"] == 4 and back.objective[1e-2]["step"] == 2
+
+
+def test_a_summary_without_a_curve_keeps_its_hits_and_best():
+    run = lr_run(1000, "adam", 3e-3)
+    v = {**run.as_json(), "status": "ok", "curve": None, "best": 98.1, "hits": {"97.5": [110, 1.83, 14.4]}}
+    o = Outcome.from_json(run.name, v)
+    assert o.steps_to(97.5) == 110 and o.steps_to(98.0) is None and o.best == 98.1
+    assert o.hits[97.5].train_time == 14.4
+    assert best_of([o, fake(1000, "adam", 1e-3, [97.0])]) is o
+
+
+def test_bench_records_a_runs_summary_and_resumes_from_the_state_file(tmp_path):
+    run = lr_run(1000, "adam", 3e-3)
+    metrics = tmp_path / "runs" / run.name / "20261202_120000_x"
+    metrics.mkdir(parents=True)
+    (metrics / "metrics.jsonl").write_text("\n".join(
+        json.dumps({"kind": "test", "step": s, "epochs_done": s / 60, "train_time": s / 10, "test_accuracy": a})
+        for s, a in ((5, 97.0), (10, 97.7), (15, 98.2))) + "\n")
+    bench = Bench(tmp_path / "runs.json", tmp_path / "runs", jobs=1)
+    bench.record(run, "ok")
+    again = Bench(tmp_path / "runs.json", tmp_path / "elsewhere", jobs=1)  # a new machine: no run dirs
+    assert again.done(run)
+    [o] = again.outcomes()
+    assert (o.steps_to(97.5), o.steps_to(98.0), o.best) == (10, 15, 98.2)
+
+
+def test_levers_change_one_thing_of_the_base_run():
+    base = lr_run(3000, "kfac", 1.0)
+    runs = lever_runs(base)
+    assert len({r.name for r in runs}) == len(runs)
+    for r in runs:
+        assert r.phase == "lever" and r.flags.startswith(base.flags.split(" --optimizer-learning-rate")[0])
+        assert r.flags.count("--optimizer-learning-rate") == 1 and f"--optimizer-learning-rate {r.lr:g}" in r.flags
+    mom = next(r for r in runs if r.name.endswith("_mom"))
+    assert mom.lr == 0.1 and mom.flags.endswith("--optimizer momentum")
+
+
+def test_lever_and_objective_tables():
+    base = fake(3000, "kfac", 1.0, [97.6, 97.9], every=2)
+    lever = Outcome.of(lever_runs(base.run)[0], fake(3000, "kfac", 1.0, [97.7, 98.1], every=2).points)
+    obj = [Outcome.of(Run(f"{f}_obj", 100, f, "", 0.1, "objective"), [], "ok",
+                      [{"step": 100, "train_time": t, "objective": 0.005}, {"step": 200, "train_time": 2 * t,
+                                                                             "objective": 0.0009}])
+           for f, t in (("kfac", 10.0), ("adam", 40.0))]
+    text = markdown([base, lever, *obj], [3000], {})
+    assert "## K-FAC levers at batch 3000" in text and "| factors from 1000 samples of the batch | 2 /" in text
+    assert "K-FAC seconds / best first-order seconds = 0.25" in text
