@@ -8,7 +8,7 @@ All optimizers run in the same processes on the same real MNIST batches, taking 
 the same conditions even when the machine's speed drifts. The global batch is ``--batch`` (100),
 split over the ranks. K-FAC runs twice: at LBANN's README recipe (factors and inverses every
 step) and at an amortized experiment (``--experiment``: ``configs/experiment/kfac_fast.yaml``, the
-recommended one at batch 100, or ``kfac_fast_cnn.yaml``).
+recommended one at batch 100, ``kfac_fast_cnn.yaml``, or ``kfac_large_batch.yaml``).
 
 The floor: the kernels one K-FAC step cannot avoid, each timed alone on the layers' sizes
 (Gram products of the factors, Cholesky factorisations, explicit inverses, solves and products
@@ -211,7 +211,10 @@ class Runner:
         comm = self.comm
         comm.barrier()
         t0 = time.perf_counter()
-        self.loss = F.cross_entropy(self.model(x), y)
+        logits = self.model(x)
+        self.loss = F.cross_entropy(logits, y)
+        if self.cb:
+            self.cb.sample_fisher(logits)  # fisher=mc's extra backward on factor steps (else nothing)
         self.optimizer.zero_grad(set_to_none=True)
         self.loss.backward()
         t1 = time.perf_counter()
@@ -252,7 +255,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="timed steps (the mean is amortized over them)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (plus the interval warm-up)")
     parser.add_argument("--round", type=int, default=10, help="steps of one optimizer before the next one's turn")
-    parser.add_argument("--experiment", default="kfac_fast", choices=["kfac_fast", "kfac_fast_cnn"],
+    parser.add_argument("--experiment", default="kfac_fast", choices=["kfac_fast", "kfac_fast_cnn", "kfac_large_batch"],
                         help="the amortized K-FAC recipe timed beside LBANN's (configs/experiment/)")
     args = parser.parse_args()
 

@@ -93,13 +93,21 @@ class Recorder:
         self._handles = [module.register_forward_hook(self._hook(name)) for name, module in modules.items()]
 
     def take(self) -> tuple[dict[str, Capture], dict[str, list[Capture]], dict[str, list[Capture]]]:
-        """The latest captures, every call and the skipped calls so far; the recorder starts afresh."""
+        """The latest captures, every call and the skipped calls so far; the recorder starts afresh.
+
+        Backward has run by now, so the gradient edges are dropped: an edge's autograd node holds
+        the hook that holds the capture, a cycle through C++ that Python's collector cannot
+        break, and it would keep every step's graph and activations alive.
+        """
         taken = self.captures, self.calls, self.skipped
         self.clear()
         return taken
 
     def clear(self) -> None:
         """Forgets every capture (a step the trainer skipped, a restored state)."""
+        for calls in self.calls.values():
+            for capture in calls:
+                capture.edge = None
         self.captures, self.calls, self.skipped, self._skip = {}, {}, {}, {}
 
     def remove(self) -> None:
