@@ -84,7 +84,7 @@ WARMUP_FRACTION = 0.05
 # The objective phase evaluates the whole training set (6x a test): fewer tests, longer runs.
 OBJECTIVE_EPOCHS = {100: 10, 300: 12, 1000: 15, 3000: 20, 10000: 20, 60000: 40}
 # experiment=kfac_large_batch's own rate grid (phase large_batch starts from its middle three).
-LARGE_BATCH_LR_GRID = (0.03, 0.1, 0.3, 1.0, 3.0)
+LARGE_BATCH_LR_GRID = (0.1, 0.3, 1.0, 3.0, 10.0)
 
 
 def objective_every(batch: int) -> int:

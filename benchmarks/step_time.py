@@ -77,7 +77,9 @@ def fast_settings(experiment: str = "kfac_fast") -> tuple[str, float, float, dic
 
 
 def mnist_batches(batch: int, rank: int, world: int, count: int = 20) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """This rank's share of the first ``count`` global batches of real MNIST (random pixels if absent)."""
+    """This rank's share of the first ``count`` global batches of real MNIST (random pixels if absent);
+    fewer batches where the training set holds fewer (an empty batch would be no step)."""
+    count = max(1, min(count, 60000 // batch))
     try:
         data = load_mnist(max_train_samples=batch * count, fetch=False)
         x, y = data.train_x, data.train_y
@@ -257,6 +259,9 @@ def main() -> None:
     parser.add_argument("--round", type=int, default=10, help="steps of one optimizer before the next one's turn")
     parser.add_argument("--experiment", default="kfac_fast", choices=["kfac_fast", "kfac_fast_cnn", "kfac_large_batch"],
                         help="the amortized K-FAC recipe timed beside LBANN's (configs/experiment/)")
+    parser.add_argument("--experiment-lr", type=float, default=None,
+                        help="the experiment's learning rate here (the time does not depend on it; a rate that "
+                             "diverges on the repeated batches would make the times meaningless)")
     args = parser.parse_args()
 
     info = rank_info(os.environ)
@@ -266,6 +271,7 @@ def main() -> None:
     comm = CountingComm(make_communicator(info), lambda: current["runner"])
     batches = mnist_batches(args.batch, comm.rank, comm.world_size)
     fast_optimizer, fast_lr, fast_decay, fast_options = fast_settings(args.experiment)
+    fast_lr = fast_lr if args.experiment_lr is None else args.experiment_lr
     runners = {
         "sgd": Runner(args.model, "sgd", 0.1, None, comm, batches),
         "adam": Runner(args.model, "adam", 1e-4, None, comm, batches),

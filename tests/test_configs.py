@@ -85,3 +85,17 @@ def test_help_into_a_closed_pipe_prints_no_traceback():
                             capture_output=True, text=True, timeout=120)
     assert result.stdout.startswith("kfac.py: ") and result.stdout.count("\n") == 1
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+
+
+def test_kfac_large_batch_is_the_measured_lever_recipe_at_the_flags_batch():
+    """experiment=kfac_large_batch takes its batch from --mini_batch_size, and composes to the
+    recipe benchmarks/batch_scaling.py measured: its K-FAC base with act damping 0.1 and
+    factors from 1000 samples."""
+    from benchmarks.batch_scaling import BASE_FLAGS
+    from launcher.flags import translate
+
+    recipe = f"{BASE_FLAGS['kfac']} --optimizer-learning-rate 1 --kfac-damping-act 0.1 kfac.factor_batch_size=1000"
+    lever = compose_config(translate(["--mini_batch_size", "3000", *recipe.split()]))
+    experiment = compose_config(translate(["--mini_batch_size", "3000", "experiment=kfac_large_batch"]))
+    assert experiment.trainer.mini_batch_size == 3000
+    assert experiment.optimizer == lever.optimizer and experiment.kfac == lever.kfac
