@@ -208,10 +208,12 @@ def _lever_lines(outcomes: Sequence[Outcome]) -> list[str]:
     for b in sorted({o.run.batch for o in levers}):
         lines += [f"## K-FAC levers at batch {b}, one at a time", "",
                   "| run | change | 97.5%: step / s | 98%: step / s | best % | s / step |", "|---|---|---:|---:|---:|---:|"]
-        for o in [o for o in levers if o.run.batch == b]:
+        base = best_of(o for o in outcomes if o.run.batch == b and o.run.family == "kfac" and o.run.phase == "lr")
+        for o in ([base] if base is not None else []) + [o for o in levers if o.run.batch == b]:
             cells = [f"{h.step} / {h.train_time:.0f}" if (h := o.hits.get(t)) else "never" for t in TARGETS]
             per_step = o.seconds_per_step()
-            lines.append(f"| {o.run.name} | {o.run.note or o.run.flags} | " + " | ".join(cells)
+            change = "(the base: best constant rate)" if o is base else o.run.note or o.run.flags
+            lines.append(f"| {o.run.name} | {change} | " + " | ".join(cells)
                          + f" | {o.best or 0:.2f} | {f'{per_step:.3f}' if per_step else '-'} |")
         lines.append("")
     return lines
