@@ -272,7 +272,9 @@ def write_plot(outcomes: Sequence[Outcome], batches: Sequence[int], path: Path) 
             xs = [b for b in batches if steps[b] is not None]
             if not xs:
                 continue
-            ax.plot(xs, [steps[b] for b in xs], marker="o", color=colors[fam], label=LABELS[fam])
+            # NaN where the target was not reached: the line breaks there rather than bridging it.
+            ax.plot(batches, [steps[b] if steps[b] is not None else math.nan for b in batches], marker="o",
+                    color=colors[fam], label=LABELS[fam])
             crit, _ = critical_batch(steps)
             if crit is not None:
                 ax.scatter([crit], [steps[crit]], s=220, facecolors="none", edgecolors=colors[fam], linewidths=2)
