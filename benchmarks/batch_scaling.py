@@ -334,7 +334,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             head, _, flags = text.partition("=")
             try:
                 name, batch, family, phase = head.split(":")
-                extra.append(Run(name, int(batch), family, flags, float("nan"), phase))
+                words = shlex.split(flags)  # the rate, where the flags give one (phases widen over it)
+                flag = "--optimizer-learning-rate"
+                lr = float(words[words.index(flag) + 1]) if flag in words else math.nan
+                extra.append(Run(name, int(batch), family, flags, lr, phase))
             except ValueError:
                 p.error(f"--run: expected NAME:BATCH:FAMILY:PHASE=\"FLAGS\", got {text!r}")
         bench.run_all(extra)
