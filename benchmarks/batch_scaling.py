@@ -299,6 +299,17 @@ def phase_objective(bench: Bench, batches: Sequence[int], families: Sequence[str
     bench.run_all(todo)
 
 
+def parse_run(text: str) -> Run:
+    """``NAME:BATCH:FAMILY:PHASE=FLAGS`` (``--run``); the rate from ``--optimizer-learning-rate``
+    where the flags give one (phases widen over it), else NaN. ValueError when malformed."""
+    head, _, flags = text.partition("=")
+    name, batch, family, phase = head.split(":")
+    words = shlex.split(flags)
+    flag = "--optimizer-learning-rate"
+    lr = float(words[words.index(flag) + 1]) if flag in words else math.nan
+    return Run(name, int(batch), family, flags, lr, phase)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     p.add_argument("--phase", choices=["lr", "schedule", "levers", "large_batch", "objective"], action="append",
@@ -329,17 +340,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                   "objective": lambda: phase_objective(bench, args.objective_batches, args.families)}
         for phase in args.phase:
             phases[phase]()
-        extra = []
-        for text in args.run:
-            head, _, flags = text.partition("=")
-            try:
-                name, batch, family, phase = head.split(":")
-                words = shlex.split(flags)  # the rate, where the flags give one (phases widen over it)
-                flag = "--optimizer-learning-rate"
-                lr = float(words[words.index(flag) + 1]) if flag in words else math.nan
-                extra.append(Run(name, int(batch), family, flags, lr, phase))
-            except ValueError:
-                p.error(f"--run: expected NAME:BATCH:FAMILY:PHASE=\"FLAGS\", got {text!r}")
+        try:
+            extra = [parse_run(text) for text in args.run]
+        except ValueError:
+            p.error('--run: expected NAME:BATCH:FAMILY:PHASE="FLAGS"')
         bench.run_all(extra)
     outcomes = bench.outcomes()
     settings = {"jobs": args.jobs, "threads": bench.threads, "cpu_count": os.cpu_count(),

@@ -170,3 +170,14 @@ def test_lever_and_objective_tables():
     text = markdown([base, lever, *obj], [3000], {})
     assert "## K-FAC levers at batch 3000" in text and "| factors from 1000 samples of the batch | 2 /" in text
     assert "K-FAC seconds / best first-order seconds = 0.25" in text
+
+
+def test_a_run_given_on_the_command_line_takes_its_rate_from_its_flags():
+    from benchmarks.batch_scaling import parse_run
+
+    r = parse_run("b3000_kfaclb_lr1:3000:kfac:large_batch=experiment=kfac_large_batch --optimizer-learning-rate 1")
+    assert (r.name, r.batch, r.family, r.phase, r.lr) == ("b3000_kfaclb_lr1", 3000, "kfac", "large_batch", 1.0)
+    assert r.flags == "experiment=kfac_large_batch --optimizer-learning-rate 1"
+    assert math.isnan(parse_run("x:100:adam:lever=--optimizer adam").lr)
+    with pytest.raises(ValueError):
+        parse_run("x:100:adam=--optimizer adam")
