@@ -40,7 +40,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.batch_scaling_report import (  # noqa: E402
+    CURVE_PHASES,
     FAMILIES,
     LABELS,
     OBJECTIVES,
@@ -225,23 +226,28 @@ def best_run(outcomes: Sequence[Outcome], batch: int, family: str, phases: Seque
     return best.run if best is not None else None
 
 
-def phase_lr(bench: Bench, batches: Sequence[int], families: Sequence[str]) -> None:
-    """Constant learning rates: the first grid, then widening while the best is at an edge."""
-    bench.run_all([lr_run(b, f, lr) for b in batches for f in families for lr in first_grid(f, b)])
+def widen(bench: Bench, groups: Sequence[tuple[Sequence[float], Callable[[Outcome], bool], Callable[[float], Run]]]) -> None:
+    """Up to ``MAX_WIDEN`` rounds: in each group (its rate grid, which outcomes are its runs, the
+    run of a rate) whose best rate is an edge of what it tried, run the grid value beyond it."""
     for _ in range(MAX_WIDEN):
+        outcomes = bench.outcomes()  # every run's summary, read once per round
         more = []
-        outcomes = bench.outcomes()
-        for b in batches:
-            for f in families:
-                mine = [o for o in outcomes if o.run.batch == b and o.run.family == f and o.run.phase == "lr"]
-                best = best_of(mine)
-                if best is not None:
-                    lr = next_lr(LR_GRID[f], [o.run.lr for o in mine], best.run.lr)
-                    if lr is not None:
-                        more.append(lr_run(b, f, lr))
+        for grid, member, make in groups:
+            mine = [o for o in outcomes if member(o)]
+            best = best_of(mine)
+            lr = next_lr(grid, [o.run.lr for o in mine], best.run.lr) if best is not None else None
+            if lr is not None:
+                more.append(make(lr))
         if not more:
             return
         bench.run_all(more)
+
+
+def phase_lr(bench: Bench, batches: Sequence[int], families: Sequence[str]) -> None:
+    """Constant learning rates: the first grid, then widening while the best is at an edge."""
+    bench.run_all([lr_run(b, f, lr) for b in batches for f in families for lr in first_grid(f, b)])
+    widen(bench, [(LR_GRID[f], lambda o, b=b, f=f: o.run.batch == b and o.run.family == f and o.run.phase == "lr",
+                   lambda lr, b=b, f=f: lr_run(b, f, lr)) for b in batches for f in families])
 
 
 def phase_schedule(bench: Bench, batches: Sequence[int], families: Sequence[str]) -> None:
@@ -271,18 +277,8 @@ def phase_large_batch(bench: Bench, batches: Sequence[int]) -> None:
                    lr, "large_batch")
     grid = LARGE_BATCH_LR_GRID
     bench.run_all([run(b, lr) for b in batches for lr in grid[1:4]])
-    for _ in range(MAX_WIDEN):
-        outcomes = bench.outcomes()
-        more = []
-        for b in batches:
-            mine = [o for o in outcomes if o.run.batch == b and o.run.phase == "large_batch"]
-            best = best_of(mine)
-            lr = next_lr(grid, [o.run.lr for o in mine], best.run.lr) if best is not None else None
-            if lr is not None:
-                more.append(run(b, lr))
-        if not more:
-            return
-        bench.run_all(more)
+    widen(bench, [(grid, lambda o, b=b: o.run.batch == b and o.run.phase == "large_batch", lambda lr, b=b: run(b, lr))
+                  for b in batches])
 
 
 def phase_objective(bench: Bench, batches: Sequence[int], families: Sequence[str]) -> None:
@@ -291,7 +287,7 @@ def phase_objective(bench: Bench, batches: Sequence[int], families: Sequence[str
     outcomes = bench.outcomes()
     for b in batches:
         for f in families:
-            best = best_run(outcomes, b, f, ("lr", "schedule", "large_batch"))
+            best = best_run(outcomes, b, f, CURVE_PHASES)
             if best is None:
                 print(f"batch_scaling: no {LABELS[f]} run at batch {b} to take to the objective; skipped", flush=True)
                 continue
