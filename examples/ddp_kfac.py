@@ -63,4 +63,8 @@ if rank == 0:
         torch.save(kfac.model.state_dict(), args.save)
     print(f"final loss {loss.item() / world:.10g}")
 if dist.is_initialized():
+    # Tear down together, after rank 0 has saved: a gloo group destroyed while a peer is
+    # still connected can abort that rank's process on exit.
+    dist.barrier()
+    del kfac, model, optimizer  # DDP's reducer holds the group: release it before the group
     dist.destroy_process_group()

@@ -75,4 +75,5 @@ if rank == 0:
         print(f"{args.model}, {where}, {name}: {statistics.median(ts) * 1e3:.1f} ms/step "
               f"(median of {len(ts)}, {torch.get_num_threads()} threads per process)")
 if dist.is_initialized():
+    dist.barrier()  # tear the gloo group down together, after rank 0 has printed
     dist.destroy_process_group()

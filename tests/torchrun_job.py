@@ -125,6 +125,7 @@ def main() -> None:
     result["resume_moved"] = relative(whole[-1]["grads"]["ip1.weight"], whole[2]["grads"]["ip1.weight"])
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
+    dist.barrier()  # tear the gloo group down together (see examples/ddp_kfac.py)
     dist.destroy_process_group()
 
 

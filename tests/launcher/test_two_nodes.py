@@ -122,7 +122,6 @@ def test_a_lost_node_ends_the_job_with_one_line_and_a_resubmitted_job_finishes(c
     args = [*recipe, "--num_epochs", "2", "trainer.checkpoint_every_epoch=true", "trainer.step_timeout_s=10",
             f"trainer.backend={backend}", f"launcher.job_name=lost{backend}"]
     work_dir, job = submit(tmp_path, *args)
-    uninterrupted = reference(tmp_path / "one", *recipe, "--num_epochs", "2")
     deadline = time.monotonic() + 240
     while newest_checkpoint(work_dir) is None:  # the end of epoch 1
         assert time.monotonic() < deadline and cluster.job_state(job) in ("PENDING", "RUNNING"), logs(work_dir)
@@ -142,6 +141,9 @@ def test_a_lost_node_ends_the_job_with_one_line_and_a_resubmitted_job_finishes(c
     assert ("node2" in errors[0]) if errors else "Node failure on node2" in err, logs(work_dir)
     print(f"node lost: the job ended {ended_after:.1f} s later ({state}): {errors[0] if errors else 'no line of ours'}")
 
+    # The reference trains only now: beside the job it would take the cores, and the job could
+    # finish before the poll above saw its first checkpoint.
+    uninterrupted = reference(tmp_path / "one", *recipe, "--num_epochs", "2")
     cluster.start_node("node2")
     work_dir2, job2 = submit(tmp_path, *args, "trainer.resume=latest")
     assert cluster.wait_for_job(job2, timeout_s=240) == "COMPLETED", logs(work_dir2)
