@@ -14,6 +14,7 @@ from benchmarks.batch_scaling_report import (
     Run,
     best_of,
     critical_batch,
+    fastest_to,
     markdown,
     objective_hits,
     steps_curve,
@@ -56,6 +57,19 @@ def test_best_is_fewest_steps_to_98_then_975_then_accuracy():
     d = fake(1000, "adam", 3e-2, [97.0, 97.4])
     assert best_of([c, d]) is c
     assert best_of([d, fake(1000, "adam", 1e-4, [96.0])]) is d
+
+
+def test_each_target_table_shows_the_run_fastest_to_that_target():
+    slow98 = fake(1000, "kfac", 1.0, [97.6, 97.8, 98.1])  # 97.5% at 10, 98% at 30
+    fast975 = fake(1000, "kfac", 3.0, [97.6, 97.9])  # 97.5% at 10 too, never 98%
+    first = fake(1000, "kfac", 0.3, [97.0, 97.0, 97.6, 98.0])  # 97.5% at 30, 98% at 40
+    assert fastest_to([first, slow98], 97.5) is slow98
+    assert fastest_to([first, slow98], 98.0) is slow98
+    assert fastest_to([first, fast975], 98.0) is first
+    assert fastest_to([fake(1000, "kfac", 0.1, [96.0]), fast975], 99.0) is fast975  # none: the best
+    text = markdown([first, fast975, fake(1000, "adam", 3e-3, [97.0, 97.6, 98.0])], [1000], {})
+    assert "| 1000 | 10 / " in text and "(`b1000_kfac_lr3`)" in text  # 97.5%: the rate-3 run
+    assert "| 1000 | 40 / " in text and "| 1.33 |" in text  # 98%: rate 0.3's 40 over Adam's 30
 
 
 def test_steps_curve_takes_the_best_run_per_batch():
