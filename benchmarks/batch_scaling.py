@@ -250,16 +250,25 @@ def phase_lr(bench: Bench, batches: Sequence[int], families: Sequence[str]) -> N
                    lambda lr, b=b, f=f: lr_run(b, f, lr)) for b in batches for f in families])
 
 
+def large_batch_run(batch: int, lr: float, phase: str = "large_batch", extra: str = "", tag: str = "") -> Run:
+    flags = f"experiment=kfac_large_batch --optimizer-learning-rate {lr:g}" + (f" {extra}" if extra else "")
+    return Run(f"b{batch}_kfaclb_lr{lr:g}{tag}", batch, "kfac", flags, lr, phase)
+
+
 def phase_schedule(bench: Bench, batches: Sequence[int], families: Sequence[str]) -> None:
-    """Warm-up + cosine for every family alike, at its best constant rate and 2x, 3x it."""
+    """Warm-up + cosine for every family alike, at its best constant rate and 2x, 3x it; for K-FAC
+    also on ``kfac_large_batch`` at its best rate, where phase large_batch ran at that batch."""
     todo = []
     outcomes = bench.outcomes()
     for b in batches:
-        for f in families:
-            best = best_run(outcomes, b, f, ("lr",))
+        bases = [(best_run(outcomes, b, f, ("lr",)),
+                  lambda lr, b=b, f=f: lr_run(b, f, lr, "schedule", schedule_extra(b), "_cos")) for f in families]
+        if "kfac" in families:
+            bases.append((best_run(outcomes, b, "kfac", ("large_batch",)),
+                          lambda lr, b=b: large_batch_run(b, lr, "schedule", schedule_extra(b), "_cos")))
+        for best, make in bases:
             for mult in (1, 2, 3) if best is not None else ():
-                lr = float(f"{best.lr * mult:.3g}")
-                todo.append(lr_run(b, f, lr, "schedule", schedule_extra(b), "_cos"))
+                todo.append(make(float(f"{best.lr * mult:.3g}")))
     bench.run_all(todo)
 
 
@@ -272,13 +281,10 @@ def phase_levers(bench: Bench, batch: int) -> None:
 
 def phase_large_batch(bench: Bench, batches: Sequence[int]) -> None:
     """``experiment=kfac_large_batch`` at each batch over its rate grid, widened like phase lr."""
-    def run(b: int, lr: float) -> Run:
-        return Run(f"b{b}_kfaclb_lr{lr:g}", b, "kfac", f"experiment=kfac_large_batch --optimizer-learning-rate {lr:g}",
-                   lr, "large_batch")
     grid = LARGE_BATCH_LR_GRID
-    bench.run_all([run(b, lr) for b in batches for lr in grid[1:4]])
-    widen(bench, [(grid, lambda o, b=b: o.run.batch == b and o.run.phase == "large_batch", lambda lr, b=b: run(b, lr))
-                  for b in batches])
+    bench.run_all([large_batch_run(b, lr) for b in batches for lr in grid[1:4]])
+    widen(bench, [(grid, lambda o, b=b: o.run.batch == b and o.run.phase == "large_batch",
+                   lambda lr, b=b: large_batch_run(b, lr)) for b in batches])
 
 
 def phase_objective(bench: Bench, batches: Sequence[int], families: Sequence[str]) -> None:

@@ -262,6 +262,9 @@ def main() -> None:
     parser.add_argument("--experiment-lr", type=float, default=None,
                         help="the experiment's learning rate here (the time does not depend on it; a rate that "
                              "diverges on the repeated batches would make the times meaningless)")
+    parser.add_argument("--kfac-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change one of the experiment's kfac options (YAML value), e.g. "
+                             "compute_interval_steps=20; repeatable")
     args = parser.parse_args()
 
     info = rank_info(os.environ)
@@ -272,6 +275,11 @@ def main() -> None:
     batches = mnist_batches(args.batch, comm.rank, comm.world_size)
     fast_optimizer, fast_lr, fast_decay, fast_options = fast_settings(args.experiment)
     fast_lr = fast_lr if args.experiment_lr is None else args.experiment_lr
+    for item in args.kfac_set:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--kfac-set: expected KEY=VALUE, got {item!r}")
+        fast_options[key] = yaml.safe_load(value)
     runners = {
         "sgd": Runner(args.model, "sgd", 0.1, None, comm, batches),
         "adam": Runner(args.model, "adam", 1e-4, None, comm, batches),

@@ -7,7 +7,16 @@ import math
 
 import pytest
 
-from benchmarks.batch_scaling import LR_GRID, Bench, first_grid, lever_runs, lr_run, next_lr
+from benchmarks.batch_scaling import (
+    LR_GRID,
+    Bench,
+    first_grid,
+    large_batch_run,
+    lever_runs,
+    lr_run,
+    next_lr,
+    phase_schedule,
+)
 from benchmarks.batch_scaling import test_every as interval  # not named test_*: pytest would collect it
 from benchmarks.batch_scaling_report import (
     Outcome,
@@ -195,3 +204,20 @@ def test_a_run_given_on_the_command_line_takes_its_rate_from_its_flags():
     assert math.isnan(parse_run("x:100:adam:lever=--optimizer adam").lr)
     with pytest.raises(ValueError):
         parse_run("x:100:adam=--optimizer adam")
+
+
+def test_schedule_phase_covers_every_family_and_the_large_batch_recipe(tmp_path, monkeypatch):
+    bench = Bench(tmp_path / "runs.json", tmp_path, jobs=1)
+    best = {"kfac": 1.0, "adam": 3e-3, "momentum": 0.3}
+    recorded = [fake(3000, f, lr, [97.6]) for f, lr in best.items()]
+    lb = Outcome.of(large_batch_run(3000, 1.0), fake(3000, "kfac", 1.0, [97.6, 98.0]).points)
+    monkeypatch.setattr(bench, "outcomes", lambda: recorded + [lb])
+    todo = []
+    monkeypatch.setattr(bench, "run_all", lambda runs: todo.extend(runs))
+    phase_schedule(bench, [3000], list(best))
+    names = sorted(r.name for r in todo)
+    assert names == sorted([f"b3000_{f}_lr{lr * m:.3g}_cos" for f, lr in best.items() for m in (1, 2, 3)]
+                           + [f"b3000_kfaclb_lr{m}_cos" for m in (1, 2, 3)])
+    lb3 = next(r for r in todo if r.name == "b3000_kfaclb_lr3_cos")
+    assert lb3.flags.startswith("experiment=kfac_large_batch --optimizer-learning-rate 3 ")
+    assert "optimizer.schedule=cosine" in lb3.flags and lb3.phase == "schedule"
