@@ -103,8 +103,17 @@ def steps_per_epoch(batch: int, train: int = 60000) -> int:
 
 
 def lr_run(batch: int, family: str, lr: float, phase: str = "lr", extra: str = "", tag: str = "") -> Run:
-    flags = f"{BASE_FLAGS[family]} --optimizer-learning-rate {lr:g}" + (f" {extra}" if extra else "")
-    return Run(f"b{batch}_{family}_lr{lr:g}{tag}", batch, family, flags, lr, phase)
+    return _rate_run(batch, family, family, BASE_FLAGS[family], lr, phase, extra, tag)
+
+
+def large_batch_run(batch: int, lr: float, phase: str = "large_batch", extra: str = "", tag: str = "") -> Run:
+    return _rate_run(batch, "kfac", "kfaclb", "experiment=kfac_large_batch", lr, phase, extra, tag)
+
+
+def _rate_run(batch: int, family: str, label: str, base: str, lr: float, phase: str, extra: str, tag: str) -> Run:
+    """A run of ``base`` flags at rate ``lr``, named ``b<batch>_<label>_lr<lr><tag>``."""
+    flags = f"{base} --optimizer-learning-rate {lr:g}" + (f" {extra}" if extra else "")
+    return Run(f"b{batch}_{label}_lr{lr:g}{tag}", batch, family, flags, lr, phase)
 
 
 def schedule_extra(batch: int) -> str:
@@ -250,25 +259,21 @@ def phase_lr(bench: Bench, batches: Sequence[int], families: Sequence[str]) -> N
                    lambda lr, b=b, f=f: lr_run(b, f, lr)) for b in batches for f in families])
 
 
-def large_batch_run(batch: int, lr: float, phase: str = "large_batch", extra: str = "", tag: str = "") -> Run:
-    flags = f"experiment=kfac_large_batch --optimizer-learning-rate {lr:g}" + (f" {extra}" if extra else "")
-    return Run(f"b{batch}_kfaclb_lr{lr:g}{tag}", batch, "kfac", flags, lr, phase)
-
-
 def phase_schedule(bench: Bench, batches: Sequence[int], families: Sequence[str]) -> None:
     """Warm-up + cosine for every family alike, at its best constant rate and 2x, 3x it; for K-FAC
     also on ``kfac_large_batch`` at its best rate, where phase large_batch ran at that batch."""
+    def rates(best: Optional[Run]) -> list[float]:
+        return [] if best is None else [float(f"{best.lr * mult:.3g}") for mult in (1, 2, 3)]
+
     todo = []
     outcomes = bench.outcomes()
     for b in batches:
-        bases = [(best_run(outcomes, b, f, ("lr",)),
-                  lambda lr, b=b, f=f: lr_run(b, f, lr, "schedule", schedule_extra(b), "_cos")) for f in families]
+        extra = schedule_extra(b)
+        for f in families:
+            todo += [lr_run(b, f, lr, "schedule", extra, "_cos") for lr in rates(best_run(outcomes, b, f, ("lr",)))]
         if "kfac" in families:
-            bases.append((best_run(outcomes, b, "kfac", ("large_batch",)),
-                          lambda lr, b=b: large_batch_run(b, lr, "schedule", schedule_extra(b), "_cos")))
-        for best, make in bases:
-            for mult in (1, 2, 3) if best is not None else ():
-                todo.append(make(float(f"{best.lr * mult:.3g}")))
+            todo += [large_batch_run(b, lr, "schedule", extra, "_cos")
+                     for lr in rates(best_run(outcomes, b, "kfac", ("large_batch",)))]
     bench.run_all(todo)
 
 

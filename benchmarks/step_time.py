@@ -32,7 +32,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 
-from kfac_callback import KFACCallback  # noqa: E402
+from kfac_callback import KFACCallback, make_config  # noqa: E402
 from launcher.env import rank_info  # noqa: E402
 from models import build_model  # noqa: E402
 from trainer.data import DataError, load_mnist  # noqa: E402
@@ -267,12 +267,6 @@ def main() -> None:
                              "compute_interval_steps=20; repeatable")
     args = parser.parse_args()
 
-    info = rank_info(os.environ)
-    torch.set_flush_denormal(True)
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_size))
-    current: dict[str, Runner | None] = {"runner": None}
-    comm = CountingComm(make_communicator(info), lambda: current["runner"])
-    batches = mnist_batches(args.batch, comm.rank, comm.world_size)
     fast_optimizer, fast_lr, fast_decay, fast_options = fast_settings(args.experiment)
     fast_lr = fast_lr if args.experiment_lr is None else args.experiment_lr
     for item in args.kfac_set:
@@ -280,6 +274,17 @@ def main() -> None:
         if not sep or not key:
             parser.error(f"--kfac-set: expected KEY=VALUE, got {item!r}")
         fast_options[key] = yaml.safe_load(value)
+    try:
+        make_config(**fast_options)  # the callback's own check: a line per unknown key or bad value
+    except (TypeError, ValueError) as e:
+        parser.error(f"--kfac-set: {e}")
+
+    info = rank_info(os.environ)
+    torch.set_flush_denormal(True)
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_size))
+    current: dict[str, Runner | None] = {"runner": None}
+    comm = CountingComm(make_communicator(info), lambda: current["runner"])
+    batches = mnist_batches(args.batch, comm.rank, comm.world_size)
     runners = {
         "sgd": Runner(args.model, "sgd", 0.1, None, comm, batches),
         "adam": Runner(args.model, "adam", 1e-4, None, comm, batches),
