@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from kfac_callback import exchange, kl_clip, messages
+from kfac_callback.adaptive import AdaptiveRules
 from kfac_callback.assignment import LayerInfo, assign_owners
 from kfac_callback.base import Callback, Communicator, SingleProcess, rank0_print
 from kfac_callback.blocks import Block, Dampings, LinearBlock, is_preconditionable, make_block, preconditionable_layers
@@ -47,6 +48,7 @@ from kfac_callback.capture import Capture, Recorder, micro_batches
 from kfac_callback.config import DAMPING_KEYS, make_config
 from kfac_callback.linalg import all_finite
 from kfac_callback.mc_fisher import MonteCarloFisher
+from kfac_callback.outputs import Bernoulli, Categorical, make_distribution
 from kfac_callback.phases import PhaseClock
 from kfac_callback.process_group import ProcessGroupComm, initialised_world
 from kfac_callback.schedules import DampingSchedule, is_compute_step, is_update_step, update_interval
@@ -126,6 +128,11 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
             here too, its factors never folded in. Call ``scaler.unscale_(optimizer)`` first.
         seed: Seeds the labels ``fisher=mc`` samples, with the step counter (our trainer
             sets it from its own seed).
+        output: The model's output distribution, ``"categorical"`` (softmax cross-entropy,
+            the default) or ``"bernoulli"`` (sigmoid cross-entropy summed over the outputs):
+            what ``fisher=mc`` samples and whose curvature the adaptive rules use.
+        l2_reg: η, the L2 coefficient inside the loss (½η‖θ‖²): its curvature ηI enters the
+            adaptive rules' quadratic model (docs/algorithm.md §9).
         **kwargs: ``KFACConfig`` fields (see ``make_config`` for accepted spellings).
 
     Attributes:
@@ -144,9 +151,13 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
 
     def __init__(self, model: nn.Module, comm: Communicator | None = None,
                  printer: Callable[[str], None] | None = None, accumulate_steps: int = 1,
-                 grad_scaler: Any = None, seed: int = 0, **kwargs: Any) -> None:
+                 grad_scaler: Any = None, seed: int = 0, output: str | Categorical | Bernoulli = "categorical",
+                 l2_reg: float = 0.0, **kwargs: Any) -> None:
         self.config = c = make_config(**kwargs)
         self.seed = seed
+        self.output = make_distribution(output) if isinstance(output, str) else output
+        self.adaptive = AdaptiveRules(c, l2_reg)
+        self._batch: tuple[torch.Tensor, torch.Tensor] | None = None  # the step's (inputs, targets)
         self.kl_nu = 1.0  # kl_clip: ν of the last step
         inner, ddp = unwrap(model)
         if ddp and c.skip_weight_grad:
@@ -187,6 +198,9 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
         if k > 1 and self.config.fisher == "mc":
             raise ValueError(f"K-FAC: kfac.fisher=mc does not support trainer.accumulate_steps={k} "
                              "(accumulate_steps > 1); use kfac.fisher=empirical or accumulate_steps=1")
+        if k > 1 and self.config.adapt_learning_rate:
+            raise ValueError(f"K-FAC: the adaptive rules do not support trainer.accumulate_steps={k} "
+                             "(accumulate_steps > 1); use accumulate_steps=1")
         self._accumulate_steps = k
 
     @classmethod
@@ -247,16 +261,21 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
         self.expect_shares(getattr(trainer, "shares", None))
 
     def on_forward_prop_end(self, trainer: Any) -> None:
-        """Samples the Monte-Carlo Fisher's output gradients from the step's ``trainer.logits``."""
+        """Samples the Monte-Carlo Fisher's output gradients from the step's ``trainer.logits``;
+        keeps the step's ``trainer.inputs`` and ``trainer.targets`` for the adaptive rules."""
         logits = getattr(trainer, "logits", None)
         if logits is not None:
             self.sample_fisher(logits)
+        if self.adaptive.enabled:
+            self._batch = (trainer.inputs, trainer.targets)
 
     def on_backward_prop_end(self, trainer: Any) -> None:
         """Preconditions the (rank-averaged) gradients, with the trainer's ``shares`` of this step
-        and (for kl_clip) its optimizer's learning rate."""
-        lr = trainer.optimizer.param_groups[0]["lr"] if self.config.kl_clip > 0 else None
-        self.step(getattr(trainer, "shares", None), learning_rate=lr)
+        and (for kl_clip and the adaptive rules) its optimizer's learning rate."""
+        needs_lr = self.config.kl_clip > 0 or self.adaptive.enabled
+        lr = trainer.optimizer.param_groups[0]["lr"] if needs_lr else None
+        batch, self._batch = self._batch, None
+        self.step(getattr(trainer, "shares", None), learning_rate=lr, batch=batch)
 
     def on_epoch_end(self, trainer: Any) -> None:
         """Prints LBANN's damping line; ``trainer.epoch`` is 0-based."""
@@ -265,7 +284,11 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
     # -- schedules -------------------------------------------------------------------
 
     def current_dampings(self) -> Dampings:
-        """The dampings the next step uses."""
+        """The dampings the next step uses; with ``adapt_damping`` tied to λ: √(λ + η) for the
+        Kronecker factors, λ + η for BatchNorm's block (docs/algorithm.md §9)."""
+        if self.config.adapt_damping:
+            gamma = self.adaptive.factor_damping()
+            return Dampings(gamma, gamma, gamma * gamma, gamma * gamma)
         return Dampings(*(d.value for d in self.dampings))
 
     def metrics(self) -> dict[str, float]:
@@ -280,6 +303,7 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
             "kfac_update_interval": update_interval(self.steps, c.update_interval_init,
                                                     c.update_interval_target, c.update_interval_steps),
             **({"kfac_kl_nu": self.kl_nu} if c.kl_clip > 0 else {}),
+            **(self.adaptive.metrics() if self.adaptive.enabled else {}),
         }
 
     def is_update_step(self) -> bool:
@@ -314,7 +338,8 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
         """N, the step's global batch: the sum of the shares, or ``local`` on every rank."""
         return local * self.comm.world_size if shares is None else sum(shares)
 
-    def step(self, shares: Sequence[int] | None = None, learning_rate: float | None = None) -> None:
+    def step(self, shares: Sequence[int] | None = None, learning_rate: float | None = None,
+             batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """One K-FAC step; call it after backward (and gradient averaging), before the optimizer.
 
         Args:
@@ -325,7 +350,10 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
                 each rank's own n_r, and the batch route weights each rank's rows alike
                 (docs/algorithm.md §3, §6). A rank with no samples still calls ``step()``.
             learning_rate: The base optimizer's current learning rate; needed (only) with
-                ``kl_clip`` > 0, whose ν it enters (docs/algorithm.md §5).
+                ``kl_clip`` > 0, whose ν it enters (docs/algorithm.md §5), and with the
+                adaptive rules, which write the update δ as the gradient −δ/lr (§9).
+            batch: This rank's ``(inputs, targets)`` of the step: the adaptive rules' curvature
+                products and reduction ratio run the model on them (needed only then).
 
         The gradients must be as backward left them: a fully connected layer's preconditioned
         gradient is built from the batch's inputs and output gradients (``set_batch``), so an
@@ -346,6 +374,9 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
         if clip > 0 and learning_rate is None:
             raise ValueError("K-FAC: kfac.kl_clip > 0 needs the base optimizer's learning rate: "
                              "step(shares, learning_rate=optimizer.param_groups[0]['lr'])")
+        if self.adaptive.enabled and (learning_rate is None or batch is None):
+            raise ValueError("K-FAC: the adaptive rules need the step's batch and the base optimizer's learning "
+                             "rate: step(shares, learning_rate=optimizer.param_groups[0]['lr'], batch=(x, targets))")
         shares = self._uneven(shares)
         expected, self._expected = self._expected, None
         if self.config.skip_weight_grad and shares != expected:
@@ -359,6 +390,8 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
             self.say.once("", "scaler", messages.scaler_skip_line(s, float(self.grad_scaler.get_scale())))
             return
         damping = self.current_dampings()
+        gradient = ({n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
+                    if self.adaptive.enabled else {})
         # K-FAC's own products run in the factors' dtype, also when called inside autocast.
         with torch.autocast(self._device_type(), enabled=False):
             rows = self._step_rows(calls, scale)
@@ -380,6 +413,11 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
                 self._precondition(s, done)
                 if clip > 0:  # after the broadcast: every rank the same ν (docs/algorithm.md §5)
                     self.kl_nu = kl_clip.clip(self.blocks, plain, plain_rows, learning_rate, clip)
+            if self.adaptive.enabled:  # every rank the same gradients here, and the same sums
+                with self.clock("adaptive"), self.capture.paused():
+                    n = len(batch[0])
+                    self.adaptive.update(self.model, gradient, s, batch, self.output, self.comm,
+                                         self._global_batch(n, shares), learning_rate)
         for d in self.dampings:
             d.advance()
         self.steps += 1
@@ -595,6 +633,7 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
             "updates": {name: b.updates for name, b in self.blocks.items()},
             "inverses": inverses,
             "need_inverses": self._need_inverses,
+            **({"adaptive": self.adaptive.state_dict()} if self.adaptive.enabled else {}),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -625,6 +664,8 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
                 block.import_inverses(dict(inverses.get(name, {})))
         self.capture.clear()
         self._need_inverses = inverses is None or bool(state.get("need_inverses", False))
+        if self.adaptive.enabled:
+            self.adaptive.load_state_dict(state.get("adaptive"))
 
 
 def _build_blocks(model: nn.Module, disable: list[str]) -> dict[str, Block]:

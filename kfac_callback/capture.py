@@ -14,7 +14,8 @@ in order, so that k micro-batches give the factors and the batch route of their 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,7 @@ class Recorder:
         self._skips_weight_grad = skips_weight_grad
         self._micro_batches = micro_batches
         self._skip: dict[str, bool] = {}
+        self._paused = False
         self._handles = [module.register_forward_hook(self._hook(name)) for name, module in modules.items()]
 
     def take(self) -> tuple[dict[str, Capture], dict[str, list[Capture]], dict[str, list[Capture]]]:
@@ -110,6 +112,15 @@ class Recorder:
                 capture.edge = None
         self.captures, self.calls, self.skipped, self._skip = {}, {}, {}, {}
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Captures nothing meanwhile (the adaptive rules' extra forward passes)."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
     def remove(self) -> None:
         """Detaches the hooks from the model."""
         for handle in self._handles:
@@ -121,7 +132,7 @@ class Recorder:
             # Test passes and no-grad evaluation capture nothing. Every training step does:
             # keeping references costs nothing, factors are computed only on update steps,
             # and the captures let fully connected layers precondition through the batch.
-            if not (module.training and torch.is_grad_enabled()):
+            if self._paused or not (module.training and torch.is_grad_enabled()):
                 return None
             if not isinstance(output, torch.Tensor) or not output.requires_grad or not args:
                 return None

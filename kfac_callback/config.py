@@ -60,6 +60,21 @@ class KFACConfig:
     fisher: str = "empirical"
     # KL-clipping of the preconditioned update (0: off; docs/algorithm.md §5).
     kl_clip: float = 0.0
+    # The adaptive rules (docs/algorithm.md §9), each off by default. adapt_learning_rate: the
+    # update's size α from the exact quadratic model (the base optimizer must be plain SGD; its
+    # learning rate is only the unit the update is written in); adapt_momentum: also its
+    # momentum μ; adapt_damping: λ by Levenberg-Marquardt every damping_adaptation_interval
+    # steps, from initial_damping, times or divided by damping_adaptation_decay, within
+    # [min_damping, max_damping], the factors' damping tied to it (damping_act and damping_err
+    # become √(λ + η), π-corrected with use_pi).
+    adapt_learning_rate: bool = False
+    adapt_momentum: bool = False
+    adapt_damping: bool = False
+    initial_damping: float = 1.0
+    damping_adaptation_interval: int = 5
+    damping_adaptation_decay: float = 0.9
+    min_damping: float = 1e-8
+    max_damping: float = 1e8
 
 
 def as_damping_list(value: Any) -> list[float]:
@@ -157,6 +172,32 @@ def validate_kfac(cfg: Any) -> list[str]:
     clip = float(cfg.kl_clip)
     if not math.isfinite(clip) or clip < 0:
         errors.append(f"kfac.kl_clip: must be a finite value >= 0 (0: off), got {clip:g}")
+    return errors + adaptive_errors(cfg)
+
+
+def adaptive_errors(cfg: Any) -> list[str]:
+    """Errors of the adaptive rules' keys (docs/algorithm.md §9)."""
+    errors = []
+    adaptive = cfg.adapt_learning_rate or cfg.adapt_momentum or cfg.adapt_damping
+    if (cfg.adapt_momentum or cfg.adapt_damping) and not cfg.adapt_learning_rate:
+        errors.append("kfac.adapt_momentum and kfac.adapt_damping: need kfac.adapt_learning_rate=true (they act "
+                      "through the quadratic model that chooses the update)")
+    if adaptive and float(cfg.kl_clip) > 0:
+        errors.append("kfac.kl_clip: off with the adaptive rules (the quadratic model sizes the update); "
+                      "set kfac.kl_clip=0")
+    if adaptive and cfg.skip_weight_grad:
+        errors.append("kfac.skip_weight_grad: off with the adaptive rules (they need the plain gradient); "
+                      "set kfac.skip_weight_grad=false")
+    low, high, start = float(cfg.min_damping), float(cfg.max_damping), float(cfg.initial_damping)
+    if not (math.isfinite(low) and low > 0 and math.isfinite(high) and low <= high):
+        errors.append(f"kfac.min_damping, kfac.max_damping: need 0 < min <= max, finite; got {low:g}, {high:g}")
+    elif not low <= start <= high:
+        errors.append(f"kfac.initial_damping: {start:g} is outside [kfac.min_damping, kfac.max_damping] = "
+                      f"[{low:g}, {high:g}]")
+    if int(cfg.damping_adaptation_interval) < 1:
+        errors.append(f"kfac.damping_adaptation_interval: must be >= 1, got {cfg.damping_adaptation_interval}")
+    if not 0 < float(cfg.damping_adaptation_decay) < 1:
+        errors.append(f"kfac.damping_adaptation_decay: must lie in (0, 1), got {cfg.damping_adaptation_decay}")
     return errors
 
 

@@ -1,10 +1,11 @@
-"""kfac.fisher=mc: output-gradient factors from labels sampled from the model's predictions.
+"""kfac.fisher=mc: output-gradient factors from targets sampled from the model's predictions.
 
-The empirical Fisher (the default) builds G from the true labels' gradients; the true Fisher
-takes the expectation over labels drawn from the model's own predictive distribution
-softmax(logits). One sampled label per input gives its Monte-Carlo estimate: one extra
-backward of the sampled loss, to the captured layer outputs only (``.grad`` is untouched and
-the real backward follows), on factor-update steps (docs/algorithm.md §3, "Fisher").
+The empirical Fisher (the default) builds G from the true targets' gradients; the true Fisher
+takes the expectation over targets drawn from the model's own predictive distribution
+(softmax(logits) for a classifier, one Bernoulli(sigmoid(logit)) per output for an
+autoencoder; ``outputs.py``). One sampled target per input gives its Monte-Carlo estimate: one
+extra backward of the sampled loss, to the captured layer outputs only (``.grad`` is untouched
+and the real backward follows), on factor-update steps (docs/algorithm.md §3, "Fisher").
 
 The labels are drawn over the GLOBAL batch from a generator seeded with (seed, step), each
 rank inverting the uniforms of its own rows through its rows' predictive CDF: any number of
@@ -17,14 +18,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
-MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: (seed, step) pairs map to distinct seeds
+from kfac_callback.outputs import Bernoulli, Categorical, generator_seed
 
-
-def generator_seed(seed: int, step: int) -> int:
-    """The generator's seed for step ``step`` of a run seeded ``seed`` (a 63-bit integer)."""
-    return (seed * MIX + step) % (1 << 63)
+__all__ = ["generator_seed", "sampled_labels", "output_gradients", "own_rows", "MonteCarloFisher"]
 
 
 def sampled_labels(logits: torch.Tensor, seed: int, step: int, offset: int, total: int) -> torch.Tensor:
@@ -34,15 +31,11 @@ def sampled_labels(logits: torch.Tensor, seed: int, step: int, offset: int, tota
     are ``offset … offset + n``. Label i is the first class whose cumulative probability
     reaches its uniform (inverse CDF), so it has probability p_i.
     """
-    gen = torch.Generator(device="cpu").manual_seed(generator_seed(seed, step))
-    n, classes = logits.shape
-    u = torch.rand(total, generator=gen, dtype=torch.float64)[offset:offset + n]
-    cdf = torch.softmax(logits.detach().to(torch.float64), dim=-1).cumsum(dim=-1)
-    labels = torch.searchsorted(cdf, u.to(cdf.device).unsqueeze(1)).squeeze(1)
-    return labels.clamp_(max=classes - 1)  # a uniform above a rounded-down last sum
+    return Categorical().sample(logits, seed, step, offset, total)
 
 
-def output_gradients(logits: torch.Tensor, labels: torch.Tensor, edges: Sequence[object]) -> list[torch.Tensor | None]:
+def output_gradients(logits: torch.Tensor, labels: torch.Tensor, edges: Sequence[object],
+                     distribution: Categorical | Bernoulli | None = None) -> list[torch.Tensor | None]:
     """The gradients of the sampled loss with respect to the captured layer outputs.
 
     The sampled loss is the true loss's mean over this rank's rows, so G keeps its scale
@@ -52,7 +45,8 @@ def output_gradients(logits: torch.Tensor, labels: torch.Tensor, edges: Sequence
     depend on.
     """
     n = logits.shape[0]
-    loss = F.cross_entropy(logits, labels, reduction="sum") / n if n else logits.sum() * 0
+    distribution = distribution or Categorical()
+    loss = distribution.loss_sum(logits, labels) / n if n else logits.sum() * 0
     return list(torch.autograd.grad(loss, list(edges), retain_graph=True, allow_unused=True))
 
 
@@ -72,15 +66,15 @@ def own_rows(shares: Sequence[int] | None, n: int, rank: int, world: int) -> tup
 
 class MonteCarloFisher:
     """The fisher=mc part of ``KFACCallback``: a mixin that reads the callback's ``config``,
-    ``capture``, ``comm``, ``seed``, ``steps`` and announced shares."""
+    ``capture``, ``comm``, ``seed``, ``steps``, ``output`` and announced shares."""
 
     def sample_fisher(self, logits: torch.Tensor) -> None:
         """kfac.fisher=mc: the output gradients of a loss with labels sampled from the model.
 
         Call it on every step after the forward pass, before ``loss.backward()``, with the
-        step's logits (n × classes, softmax cross-entropy). It does nothing unless
-        ``fisher=mc`` and this step updates the factors; then it draws one label per sample
-        from softmax(logits) and differentiates that loss's mean over the rank's rows with
+        step's logits (n × classes for softmax cross-entropy, n × outputs for the Bernoulli
+        output; the callback's ``output``). It does nothing unless ``fisher=mc`` and this step
+        updates the factors; then it draws one target per sample from the model's prediction and differentiates that loss's mean over the rank's rows with
         respect to the layers' outputs (one extra backward, ``.grad`` untouched); the coming
         ``step()`` builds G and F from these gradients, the gradient and the batch route
         keep the true labels' (docs/algorithm.md §3, "Fisher"). With uneven shares call
@@ -92,7 +86,7 @@ class MonteCarloFisher:
         if not calls:
             return
         offset, total = own_rows(self._expected, logits.shape[0], self.comm.rank, self.comm.world_size)
-        labels = sampled_labels(logits, self.seed, self.steps, offset, total)
-        grads = output_gradients(logits, labels, [c.edge for c in calls])
+        labels = self.output.sample(logits, self.seed, self.steps, offset, total)
+        grads = output_gradients(logits, labels, [c.edge for c in calls], self.output)
         for capture, g in zip(calls, grads, strict=True):
             capture.g_fisher = None if g is None else g.detach()

@@ -40,10 +40,13 @@ class PrintCallback(Callback):
 
     def on_epoch_end(self, trainer: Trainer) -> None:
         trainer.log(lbann_log.epoch_block(trainer.epoch, trainer.shape))
-        trainer.log(lbann_log.training_lines(trainer.epoch, trainer.stats))
+        task = trainer.task
+        trainer.log(lbann_log.training_lines(trainer.epoch, trainer.stats, task.metric_label, task.metric_unit))
 
     def on_test_end(self, trainer: Trainer) -> None:
-        trainer.log(lbann_log.test_lines(trainer.stats.test_loss, trainer.stats.test_accuracy))
+        task = trainer.task
+        trainer.log(lbann_log.test_lines(trainer.stats.test_loss, trainer.stats.test_accuracy, task.metric_label,
+                                         task.metric_unit))
 
 
 class MemoryCallback(Callback):

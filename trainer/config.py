@@ -18,6 +18,7 @@ from models import MODELS
 from trainer.distributed import BACKENDS
 from trainer.optimizers import OptimizerConfig, validate_optimizer
 from trainer.precision import precision_errors
+from trainer.tasks import TASKS
 
 DEVICES = ("auto", "cpu", "cuda")
 PROGRESS = ("auto", "true", "false")
@@ -26,9 +27,11 @@ ON_NONFINITE = ("skip", "stop")  # trainer.on_nonfinite: what a step with a NaN/
 
 @dataclass
 class ModelConfig:
-    """The model group: which of LBANN's networks to train."""
+    """The model group: which network to train, and its task (trainer/tasks.py)."""
 
     name: str = "mlp"
+    task: str = "classification"  # classification | reconstruction (the autoencoder)
+    l2: float = 0.0  # η of the objective's ½η‖θ‖² (the autoencoder's 1e-5)
 
 
 @dataclass
@@ -86,6 +89,7 @@ def validate(cfg: Any) -> list[str]:
     errors: list[str] = []
     if cfg.model.name not in MODELS:
         errors.append(f"model.name: {cfg.model.name!r} is not one of {', '.join(MODELS)}")
+    errors += model_errors(cfg)
     t = cfg.trainer
     if t.epochs < 1:
         errors.append(f"trainer.epochs: must be >= 1, got {t.epochs} (0 epochs would train nothing)")
@@ -146,6 +150,29 @@ def validate(cfg: Any) -> list[str]:
         errors.append(f"kfac.fisher=mc: not supported with trainer.accumulate_steps={t.accumulate_steps} > 1; "
                       "use kfac.fisher=empirical or trainer.accumulate_steps=1")
     errors += validate_launcher(cfg.launcher)
+    return errors
+
+
+def model_errors(cfg: Any) -> list[str]:
+    """The model's task and L2 term, and what they rule out."""
+    errors = []
+    m = cfg.model
+    if m.task not in TASKS:
+        errors.append(f"model.task: {m.task!r} is not one of {', '.join(TASKS)}")
+    if not m.l2 >= 0:
+        errors.append(f"model.l2: must be >= 0, got {m.l2}")
+    if m.task == "reconstruction" and cfg.trainer.stop_at_test_accuracy is not None:
+        errors.append("trainer.stop_at_test_accuracy: the reconstruction task has no accuracy; use "
+                      "trainer.stop_at_train_objective")
+    k = cfg.kfac
+    if k.enabled and k.adapt_learning_rate:
+        o = cfg.optimizer
+        if o.name != "sgd" or o.weight_decay:
+            errors.append(f"kfac.adapt_learning_rate: needs optimizer=sgd without weight decay (K-FAC writes the "
+                          f"whole update; put L2 in model.l2), got optimizer.name={o.name}, "
+                          f"optimizer.weight_decay={o.weight_decay:g}")
+        if cfg.trainer.accumulate_steps > 1:
+            errors.append("kfac.adapt_learning_rate: not supported with trainer.accumulate_steps > 1")
     return errors
 
 

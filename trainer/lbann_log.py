@@ -75,26 +75,27 @@ def batch_time_stats(times: Sequence[float]) -> tuple[float, float, float, float
     return mean, max(times), min(times), math.sqrt(var)
 
 
-def training_lines(epoch: int, stats: Any) -> str:
-    """LBANN's training objective, accuracy, run time and mini-batch time lines."""
+def training_lines(epoch: int, stats: Any, metric: str = "accuracy", unit: str = "%") -> str:
+    """LBANN's training objective, metric (accuracy, or the autoencoder's mean squared error),
+    run time and mini-batch time lines."""
     p = f"model0 (instance 0) training epoch {epoch}"
     mean, mx, mn, sd = batch_time_stats(stats.batch_times)
     return "\n".join(
         [
             f"{p} objective function : {g(stats.train_loss)}",
-            f"{p} accuracy : {g(stats.train_accuracy)}%",
+            f"{p} {metric} : {g(stats.train_accuracy)}{unit}",
             f"{p} run time : {g(stats.epoch_time)}s",
             f"{p} mini-batch time statistics : {g(mean)}s mean, {g(mx)}s max, {g(mn)}s min, {g(sd)}s stdev",
         ]
     )
 
 
-def test_lines(loss: float, accuracy: float) -> str:
-    """LBANN's test objective and accuracy lines."""
+def test_lines(loss: float, accuracy: float, metric: str = "accuracy", unit: str = "%") -> str:
+    """LBANN's test objective and metric (accuracy) lines."""
     return "\n".join(
         [
             f"model0 (instance 0) test objective function : {g(loss)}",
-            f"model0 (instance 0) test accuracy : {g(accuracy)}%",
+            f"model0 (instance 0) test {metric} : {g(accuracy)}{unit}",
         ]
     )
 

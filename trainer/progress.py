@@ -144,8 +144,11 @@ class ProgressCallback(Callback):
             self._batches.close()
             self._batches = None
         if self._epochs is not None:
-            self._epochs.set_postfix(objective=f"{trainer.stats.train_loss:.4g}",
-                                     accuracy=f"{trainer.stats.train_accuracy:.2f}%", refresh=False)
+            task = trainer.task
+            self._epochs.set_postfix({"objective": f"{trainer.stats.train_loss:.4g}",
+                                      task.metric_key: f"{trainer.stats.train_accuracy:.2f}%" if task.metric_unit == "%"
+                                      else f"{trainer.stats.train_accuracy:.4g}"},
+                                     refresh=False)
             self._epochs.update(1)
 
     def on_train_end(self, trainer: Trainer) -> None:

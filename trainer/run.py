@@ -25,6 +25,7 @@ from trainer.optimizers import OptimizerConfig, build_optimizer
 from trainer.placement import gather_placements, placement_lines
 from trainer.preflight import SetupError, problems
 from trainer.progress import ProgressCallback
+from trainer.tasks import make_task
 from trainer.trainer import Trainer
 from trainer.watchdog import StepWatchdog
 
@@ -93,6 +94,7 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     model = build_model(cfg.model.name).to(device=device, dtype=dtype)
     optimizer = build_optimizer(ocfg, model.parameters())
+    task = make_task(cfg.model.task, cfg.model.l2)
 
     callbacks = [TimerCallback(), PrintCallback(), MemoryCallback()]
     if cfg.kfac.enabled:
@@ -100,7 +102,7 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
 
         options = OmegaConf.to_container(cfg.kfac, resolve=True)
         options.pop("enabled")
-        callbacks.append(KFACCallback(model, comm=comm, printer=log, **options))
+        callbacks.append(KFACCallback(model, comm=comm, printer=log, output=task.output, l2_reg=task.l2, **options))
     if comm.world_size > 1 and tcfg.step_timeout_s > 0:
         callbacks.append(StepWatchdog(tcfg.step_timeout_s, comm.rank, placements, output_dir))
     # Last, so the timer's batch times leave out drawing the bars.
@@ -141,6 +143,7 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
         accumulate_steps=tcfg.accumulate_steps,
         precision=tcfg.precision,
         lr_schedule=functools.partial(learning_rate, ocfg),
+        task=task,
     )
     schedule = describe(ocfg, trainer.epochs * trainer.shape.train_iters)
     if schedule:

@@ -24,7 +24,7 @@ def epoch_scalars(trainer: Any) -> dict[str, float]:
     times = stats.batch_times
     scalars = {
         "train/objective": stats.train_loss,
-        "train/accuracy": stats.train_accuracy,
+        f"train/{trainer.task.metric_key}": stats.train_accuracy,
         "time/epoch_run_time": stats.epoch_time,
         "time/minibatch_mean": sum(times) / len(times) if times else 0.0,
     }
@@ -39,7 +39,7 @@ def epoch_scalars(trainer: Any) -> dict[str, float]:
 
 def evaluation_scalars(trainer: Any) -> dict[str, float]:
     """The test objective and accuracy of the last evaluation."""
-    return {"test/objective": trainer.stats.test_loss, "test/accuracy": trainer.stats.test_accuracy}
+    return {"test/objective": trainer.stats.test_loss, f"test/{trainer.task.metric_key}": trainer.stats.test_accuracy}
 
 
 class TensorBoardCallback(Callback):

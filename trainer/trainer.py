@@ -25,7 +25,6 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from kfac_callback.base import Callback
 from launcher.workdir import PREEMPTED_FILE, atomic_write_text
@@ -45,11 +44,13 @@ from trainer.metrics import append_metrics, rewrite_metrics
 from trainer.precision import make_precision
 from trainer.signals import StopSignals
 from trainer.state import load_trainer_state, trainer_state
+from trainer.tasks import Task, make_task
 
 
 @dataclass
 class Stats:
-    """What the current epoch and the last test measured (read by the callbacks)."""
+    """What the current epoch and the last test measured (read by the callbacks). The
+    ``*_accuracy`` fields hold the task's metric (accuracy in %, or the reconstruction error)."""
 
     train_loss: float = float("nan")
     train_accuracy: float = float("nan")
@@ -91,6 +92,7 @@ class Trainer:
         precision: ``fp32``, ``bf16`` or ``fp16`` (autocast; fp16 with a GradScaler, GPUs only).
         lr_schedule: ``(step, total_steps) -> learning rate``, set on every param group before each
             step's hooks (``trainer.lr_schedule``; None: the optimizer's rate stays as built).
+        task: targets, loss and metric (``trainer.tasks``; None: classification).
     """
 
     def __init__(
@@ -117,8 +119,10 @@ class Trainer:
         accumulate_steps: int = 1,
         precision: str = "fp32",
         lr_schedule: Optional[Callable[[int, int], float]] = None,
+        task: Optional[Task] = None,
     ) -> None:
         self.model, self.optimizer, self.data = model, optimizer, data
+        self.task = task or make_task("classification")
         self.epochs, self.mini_batch_size = epochs, mini_batch_size
         self.callbacks = list(callbacks)
         self.comm, self.device, self.seed = comm, device, seed
@@ -154,6 +158,8 @@ class Trainer:
         self.plan = batch_plan(len(self.data.train_y), self.mini_batch_size, self.comm.world_size)
         self.shares: Optional[tuple[int, ...]] = None  # per rank, its samples of the current step
         self.logits: Optional[torch.Tensor] = None  # the step's logits, before its backward (accumulate_steps=1)
+        self.inputs: Optional[torch.Tensor] = None  # and its inputs and targets (K-FAC's adaptive rules)
+        self.targets: Optional[torch.Tensor] = None
         self.shape = self._epoch_shape()
         self._start = time.time()
         self._dispatch("on_setup_end")
@@ -291,7 +297,7 @@ class Trainer:
         totals = self.totals.clone()
         self.comm.allreduce_sum_([totals])
         self.stats.train_loss = (totals[0] / totals[2]).item()
-        self.stats.train_accuracy = (100.0 * totals[1] / totals[2]).item()
+        self.stats.train_accuracy = self.task.metric(float(totals[1]), float(totals[2]))
         self._dispatch("on_epoch_end")
         return True
 
@@ -311,10 +317,12 @@ class Trainer:
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> int:
         """Forward and backward of this rank's share, in ``accumulate_steps`` micro-batches.
 
-        Sets ``self.loss`` (the mean over the share) before the last backward, when
-        ``on_forward_prop_end`` runs. Returns the share's correct predictions.
+        Sets ``self.loss`` (the mean over the share, with the task's L2 term) before the last
+        backward, when ``on_forward_prop_end`` runs. Returns the share's metric sum (the task's:
+        correct predictions, or squared errors).
         """
-        n, k = len(y), self.accumulate_steps
+        n, k, task = len(y), self.accumulate_steps, self.task
+        targets = task.targets(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         if k == 1:
             with self.precision.autocast():
@@ -322,24 +330,25 @@ class Trainer:
                 # A rank without samples this step still runs forward and backward, so that it takes
                 # part in every collective and every K-FAC hook fires; it contributes zero (the mean
                 # of no samples would be NaN) (docs/algorithm.md §6).
-                self.loss = F.cross_entropy(logits, y) if n else logits.sum() * 0
-            self.logits = logits  # read by callbacks at on_forward_prop_end (K-FAC's fisher=mc)
+                self.loss = task.loss_sum(logits, targets) / n + task.penalty(self.model) if n else logits.sum() * 0
+            # Read by callbacks at on_forward_prop_end (K-FAC's fisher=mc and adaptive rules).
+            self.logits, self.inputs, self.targets = logits, x, targets
             self._dispatch("on_forward_prop_end")
             self.precision.scale(self.loss).backward()
-            with torch.no_grad():
-                return int((logits.argmax(1) == y).sum())
+            return task.metric_sum(logits, targets)
         # k micro-batches, every rank the same number (empty ones too: every K-FAC hook fires k
         # times on every rank). Each loss is its sum over n, so the k backward passes add up to
         # the gradient of the share's mean loss (docs/algorithm.md §3).
         done = torch.zeros((), dtype=torch.float64)
-        correct = 0
+        correct = 0.0
         sizes = split_batch(n, k)
-        for m, (xm, ym) in enumerate(zip(torch.split(x, sizes), torch.split(y, sizes), strict=True)):
+        for m, (xm, ym) in enumerate(zip(torch.split(x, sizes), torch.split(targets, sizes), strict=True)):
             with self.precision.autocast():
                 logits = self.model(xm)
-                loss = (F.cross_entropy(logits, ym, reduction="sum") / n) if len(ym) else logits.sum() * 0
-            with torch.no_grad():
-                correct += int((logits.argmax(1) == ym).sum())
+                # The L2 term in shares n_m/n of the micro-batches: the k add up to one.
+                loss = ((task.loss_sum(logits, ym) + len(ym) * task.penalty(self.model)) / n
+                        if len(ym) else logits.sum() * 0)
+            correct += task.metric_sum(logits, ym)
             if m == k - 1:
                 self.loss = loss.detach().double() + done
                 self._dispatch("on_forward_prop_end")
@@ -447,8 +456,8 @@ class Trainer:
         full = ""
         if self.full_train_objective:
             train_loss, train_accuracy = self.evaluate_train()
-            full = f", full training objective {train_loss:.6g} (accuracy {train_accuracy:.2f}%)"
-        self.log(f"trainer: step {self.step} (epoch {self.epoch}): test accuracy {accuracy:.2f}%, "
+            full = f", full training objective {train_loss:.6g} ({self._metric_text(train_accuracy)})"
+        self.log(f"trainer: step {self.step} (epoch {self.epoch}): test {self._metric_text(accuracy)}, "
                  f"objective {loss:.6g}{full}, {self.train_time():.1f}s of training")
         self._after_test()
         if running:
@@ -462,11 +471,11 @@ class Trainer:
                 "kind": "test", "step": step, "epoch": self.epoch,
                 "epochs_done": self.epoch + self.batch / max(1, self.shape.train_iters),
                 "train_time": self.train_time(), "wall_time": time.time() - self._start,
-                "test_objective": loss, "test_accuracy": accuracy,
+                "test_objective": loss, f"test_{self.task.metric_key}": accuracy,
             }
             if self.full_train_objective:
                 train_loss, train_accuracy = self.evaluate_train()  # the periodic test's pass, or the final test's
-                record.update(train_objective_full=train_loss, train_accuracy_full=train_accuracy)
+                record.update({"train_objective_full": train_loss, f"train_{self.task.metric_key}_full": train_accuracy})
                 target = self.stop_at_train_objective
                 if target is not None and train_loss <= target:
                     self.reached_objective = train_loss
@@ -475,6 +484,12 @@ class Trainer:
                 append_metrics(self.metrics_path, record)
         if self.stop_at_test_accuracy is not None and accuracy >= self.stop_at_test_accuracy:
             self.reached = accuracy
+
+    def _metric_text(self, value: float) -> str:
+        """``accuracy 97.50%`` or ``mean squared error 12.3``: the task's metric in a progress line."""
+        if self.task.metric_unit == "%":
+            return f"{self.task.metric_label} {value:.2f}%"
+        return f"{self.task.metric_label} {value:.6g}"
 
     def evaluate(self) -> tuple[float, float]:
         """(Objective, accuracy in %) on the (never shuffled) test set; every rank evaluates its share.
@@ -498,7 +513,7 @@ class Trainer:
         """(Objective, accuracy in %) of all of ``x, y`` in order, every rank its share of each batch."""
         batches = epoch_batches(len(y), self.mini_batch_size, 0, self.seed, self.comm.rank,
                                 self.comm.world_size, shuffle=False)
-        return evaluate(self.model, x, y, batches, self.device, self.comm)
+        return evaluate(self.model, x, y, batches, self.device, self.comm, self.task)
 
     def target_met(self) -> bool:
         """Whether a test met ``stop_at_test_accuracy`` or ``stop_at_train_objective`` (the same on
@@ -511,7 +526,7 @@ class Trainer:
             "epoch": self.epoch,
             "step": self.step,
             "train_objective": self.stats.train_loss,
-            "train_accuracy": self.stats.train_accuracy,
+            f"train_{self.task.metric_key}": self.stats.train_accuracy,
             "learning_rate": self.learning_rate(),
             "run_time": self.stats.epoch_time,
             "wall_time": time.time() - self._start,
@@ -519,7 +534,7 @@ class Trainer:
         }
         if self.stats.test_accuracy is not None:
             record["test_objective"] = self.stats.test_loss
-            record["test_accuracy"] = self.stats.test_accuracy
+            record[f"test_{self.task.metric_key}"] = self.stats.test_accuracy
         for callback in self.callbacks:
             extra = getattr(callback, "metrics", None)
             if callable(extra):
