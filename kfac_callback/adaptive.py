@@ -12,8 +12,9 @@ damping and η the L2 coefficient of the objective. In the plane that is a 2×2 
 entries need Cδ products only as quadratic forms: (J d_a)ᵀ H (J d_b) / N summed over samples,
 J d a forward-mode product through the network and H the loss's curvature in the logits
 (``outputs.py``). Every T steps the damping follows the reduction ratio
-ρ = (h(θ+δ) − h(θ)) / (M̂(δ) − M̂(0)), M̂ the undamped model: λ ← ω·λ when ρ > 3/4, λ ← λ/ω
-when ρ < 1/4, within [λ_min, λ_max]; the factors' damping is tied to it, √(λ + η).
+ρ = (h(θ+δ) − h(θ)) / (M̂(δ) − M̂(0)), M̂ the model without λ: λ ← ω·λ when ρ > 3/4, λ ← λ/ω
+when ρ < 1/4 (or ρ not finite), ω = decay^T, within [λ_min, λ_max]; the factors' damping is
+tied to it, √(λ + η).
 
 The pieces here are pure functions of tensors; ``AdaptiveRules`` holds the state (λ, δ₀, the
 last α, μ, ρ) and runs them inside ``KFACCallback.step``. Every reduction is a sum over ranks of
@@ -30,7 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, jvp
+from torch.func import functional_call, jvp, vmap
 
 from kfac_callback.base import Communicator
 from kfac_callback.outputs import Bernoulli, Categorical
@@ -54,8 +55,9 @@ def curvature_gram(model: nn.Module, params: Mapping[str, torch.Tensor], inputs:
     """The logits at ``params`` and the matrix of this rank's ``(J d_a)ᵀ H (J d_b) / N``.
 
     Summed over ranks it is ``d_aᵀ C d_b``, C = (1/N) Σ_i J_iᵀ H_i J_i the mini-batch's
-    generalised Gauss-Newton matrix (the Fisher, for these losses). One forward-mode product
-    per direction, in float64 for the sums.
+    generalised Gauss-Newton matrix (the Fisher, for these losses). The forward-mode products
+    of all directions run in one vmapped pass where the model allows it (BatchNorm's in-place
+    running statistics do not), else one pass each; the sums in float64.
     """
     names = list(params)
     primals = tuple(params[n] for n in names)
@@ -63,11 +65,18 @@ def curvature_gram(model: nn.Module, params: Mapping[str, torch.Tensor], inputs:
     def f(*values: torch.Tensor) -> torch.Tensor:
         return _call(model, dict(zip(names, values, strict=True)), inputs)
 
-    logits, products = None, []
-    for d in directions:
-        with _FORWARD_AD:
-            logits, jd = jvp(f, primals, tuple(d[n].to(params[n].dtype) for n in names))
-        products.append(jd.flatten(1).double())
+    tangents = [tuple(d[n].to(params[n].dtype) for n in names) for d in directions]
+    with _FORWARD_AD, torch.no_grad():
+        logits, products = None, None
+        if len(tangents) > 1 and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            stacked = tuple(torch.stack(ts) for ts in zip(*tangents, strict=True))
+            logits, jd = vmap(lambda *t: jvp(f, primals, t), out_dims=(None, 0))(*stacked)
+            products = [p.flatten(1).double() for p in jd]
+        else:
+            products = []
+            for t in tangents:
+                logits, jd = jvp(f, primals, t)
+                products.append(jd.flatten(1).double())
     k = len(products)
     gram = torch.zeros(k, k, dtype=torch.float64)
     flat = logits.detach().flatten(1).double()
@@ -179,7 +188,7 @@ class AdaptiveRules:
 
         Args:
             plain: the rank-combined plain gradient ∇h (with the L2 term) by parameter name.
-            step: s, the K-FAC step (the damping adapts when s mod T = 0).
+            step: s, the K-FAC step (the damping adapts when s + 1 is a multiple of T).
             batch: this rank's (inputs, targets) of the step.
             n_global: N, the step's global batch.
             learning_rate: the base optimizer's rate lr.
@@ -195,7 +204,8 @@ class AdaptiveRules:
             before = float(output.loss_sum(logits.double(), targets).cpu()) / n_global
         else:  # a rank without samples adds zeros to every sum
             curvature, before = torch.zeros(len(dirs), len(dirs), dtype=torch.float64), 0.0
-        adapt = c.adapt_damping and step % c.damping_adaptation_interval == 0
+        interval = c.damping_adaptation_interval
+        adapt = c.adapt_damping and (step + 1) % interval == 0
         totals = torch.cat([curvature.flatten(), torch.tensor([before], dtype=torch.float64)])
         comm.allreduce_sum_([totals])
         curvature = totals[:-1].reshape(len(dirs), len(dirs))
@@ -213,7 +223,7 @@ class AdaptiveRules:
                                                  for n in named))
             change = float(after[0]) - float(totals[-1]) + l2_change
             self.rho = change / coef.model_change if coef.model_change < 0 else float("nan")
-            self.damping = levenberg_marquardt(self.damping, self.rho, c.damping_adaptation_decay,
+            self.damping = levenberg_marquardt(self.damping, self.rho, c.damping_adaptation_decay ** interval,
                                                c.min_damping, c.max_damping)
         for n, p in named.items():
             p.grad = (-delta[n] / learning_rate).to(p.dtype)

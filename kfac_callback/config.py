@@ -64,7 +64,7 @@ class KFACConfig:
     # update's size α from the exact quadratic model (the base optimizer must be plain SGD; its
     # learning rate is only the unit the update is written in); adapt_momentum: also its
     # momentum μ; adapt_damping: λ by Levenberg-Marquardt every damping_adaptation_interval
-    # steps, from initial_damping, times or divided by damping_adaptation_decay, within
+    # steps T, from initial_damping, times or divided by damping_adaptation_decay^T, within
     # [min_damping, max_damping], the factors' damping tied to it (damping_act and damping_err
     # become √(λ + η), π-corrected with use_pi).
     adapt_learning_rate: bool = False
@@ -72,7 +72,7 @@ class KFACConfig:
     adapt_damping: bool = False
     initial_damping: float = 1.0
     damping_adaptation_interval: int = 5
-    damping_adaptation_decay: float = 0.9
+    damping_adaptation_decay: float = 0.95
     min_damping: float = 1e-8
     max_damping: float = 1e8
 

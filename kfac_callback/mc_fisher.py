@@ -74,10 +74,11 @@ class MonteCarloFisher:
         Call it on every step after the forward pass, before ``loss.backward()``, with the
         step's logits (n × classes for softmax cross-entropy, n × outputs for the Bernoulli
         output; the callback's ``output``). It does nothing unless ``fisher=mc`` and this step
-        updates the factors; then it draws one target per sample from the model's prediction and differentiates that loss's mean over the rank's rows with
-        respect to the layers' outputs (one extra backward, ``.grad`` untouched); the coming
-        ``step()`` builds G and F from these gradients, the gradient and the batch route
-        keep the true labels' (docs/algorithm.md §3, "Fisher"). With uneven shares call
+        updates the factors; then it draws one target per sample from the model's prediction and
+        differentiates that loss's mean over the rank's rows with respect to the layers'
+        outputs (one extra backward, ``.grad`` untouched); the coming ``step()`` builds G and F
+        from these gradients, the gradient and the batch route keep the true labels'
+        (docs/algorithm.md §3, "Fisher"). With uneven shares call
         ``expect_shares`` first: the labels are drawn over the global batch.
         """
         if self.config.fisher != "mc" or not self.is_update_step():

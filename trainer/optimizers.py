@@ -19,6 +19,7 @@ class OptimizerConfig:
     name: str = "adam"
     learning_rate: float = 0.001
     momentum: float = 0.9  # momentum
+    nesterov: bool = False  # momentum: Nesterov's variant
     beta1: float = 0.9  # adam
     beta2: float = 0.99  # adam
     decay: float = 0.99  # rmsprop
@@ -52,7 +53,7 @@ def build_optimizer(cfg: OptimizerConfig, params: Iterable[torch.nn.Parameter]) 
     """Builds the optimizer named by ``cfg.name`` over ``params``."""
     lr, wd = cfg.learning_rate, cfg.weight_decay
     if cfg.name == "momentum":
-        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd)
+        return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd, nesterov=cfg.nesterov)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=lr, weight_decay=wd)
     if cfg.name == "adam":

@@ -144,6 +144,7 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
         precision=tcfg.precision,
         lr_schedule=functools.partial(learning_rate, ocfg),
         task=task,
+        max_train_seconds=tcfg.max_train_seconds,
     )
     schedule = describe(ocfg, trainer.epochs * trainer.shape.train_iters)
     if schedule:

@@ -83,6 +83,8 @@ class Trainer:
         full_train_objective: every test record (``test_every_steps``) also holds the objective and
             accuracy on the whole training set, evaluated like the test set (eval mode, in order).
         stop_at_train_objective: end the run once that full-train objective is <= this (None: never).
+        max_train_seconds: end the run at the first periodic test after this many seconds of
+            training on any rank (None: never): every method of a benchmark gets the same budget.
         metrics_path: where one JSON line per epoch (and per test, see above) goes (None: nowhere).
         log: prints a line (on rank 0).
         checkpoint: when and where to write checkpoints (None: never; also no stop on signals).
@@ -120,6 +122,7 @@ class Trainer:
         precision: str = "fp32",
         lr_schedule: Optional[Callable[[int, int], float]] = None,
         task: Optional[Task] = None,
+        max_train_seconds: Optional[float] = None,
     ) -> None:
         self.model, self.optimizer, self.data = model, optimizer, data
         self.task = task or make_task("classification")
@@ -151,6 +154,8 @@ class Trainer:
         self.reached: Optional[float] = None  # the test accuracy that met stop_at_test_accuracy
         self.full_train_objective, self.stop_at_train_objective = full_train_objective, stop_at_train_objective
         self.reached_objective: Optional[float] = None  # the full-train objective that met stop_at_train_objective
+        self.max_train_seconds = max_train_seconds
+        self.out_of_time = False  # a periodic test found max_train_seconds spent
         self._eval: Optional[tuple[int, float, float]] = None  # (step, loss, accuracy) of the last test
         self._train_eval: Optional[tuple[int, float, float]] = None  # the same, of the last full-train pass
         self.clock = TrainClock()  # training seconds, tests left out
@@ -219,6 +224,9 @@ class Trainer:
             self.log(f"trainer: full training objective {self.reached_objective:.6g} <= trainer.stop_at_train_objective="
                      f"{lbann_log.g(self.stop_at_train_objective)} at step {self.step} (epoch {self.epoch}) after "
                      f"{self.train_time():.1f}s of training; run stopped")
+        if cut_short and self.out_of_time:
+            self.log(f"trainer: {self.train_time():.1f}s of training >= trainer.max_train_seconds="
+                     f"{lbann_log.g(self.max_train_seconds)} at step {self.step} (epoch {self.epoch}); run stopped")
         if cut_short and self.reached is not None:
             self.log(f"trainer: test accuracy {self.reached:.2f}% >= trainer.stop_at_test_accuracy="
                      f"{lbann_log.g(self.stop_at_test_accuracy)} at step {self.step} (epoch {self.epoch}) after "
@@ -484,6 +492,11 @@ class Trainer:
                 append_metrics(self.metrics_path, record)
         if self.stop_at_test_accuracy is not None and accuracy >= self.stop_at_test_accuracy:
             self.reached = accuracy
+        if self.max_train_seconds is not None and self.test_every_steps:
+            # Each rank's clock differs a little: the run stops when any rank's budget is spent.
+            spent = torch.tensor([float(self.train_time() >= self.max_train_seconds)], dtype=torch.float64)
+            self.comm.allreduce_sum_([spent])
+            self.out_of_time = self.out_of_time or bool(spent.item() > 0)
 
     def _metric_text(self, value: float) -> str:
         """``accuracy 97.50%`` or ``mean squared error 12.3``: the task's metric in a progress line."""
@@ -518,7 +531,7 @@ class Trainer:
     def target_met(self) -> bool:
         """Whether a test met ``stop_at_test_accuracy`` or ``stop_at_train_objective`` (the same on
         every rank: both numbers are sums over all ranks)."""
-        return self.reached is not None or self.reached_objective is not None
+        return self.reached is not None or self.reached_objective is not None or self.out_of_time
 
     def _record(self) -> None:
         mean, mx, mn, sd = lbann_log.batch_time_stats(self.stats.batch_times)

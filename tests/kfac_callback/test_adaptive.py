@@ -113,7 +113,10 @@ def test_categorical_and_bernoulli_curvature_are_the_loss_hessians() -> None:
     gen = torch.Generator().manual_seed(0)
     z, v = torch.randn(1, 4, generator=gen, dtype=D), torch.randn(1, 4, generator=gen, dtype=D)
     for output, target in ((Categorical(), torch.tensor([2])), (Bernoulli(), torch.rand(1, 4, generator=gen, dtype=D))):
-        hessian = torch.autograd.functional.hessian(lambda t: output.loss_sum(t.unsqueeze(0), target), z[0])
+        def loss(t: torch.Tensor, output=output, target=target) -> torch.Tensor:
+            return output.loss_sum(t.unsqueeze(0), target)
+
+        hessian = torch.autograd.functional.hessian(loss, z[0])
         assert torch.allclose(output.curvature(z, v)[0], hessian @ v[0], atol=1e-12)
 
 
@@ -209,7 +212,7 @@ def test_the_update_minimises_the_dense_model_over_kfac_direction_and_previous_u
     c_l2 = dense_ggn(twin, x, output) + l2 * torch.eye(len(g), dtype=D)
     rho = (h(theta + delta) - h(theta)) / float(0.5 * delta @ c_l2 @ delta + g @ delta)
     assert cb.adaptive.rho == pytest.approx(rho, rel=1e-8)
-    assert cb.adaptive.damping == levenberg_marquardt(damping, rho, 0.9, 1e-8, 1e8)
+    assert cb.adaptive.damping == levenberg_marquardt(damping, rho, 0.95, 1e-8, 1e8)  # ω = 0.95¹ (T = 1)
 
 
 def test_factor_damping_is_tied_to_the_adaptive_damping() -> None:
