@@ -417,7 +417,7 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
                 with self.clock("adaptive"), self.capture.paused():
                     n = len(batch[0])
                     self.adaptive.update(self.model, gradient, s, batch, self.output, self.comm,
-                                         self._global_batch(n, shares), learning_rate)
+                                         self._global_batch(n, shares), learning_rate, shares)
         for d in self.dampings:
             d.advance()
         self.steps += 1

@@ -83,8 +83,8 @@ class Trainer:
         full_train_objective: every test record (``test_every_steps``) also holds the objective and
             accuracy on the whole training set, evaluated like the test set (eval mode, in order).
         stop_at_train_objective: end the run once that full-train objective is <= this (None: never).
-        max_train_seconds: end the run at the first periodic test after this many seconds of
-            training on any rank (None: never): every method of a benchmark gets the same budget.
+        max_train_seconds: end the run, with a periodic test, at the first step after which any rank
+            has trained this many seconds (None: never): every method of a benchmark gets one budget.
         metrics_path: where one JSON line per epoch (and per test, see above) goes (None: nowhere).
         log: prints a line (on rank 0).
         checkpoint: when and where to write checkpoints (None: never; also no stop on signals).
@@ -302,6 +302,9 @@ class Trainer:
                 self.periodic_test()
                 if self.target_met():
                     break  # the epoch ends here; fit() makes it the last
+            elif self.max_train_seconds is not None and self._budget_spent():
+                self.periodic_test()  # the run's last point, at the step the budget ran out
+                break
         totals = self.totals.clone()
         self.comm.allreduce_sum_([totals])
         self.stats.train_loss = (totals[0] / totals[2]).item()
@@ -492,11 +495,15 @@ class Trainer:
                 append_metrics(self.metrics_path, record)
         if self.stop_at_test_accuracy is not None and accuracy >= self.stop_at_test_accuracy:
             self.reached = accuracy
-        if self.max_train_seconds is not None and self.test_every_steps:
-            # Each rank's clock differs a little: the run stops when any rank's budget is spent.
-            spent = torch.tensor([float(self.train_time() >= self.max_train_seconds)], dtype=torch.float64)
-            self.comm.allreduce_sum_([spent])
-            self.out_of_time = self.out_of_time or bool(spent.item() > 0)
+        if self.max_train_seconds is not None and not self.out_of_time:
+            self.out_of_time = self._budget_spent()
+
+    def _budget_spent(self) -> bool:
+        """Whether any rank has trained ``max_train_seconds`` (each rank's clock differs a little;
+        the sum over ranks makes every rank decide alike)."""
+        spent = torch.tensor([float(self.train_time() >= self.max_train_seconds)], dtype=torch.float64)
+        self.comm.allreduce_sum_([spent])
+        return bool(spent.item() > 0)
 
     def _metric_text(self, value: float) -> str:
         """``accuracy 97.50%`` or ``mean squared error 12.3``: the task's metric in a progress line."""
