@@ -228,6 +228,12 @@ def make_config(**kwargs: Any) -> KFACConfig:
         kwargs["disable_layers"] = [s for s in kwargs["disable_layers"].split(",") if s.strip()]
     if "disable_layers" in kwargs:
         kwargs["disable_layers"] = [str(s).strip() for s in kwargs["disable_layers"]]
+    for f in dataclasses.fields(KFACConfig):  # "1e-5" read by a YAML 1.1 reader is a string
+        if f.type == "float" and isinstance(kwargs.get(f.name), (str, int)) and not isinstance(kwargs[f.name], bool):
+            try:
+                kwargs[f.name] = float(kwargs[f.name])
+            except ValueError:
+                pass  # validation names it
     cfg = KFACConfig(**kwargs)
     errors = validate_kfac(cfg)
     if errors:
