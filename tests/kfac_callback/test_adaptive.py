@@ -296,3 +296,9 @@ def test_the_rules_refuse_what_they_cannot_serve() -> None:
     with pytest.raises(ValueError, match="accumulate_steps"):
         cb.accumulate_steps = 2
     assert AdaptiveRules(make_config()).enabled is False
+
+
+def test_the_setup_line_names_the_rules() -> None:
+    line = KFACCallback(mlp(), printer=lambda s: None, **RULES).setup_lines()[0]
+    assert " adaptive=lr+momentum+damping initial_damping=0.5 damping_range=1e-08..1e+08 damping_adaptation=1x0.95 " in line
+    assert "adaptive" not in KFACCallback(mlp(), printer=lambda s: None).setup_lines()[0]
