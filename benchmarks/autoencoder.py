@@ -70,7 +70,7 @@ def run_one(name: str, overrides: list[str], args: argparse.Namespace) -> dict[s
     exp = Path(args.runs) / f"b{args.batch}" / name
     cmd = [*pin(args), sys.executable, str(ROOT / "kfac.py"), "--model", "autoencoder", *overrides,
            f"trainer.mini_batch_size={args.batch}", "trainer.epochs=100000", "trainer.progress=false",
-           f"trainer.test_every_steps={test_every(args.batch)}", "trainer.full_train_objective=true",
+           f"trainer.test_every_steps={args.test_every or test_every(args.batch)}", "trainer.full_train_objective=true",
            f"trainer.max_train_seconds={args.seconds}", "data.max_test_samples=1000", "trainer.keep_checkpoints=1",
            f"trainer.num_threads={args.threads}",
            f"launcher.experiment_dir={exp}", f"launcher.job_name={name}"]
@@ -179,6 +179,8 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=0, help="0: all 60000")
     parser.add_argument("--peer-python", default="")
     parser.add_argument("--cpus", default="", help="taskset CPU list for every run (e.g. 0)")
+    parser.add_argument("--test-every", type=int, default=0, help="steps between full-train evaluations "
+                        "(0: one per 60000 samples)")
     parser.add_argument("--threads", type=int, default=1, help="torch (and XLA) threads per run")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--runs", default=str(ROOT / "experiments" / "autoencoder"))
