@@ -28,6 +28,7 @@ and plots objective and error against seconds and steps. Finished runs are kept 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shlex
@@ -129,9 +130,17 @@ class Store:
         return self.data.setdefault(str(batch), {})
 
     def add(self, batch: int, run: dict[str, Any]) -> None:
-        self.runs(batch)[run["name"]] = run
+        """Adds ``run`` to the file as it is now (another process may have added runs meanwhile)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.data, indent=1))
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            on_disk = json.loads(self.path.read_text()) if self.path.exists() else {}
+            for b, runs in on_disk.items():
+                self.data.setdefault(b, {}).update({n: r for n, r in runs.items() if n not in self.data.get(b, {})})
+            self.runs(batch)[run["name"]] = run
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data, indent=1))
+            tmp.replace(self.path)
 
 
 def ensure(store: Store, args: argparse.Namespace, planned: dict[str, list[str]]) -> None:
