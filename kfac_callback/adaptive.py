@@ -169,6 +169,32 @@ class AdaptiveRules:
         self.damping = float(config.initial_damping)  # λ
         self.previous: dict[str, torch.Tensor] | None = None  # δ₀
         self.alpha = self.mu = self.rho = float("nan")
+        self.calibrated = not config.calibrate_damping  # λ₀ set from the first step's curvature
+
+    def subsample(self, batch: tuple[Any, Any], comm: Communicator, n_global: int,
+                  shares: Sequence[int] | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This rank's rows of the model's subsample (``adaptive_batch_size``) and its global size."""
+        inputs, targets = batch
+        m, keep = factor_batch(self.config.adaptive_batch_size, len(inputs), comm.world_size, comm.rank, shares)
+        return (inputs, targets, n_global) if m is None else (inputs[:keep], targets[:keep], m)
+
+    def calibrate(self, model: nn.Module, plain: Mapping[str, torch.Tensor], batch: tuple[Any, Any],
+                  output: Categorical | Bernoulli, comm: Communicator, n_global: int,
+                  shares: Sequence[int] | None = None) -> None:
+        """λ₀ = initial_damping · ∇hᵀC∇h / ∇hᵀ∇h: the curvature along the first gradient sets the
+        damping's scale (a loss summed over 784 pixels has ~500× the curvature of a mean
+        cross-entropy); one forward-mode pass, once, before the first inverses."""
+        named = {n: p.detach() for n, p in model.named_parameters() if n in plain}
+        inputs, _, n_global = self.subsample(batch, comm, n_global, shares)
+        along = torch.zeros(1, dtype=torch.float64)
+        if len(inputs):
+            along[0] = curvature_gram(model, named, inputs, [plain], output, n_global)[1][0, 0]
+        comm.allreduce_sum_([along])
+        norm = float(dots([plain], [plain])[0, 0])
+        scale = float(along[0]) / norm if norm > 0 and math.isfinite(float(along[0])) else 1.0
+        c = self.config
+        self.damping = min(max(c.initial_damping * scale, c.min_damping), c.max_damping)
+        self.calibrated = True
 
     @property
     def enabled(self) -> bool:
@@ -200,10 +226,8 @@ class AdaptiveRules:
         params = {n: p.detach() for n, p in named.items()}
         direction = {n: -(p.grad if p.grad is not None else plain[n]).detach() for n, p in named.items()}
         dirs = [direction] if self.previous is None else [direction, self.previous]
-        inputs, targets = batch
-        m, keep = factor_batch(c.adaptive_batch_size, len(inputs), comm.world_size, comm.rank, shares)
-        if m is not None:  # the model's curvature and ρ from a subsample of M samples
-            inputs, targets, n_global = inputs[:keep], targets[:keep], m
+        # The model's curvature and ρ from a subsample of M samples (adaptive_batch_size).
+        inputs, targets, n_global = self.subsample(batch, comm, n_global, shares)
         if len(inputs):
             logits, curvature = curvature_gram(model, params, inputs, dirs, output, n_global)
             before = float(output.loss_sum(logits.double(), targets).cpu()) / n_global
@@ -241,6 +265,7 @@ class AdaptiveRules:
     def state_dict(self) -> dict[str, Any]:
         """λ, δ₀ and the last coefficients."""
         return {"damping": self.damping, "alpha": self.alpha, "mu": self.mu, "rho": self.rho,
+                "calibrated": self.calibrated,
                 "previous": None if self.previous is None else {n: t.clone() for n, t in self.previous.items()}}
 
     def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
@@ -249,5 +274,6 @@ class AdaptiveRules:
             return
         self.damping = float(state["damping"])
         self.alpha, self.mu, self.rho = (float(state[k]) for k in ("alpha", "mu", "rho"))
+        self.calibrated = bool(state.get("calibrated", True))
         previous = state.get("previous")
         self.previous = None if previous is None else {n: t.clone() for n, t in previous.items()}

@@ -389,6 +389,11 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
             self.skipped_steps += 1
             self.say.once("", "scaler", messages.scaler_skip_line(s, float(self.grad_scaler.get_scale())))
             return
+        if not self.adaptive.calibrated:  # λ₀ from the first gradient's curvature, before the first inverses
+            with torch.autocast(self._device_type(), enabled=False), self.capture.paused():
+                self.adaptive.calibrate(self.model, {n: p.grad.detach() for n, p in self.model.named_parameters()
+                                                     if p.grad is not None}, batch, self.output, self.comm,
+                                        self._global_batch(len(batch[0]), shares), shares)
         damping = self.current_dampings()
         gradient = ({n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
                     if self.adaptive.enabled else {})

@@ -75,6 +75,9 @@ class KFACConfig:
     damping_adaptation_decay: float = 0.95
     min_damping: float = 1e-8
     max_damping: float = 1e8
+    # λ₀ = initial_damping · ∇hᵀC∇h/∇hᵀ∇h, the first gradient's curvature (scale-free), not
+    # initial_damping itself.
+    calibrate_damping: bool = False
     # The quadratic model's curvature products and the reduction ratio from at most this many
     # samples of each global batch (0: all), split over ranks as factor_batch_size is.
     adaptive_batch_size: int = 0
@@ -182,9 +185,9 @@ def adaptive_errors(cfg: Any) -> list[str]:
     """Errors of the adaptive rules' keys (docs/algorithm.md §9)."""
     errors = []
     adaptive = cfg.adapt_learning_rate or cfg.adapt_momentum or cfg.adapt_damping
-    if (cfg.adapt_momentum or cfg.adapt_damping) and not cfg.adapt_learning_rate:
-        errors.append("kfac.adapt_momentum and kfac.adapt_damping: need kfac.adapt_learning_rate=true (they act "
-                      "through the quadratic model that chooses the update)")
+    if (cfg.adapt_momentum or cfg.adapt_damping or cfg.calibrate_damping) and not cfg.adapt_learning_rate:
+        errors.append("kfac.adapt_momentum, kfac.adapt_damping and kfac.calibrate_damping: need "
+                      "kfac.adapt_learning_rate=true (they act through the quadratic model that chooses the update)")
     if adaptive and float(cfg.kl_clip) > 0:
         errors.append("kfac.kl_clip: off with the adaptive rules (the quadratic model sizes the update); "
                       "set kfac.kl_clip=0")

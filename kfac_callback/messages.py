@@ -46,6 +46,8 @@ def levers(c: KFACConfig) -> str:
     if c.adapt_learning_rate:  # the adaptive rules (docs/algorithm.md §9)
         rules = "+".join(r for r, on in (("lr", True), ("momentum", c.adapt_momentum), ("damping", c.adapt_damping)) if on)
         changed += [("adaptive", rules), ("initial_damping", float(c.initial_damping))]
+        if c.calibrate_damping:
+            changed.append(("calibrate_damping", 1))
         if c.adapt_damping:
             changed += [("damping_range", f"{fmt(c.min_damping)}..{fmt(c.max_damping)}"),
                         ("damping_adaptation", f"{c.damping_adaptation_interval}x{fmt(c.damping_adaptation_decay)}")]

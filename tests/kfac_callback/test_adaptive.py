@@ -302,3 +302,24 @@ def test_the_setup_line_names_the_rules() -> None:
     line = KFACCallback(mlp(), printer=lambda s: None, **RULES).setup_lines()[0]
     assert " adaptive=lr+momentum+damping initial_damping=0.5 damping_range=1e-08..1e+08 damping_adaptation=1x0.95 " in line
     assert "adaptive" not in KFACCallback(mlp(), printer=lambda s: None).setup_lines()[0]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_calibration_scales_the_initial_damping_by_the_curvature_along_the_gradient(name: str) -> None:
+    """calibrate_damping: λ₀ = initial_damping · gᵀCg / gᵀg with the dense C, before the first
+    inverses (whose factor damping is √(λ₀ + η))."""
+    model = MODELS[name]()
+    x, t, output = data(name)
+    l2 = 0.01
+    cb = KFACCallback(model, output=output, l2_reg=l2, printer=lambda s: None, calibrate_damping=True,
+                      **{**RULES, "initial_damping": 0.1, "damping_adaptation_interval": 5})
+    twin = copy.deepcopy(model)
+    seen = []
+    original = cb.current_dampings
+    cb.current_dampings = lambda: seen.append(cb.adaptive.damping) or original()
+    grads = plain_step(model, cb, x, t, output, l2)
+    g = as_vector(grads)
+    expected = 0.1 * float(g @ dense_ggn(twin, x, output) @ g / (g @ g))
+    assert seen[0] == pytest.approx(expected, rel=1e-10) and cb.adaptive.calibrated
+    state = cb.state_dict()["adaptive"]
+    assert state["calibrated"] and state["damping"] == pytest.approx(expected, rel=1e-10)  # no LM step yet (T = 5)
