@@ -292,7 +292,7 @@ def main(cfg: DictConfig) -> None:
     """
     from trainer.checkpoint import CheckpointError
     from trainer.config import validate
-    from trainer.data import DataError
+    from trainer.data.mnist import DataError
     from trainer.gradients import NonFiniteError
     from trainer.preflight import SetupError
 
@@ -348,7 +348,7 @@ def train_under_torchrun(cfg: DictConfig, output_dir: str) -> None:
     the others, then every rank trains into it.
 
     The process group joined here (gloo on CPUs, NCCL on GPUs; ``trainer.backend`` if set) is
-    the one the trainer's communicator then uses (``trainer/distributed.py``).
+    the one the trainer's communicator then uses (``trainer/ranks/distributed.py``).
     """
     import atexit
 

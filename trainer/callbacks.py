@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from kfac_callback.base import Callback
-from trainer import lbann_log
+from trainer.observe import lbann_log
 
 if TYPE_CHECKING:
     from trainer.trainer import Trainer

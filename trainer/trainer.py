@@ -28,10 +28,9 @@ from torch import nn
 
 from kfac_callback.base import Callback
 from launcher.workdir import PREEMPTED_FILE, atomic_write_text
-from trainer import lbann_log
 from trainer.checkpoint import CheckpointPolicy, save_checkpoint
 from trainer.clock import TrainClock
-from trainer.data import batch_plan, epoch_batches, split_batch
+from trainer.data.mnist import batch_plan, epoch_batches, split_batch
 from trainer.evaluate import evaluate
 from trainer.gradients import (
     NonFiniteError,
@@ -40,9 +39,10 @@ from trainer.gradients import (
     nonfinite_gradients,
     nonfinite_parameters,
 )
-from trainer.metrics import append_metrics, rewrite_metrics
+from trainer.observe import lbann_log
+from trainer.observe.metrics import append_metrics, rewrite_metrics
 from trainer.precision import make_precision
-from trainer.signals import StopSignals
+from trainer.ranks.signals import StopSignals
 from trainer.state import load_trainer_state, trainer_state
 from trainer.tasks import Task, make_task
 
@@ -71,9 +71,9 @@ class Trainer:
             rank picks its share of every global mini-batch).
         epochs: training epochs.
         mini_batch_size: the GLOBAL mini-batch size, any size on any number of ranks
-            (``trainer.data.split_batch`` says each rank's share).
+            (``trainer.data.mnist.split_batch`` says each rank's share).
         callbacks: called in this order at every hook.
-        comm: the communicator (``trainer.distributed``).
+        comm: the communicator (``trainer.ranks.distributed``).
         device: where the model lives.
         seed: drives the per-epoch shuffle.
         test_every_epoch: also evaluate the test set after every epoch, not only at the end.

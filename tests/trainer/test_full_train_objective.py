@@ -21,7 +21,7 @@ from tests.support.trainers import make_trainer
 from trainer.callbacks import TimerCallback
 from trainer.checkpoint import load_checkpoint, newest_checkpoint
 from trainer.config import validate
-from trainer.data import load_mnist
+from trainer.data.mnist import load_mnist
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")

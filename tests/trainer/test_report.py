@@ -20,7 +20,7 @@ import pytest
 from kfac_callback.base import Callback
 from tests.support.trainers import make_trainer
 from trainer.callbacks import TimerCallback
-from trainer.report import (
+from trainer.observe.report import (
     CURVES,
     Run,
     curves_figure,
@@ -36,7 +36,7 @@ from trainer.report import (
     sweep_grid,
     table_rows,
 )
-from trainer.tensorboard_log import TensorBoardCallback
+from trainer.observe.tensorboard_log import TensorBoardCallback
 from trainer.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]

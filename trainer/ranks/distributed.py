@@ -27,7 +27,7 @@ from kfac_callback.process_group import ProcessGroupComm
 from kfac_callback.process_group import flatten as _flatten
 from kfac_callback.process_group import unflatten as _unflatten
 from launcher.env import RankInfo
-from trainer.host_address import reachable_address
+from trainer.ranks.host_address import reachable_address
 
 BACKENDS = ("auto", "mpi", "gloo", "nccl")
 

@@ -24,7 +24,7 @@ class EpochShape:
     """What LBANN's epoch header reports: iterations and mini-batch sizes per data set.
 
     A batch of B samples over W ranks gives rank r ``B // W`` samples, one more for the first
-    ``B % W`` ranks (``trainer.data.split_batch``, docs/algorithm.md §6). The header shows
+    ``B % W`` ranks (``trainer.data.mnist.split_batch``, docs/algorithm.md §6). The header shows
     that split as LBANN does: ``local MB`` is the base share ``B // W`` of a full batch (a
     plain number, as in LBANN's text; the first ``B % W`` ranks hold one more), and
     ``local last MB`` is ``base+extra`` of the last batch, ``extra`` being the samples left over
