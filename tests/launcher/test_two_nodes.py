@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher import netns
-from launcher.slurm_cluster import EmulatedCluster
-from launcher.slurm_daemons import missing_programs
+from launcher.cluster import netns
+from launcher.cluster.slurm_cluster import EmulatedCluster
+from launcher.cluster.slurm_daemons import missing_programs
 from trainer.checkpoint import load_checkpoint, newest_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent.parent
