@@ -39,21 +39,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from kfac_callback import exchange, kl_clip, messages
-from kfac_callback.adaptive import AdaptiveRules
-from kfac_callback.assignment import LayerInfo, assign_owners
+from kfac_callback import messages
 from kfac_callback.base import Callback, Communicator, SingleProcess, rank0_print
 from kfac_callback.blocks import Block, Dampings, LinearBlock, is_preconditionable, make_block, preconditionable_layers
-from kfac_callback.capture import Capture, Recorder, micro_batches
+from kfac_callback.blocks.linalg import all_finite
 from kfac_callback.config import DAMPING_KEYS, make_config
-from kfac_callback.linalg import all_finite
-from kfac_callback.mc_fisher import MonteCarloFisher
-from kfac_callback.outputs import Bernoulli, Categorical, make_distribution
+from kfac_callback.estimation.capture import Capture, Recorder, micro_batches
+from kfac_callback.estimation.mc_fisher import MonteCarloFisher
+from kfac_callback.estimation.outputs import Bernoulli, Categorical, make_distribution
+from kfac_callback.estimation.subsample import factor_batch
 from kfac_callback.phases import PhaseClock
-from kfac_callback.process_group import ProcessGroupComm, initialised_world
-from kfac_callback.schedules import DampingSchedule, is_compute_step, is_update_step, update_interval
+from kfac_callback.policy import kl_clip
+from kfac_callback.policy.adaptive import AdaptiveRules
+from kfac_callback.policy.schedules import DampingSchedule, is_compute_step, is_update_step, update_interval
+from kfac_callback.ranks import exchange
+from kfac_callback.ranks.assignment import LayerInfo, assign_owners
+from kfac_callback.ranks.process_group import ProcessGroupComm, initialised_world
 from kfac_callback.skip_weight_grad import SkipWeightGrad
-from kfac_callback.subsample import factor_batch
 
 # From this compute interval on, explicit inverses (formed once, then GEMMs) beat Cholesky
 # solves at every step (benchmarks/step_time.py).

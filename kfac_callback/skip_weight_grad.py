@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from kfac_callback.blocks import LinearBlock
-from kfac_callback.capture import Capture
-from kfac_callback.linalg import all_finite
+from kfac_callback.blocks.linalg import all_finite
+from kfac_callback.estimation.capture import Capture
 
 
 class SkipWeightGrad:

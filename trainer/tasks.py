@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kfac_callback.outputs import Bernoulli, Categorical
+from kfac_callback.estimation.outputs import Bernoulli, Categorical
 
 TASKS = ("classification", "reconstruction")
 

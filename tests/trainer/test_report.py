@@ -288,7 +288,7 @@ def test_kfac_metrics_follow_the_damping_and_update_interval_schedules():
     from torch import nn
 
     from kfac_callback import KFACCallback
-    from kfac_callback.schedules import DampingSchedule
+    from kfac_callback.policy.schedules import DampingSchedule
 
     kfac = KFACCallback(nn.Sequential(nn.Linear(4, 3)), damping_act=[1.0, 0.01], damping_warmup_steps=10,
                         update_interval_init=1, update_interval_target=5, update_interval_steps=10)

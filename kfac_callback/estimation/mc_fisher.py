@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kfac_callback.outputs import Bernoulli, Categorical, generator_seed
+from kfac_callback.estimation.outputs import Bernoulli, Categorical, generator_seed
 
 __all__ = ["generator_seed", "sampled_labels", "output_gradients", "own_rows", "MonteCarloFisher"]
 
