@@ -15,11 +15,11 @@ from kfac_callback.base import rank0_print
 from launcher.env import RankInfo
 from launcher.workdir import METRICS_FILE, PREEMPTED_FILE
 from models import build_model
-from trainer.callbacks import MemoryCallback, PrintCallback, TimerCallback
 from trainer.checkpoint import CHECKPOINT_DIR, CheckpointPolicy, checked_resume, model_shapes, run_identity
 from trainer.config import DataConfig, TrainerConfig, section
 from trainer.data.mnist import default_data_dir, ensure_mnist, load_mnist
 from trainer.lr_schedule import describe, learning_rate
+from trainer.observe.callbacks import MemoryCallback, PrintCallback, TimerCallback
 from trainer.observe.progress import ProgressCallback
 from trainer.optimizers import OptimizerConfig, build_optimizer
 from trainer.preflight import SetupError, problems

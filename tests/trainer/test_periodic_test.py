@@ -15,8 +15,8 @@ from launcher.workdir import read_metrics
 from tests.support.configs import config_with
 from tests.support.hooks import HookRecorder
 from tests.support.trainers import make_trainer
-from trainer.callbacks import TimerCallback
 from trainer.config import validate
+from trainer.observe.callbacks import TimerCallback
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")

@@ -19,7 +19,7 @@ import pytest
 
 from kfac_callback.base import Callback
 from tests.support.trainers import make_trainer
-from trainer.callbacks import TimerCallback
+from trainer.observe.callbacks import TimerCallback
 from trainer.observe.report import (
     CURVES,
     Run,
