@@ -57,6 +57,12 @@ class Task:
     def metric_unit(self) -> str:
         return "%" if self.name == "classification" else ""
 
+    def metric_text(self, value: float) -> str:
+        """``accuracy 97.50%`` or ``mean squared error 12.3``: the metric in a progress line."""
+        if self.metric_unit == "%":
+            return f"{self.metric_label} {value:.2f}%"
+        return f"{self.metric_label} {value:.6g}"
+
     @property
     def higher_is_better(self) -> bool:
         return self.name == "classification"

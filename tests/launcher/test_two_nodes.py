@@ -1,4 +1,4 @@
-"""Two emulated nodes for real (launcher.slurm_cluster): ranks across nodes equal one rank, a lost
+"""Two emulated nodes for real (launcher.cluster.slurm_cluster): ranks across nodes equal one rank, a lost
 node ends the job with one line, and a resubmitted job finishes with an uninterrupted run's numbers.
 
 Each node is a network namespace with its own host name and address, running Debian's slurmd;

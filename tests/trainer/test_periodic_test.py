@@ -28,14 +28,15 @@ def slow_tests(trainer, seconds: float, accuracies=None) -> list[int]:
     evaluate, steps = trainer.evaluate, []
 
     def slow():
-        cached = trainer._eval is not None and trainer._eval[0] == trainer.step
+        last = trainer.evaluator.last_test
+        cached = last is not None and last[0] == trainer.step
         loss, acc = evaluate()
         if not cached:
             steps.append(trainer.step)
             time.sleep(seconds)
             if accuracies is not None:
                 acc = accuracies[len(steps) - 1]
-                trainer._eval = (trainer.step, loss, acc)
+                trainer.evaluator.last_test = (trainer.step, loss, acc)
         return loss, acc
 
     trainer.evaluate = slow

@@ -49,6 +49,13 @@ def _last_local(last: int, world_size: int) -> str:
     return f"{last // world_size:4d}+{last % world_size}"
 
 
+def epoch_shape(train: Any, test: Any, global_mb: int, world_size: int) -> EpochShape:
+    """The ``EpochShape`` of the training and test sets' batch plans (``trainer.data.mnist.BatchPlan``)."""
+    return EpochShape(train_iters=train.iterations, test_iters=test.iterations, global_mb=global_mb,
+                      global_last_train=train.global_last_batch, global_last_test=test.global_last_batch,
+                      world_size=world_size)
+
+
 def epoch_block(epoch: int, shape: EpochShape) -> str:
     """The framed header LBANN prints at the end of each training epoch."""
     s = shape
