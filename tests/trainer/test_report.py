@@ -20,22 +20,9 @@ import pytest
 from kfac_callback.base import Callback
 from tests.support.trainers import make_trainer
 from trainer.observe.callbacks import TimerCallback
-from trainer.observe.report import (
-    CURVES,
-    Run,
-    curves_figure,
-    few_test_points_notes,
-    flatten,
-    format_table,
-    load_runs,
-    main,
-    overrides_config,
-    parse_records,
-    run_labels,
-    summarize,
-    sweep_grid,
-    table_rows,
-)
+from trainer.observe.report import few_test_points_notes, format_table, main, summarize, sweep_grid, table_rows
+from trainer.observe.report_plots import CURVES, curves_figure
+from trainer.observe.runs import Run, flatten, load_runs, overrides_config, parse_records, run_labels
 from trainer.observe.tensorboard_log import TensorBoardCallback
 from trainer.trainer import Trainer
 
