@@ -29,7 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 
 from kfac_callback import KFACCallback, make_config  # noqa: E402
@@ -38,6 +37,7 @@ from models import build_model  # noqa: E402
 from trainer.data.mnist import DataError, load_mnist  # noqa: E402
 from trainer.optimizers import OptimizerConfig, build_optimizer  # noqa: E402
 from trainer.ranks.distributed import make_communicator  # noqa: E402
+from trainer.tasks import make_task  # noqa: E402
 
 
 class CountingComm:
@@ -182,9 +182,12 @@ class Runner:
         torch.manual_seed(0)
         self.name = f"{optimizer_name} lr {lr:g}" + (" + K-FAC" if kfac else "")
         self.model = build_model(model_name)
+        spec = yaml.safe_load((ROOT / "configs" / "model" / f"{model_name}.yaml").read_text())
+        self.task = make_task(spec.get("task", "classification"), float(spec.get("l2", 0.0)))
         self.optimizer = build_optimizer(OptimizerConfig(name=optimizer_name, learning_rate=lr, weight_decay=weight_decay),
                                          self.model.parameters())
-        self.cb = None if kfac is None else KFACCallback(self.model, comm=comm, printer=lambda line: None, **kfac)
+        self.cb = None if kfac is None else KFACCallback(self.model, comm=comm, printer=lambda line: None,
+                                                         output=self.task.output, l2_reg=self.task.l2, **kfac)
         self.comm, self.batches = comm, batches
         self.params = list(self.model.parameters())
         self.phase = "gradient_allreduce"  # what the communicator is doing for this runner now
@@ -214,7 +217,8 @@ class Runner:
         comm.barrier()
         t0 = time.perf_counter()
         logits = self.model(x)
-        self.loss = F.cross_entropy(logits, y)
+        targets = self.task.targets(x, y)
+        self.loss = self.task.loss_sum(logits, targets) / len(x) + self.task.penalty(self.model)
         if self.cb:
             self.cb.sample_fisher(logits)  # fisher=mc's extra backward on factor steps (else nothing)
         self.optimizer.zero_grad(set_to_none=True)
@@ -230,7 +234,7 @@ class Runner:
         t2 = time.perf_counter()
         if self.cb:
             self.phase = "kfac"  # the callback names its phases itself (cb.clock.phase)
-            self.cb.step()
+            self.cb.step(learning_rate=self.optimizer.param_groups[0]["lr"], batch=(x, targets))
         self.optimizer.step()
         comm.barrier()
         t3 = time.perf_counter()
@@ -252,12 +256,13 @@ class Runner:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="mlp", choices=["mlp", "cnn"])
+    parser.add_argument("--model", default="mlp", choices=["mlp", "cnn", "autoencoder"])
     parser.add_argument("--batch", type=int, default=100, help="global mini-batch")
     parser.add_argument("--steps", type=int, default=100, help="timed steps (the mean is amortized over them)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (plus the interval warm-up)")
     parser.add_argument("--round", type=int, default=10, help="steps of one optimizer before the next one's turn")
-    parser.add_argument("--experiment", default="kfac_fast", choices=["kfac_fast", "kfac_fast_cnn", "kfac_large_batch"],
+    parser.add_argument("--experiment", default="kfac_fast",
+                        choices=["kfac_fast", "kfac_fast_cnn", "kfac_large_batch", "kfac_adaptive", "kfac_autoencoder"],
                         help="the amortized K-FAC recipe timed beside LBANN's (configs/experiment/)")
     parser.add_argument("--experiment-lr", type=float, default=None,
                         help="the experiment's learning rate here (the time does not depend on it; a rate that "
@@ -331,7 +336,7 @@ def main() -> None:
         own["precondition"] = own.get("precondition", 0.0) - own.get("exchange", 0.0)
         print(f"\n| {name}: phase | ms per step |\n|---|---:|")
         for phase in ("forward_backward", "gradient_allreduce", "factors", "factor_allreduce", "inverses",
-                      "batch_gather", "precondition", "exchange"):
+                      "batch_gather", "precondition", "exchange", "adaptive"):
             print(f"| {phase} | {own.get(phase, 0.0) * 1e3:.2f} |")
         if comm.world_size > 1:
             print(f"\n| {name}: collective | bytes per step (payload per rank) |\n|---|---:|")

@@ -162,10 +162,7 @@ class KFACCallback(Callback):
         """Detaches the callback from the model."""
         self.capture.remove()
 
-    @property
-    def kl_nu(self) -> float:
-        """kl_clip: ν of the last step (1 until one is clipped)."""
-        return self.kl.nu
+    kl_nu = property(lambda self: self.kl.nu, doc="kl_clip: ν of the last step (1 until one is clipped).")
 
     # -- lines -----------------------------------------------------------------------
 
@@ -366,7 +363,8 @@ class KFACCallback(Callback):
             if self.adaptive.enabled:  # every rank the same gradients here, and the same sums
                 with self.clock("adaptive"), self.capture.paused():
                     n = global_batch(len(batch[0]), shares, world)
-                    self.adaptive.update(self.model, gradient, s, batch, self.output, self.comm, n, learning_rate)
+                    self.adaptive.update(self.model, gradient, s, batch, self.output, self.comm, n, learning_rate,
+                                         shares)
         self.schedule.advance()
         self.steps += 1
 

@@ -76,6 +76,9 @@ class KFACConfig:
     damping_adaptation_decay: float = 0.95
     min_damping: float = 1e-8
     max_damping: float = 1e8
+    # The quadratic model's curvature products and the reduction ratio from at most this many
+    # samples of each global batch (0: all), split over ranks as factor_batch_size is.
+    adaptive_batch_size: int = 0
 
 
 def as_damping_list(value: Any) -> list[float]:
@@ -195,6 +198,9 @@ def adaptive_errors(cfg: Any) -> list[str]:
     elif not low <= start <= high:
         errors.append(f"kfac.initial_damping: {start:g} is outside [kfac.min_damping, kfac.max_damping] = "
                       f"[{low:g}, {high:g}]")
+    size = cfg.adaptive_batch_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        errors.append(f"kfac.adaptive_batch_size: must be an integer >= 0 (0: the whole batch), got {size!r}")
     if int(cfg.damping_adaptation_interval) < 1:
         errors.append(f"kfac.damping_adaptation_interval: must be >= 1, got {cfg.damping_adaptation_interval}")
     if not 0 < float(cfg.damping_adaptation_decay) < 1:
@@ -223,6 +229,12 @@ def make_config(**kwargs: Any) -> KFACConfig:
         kwargs["disable_layers"] = [s for s in kwargs["disable_layers"].split(",") if s.strip()]
     if "disable_layers" in kwargs:
         kwargs["disable_layers"] = [str(s).strip() for s in kwargs["disable_layers"]]
+    for f in dataclasses.fields(KFACConfig):  # "1e-5" read by a YAML 1.1 reader is a string
+        if f.type == "float" and isinstance(kwargs.get(f.name), (str, int)) and not isinstance(kwargs[f.name], bool):
+            try:
+                kwargs[f.name] = float(kwargs[f.name])
+            except ValueError:
+                pass  # validation names it
     cfg = KFACConfig(**kwargs)
     errors = validate_kfac(cfg)
     if errors:

@@ -43,6 +43,14 @@ def levers(c: KFACConfig) -> str:
     """The options of ours that are not at their defaults (defaults print LBANN's line as it was)."""
     changed = [(k, v) for k, v, off in (("factor_batch_size", c.factor_batch_size, 0), ("fisher", c.fisher, "empirical"),
                                          ("kl_clip", c.kl_clip, 0.0)) if v != off]
+    if c.adapt_learning_rate:  # the adaptive rules (docs/algorithm.md §9)
+        rules = "+".join(r for r, on in (("lr", True), ("momentum", c.adapt_momentum), ("damping", c.adapt_damping)) if on)
+        changed += [("adaptive", rules), ("initial_damping", float(c.initial_damping))]
+        if c.adapt_damping:
+            changed += [("damping_range", f"{fmt(c.min_damping)}..{fmt(c.max_damping)}"),
+                        ("damping_adaptation", f"{c.damping_adaptation_interval}x{fmt(c.damping_adaptation_decay)}")]
+        if c.adaptive_batch_size:
+            changed.append(("adaptive_batch_size", c.adaptive_batch_size))
     return "".join(f" {k}={fmt(v) if isinstance(v, float) else v}" for k, v in changed)
 
 

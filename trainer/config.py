@@ -54,7 +54,7 @@ class TrainerConfig:
     stop_at_test_accuracy: Optional[float] = None  # end the run once a test reaches this accuracy (%)
     full_train_objective: bool = False  # each test of test_every_steps also evaluates the whole training set
     stop_at_train_objective: Optional[float] = None  # end the run once that full-train objective is <= this
-    max_train_seconds: Optional[float] = None  # end the run at the first periodic test after this much training
+    max_train_seconds: Optional[float] = None  # end the run (with a last test) after this much training
     device: str = "auto"
     flush_denormal: bool = True
     dtype: str = "float32"
@@ -185,8 +185,8 @@ def train_objective_errors(t: Any) -> list[str]:
                       "evaluated at each periodic test)")
     budget = t.max_train_seconds
     if budget is not None and not (0 < budget < float("inf") and t.test_every_steps > 0):
-        errors.append(f"trainer.max_train_seconds: must be > 0 with trainer.test_every_steps > 0 (the budget is "
-                      f"checked at those tests), got {budget} with test_every_steps={t.test_every_steps}")
+        errors.append(f"trainer.max_train_seconds: must be > 0 with trainer.test_every_steps > 0 (the run's last "
+                      f"test is at the step the budget runs out), got {budget} with test_every_steps={t.test_every_steps}")
     target = t.stop_at_train_objective
     if target is not None and not 0 < target < float("inf"):
         errors.append(f"trainer.stop_at_train_objective: must be a cross-entropy > 0 (or null), got {target}")

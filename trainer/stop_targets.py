@@ -3,6 +3,7 @@ budget. Every number checked is the same on every rank, so all ranks stop togeth
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
 
@@ -29,18 +30,21 @@ class StopTargets:
         if self.train_objective is not None and loss <= self.train_objective:
             self.reached_objective = loss
 
-    def check_test(self, accuracy: float, train_time: float, periodic: bool, comm: Communicator) -> None:
-        """After a test: the target accuracy, and (with periodic tests) the time budget.
-
-        Each rank's clock differs a little: the run stops when any rank's budget is spent (a
-        collective: every rank calls it).
-        """
+    def check_test(self, accuracy: float, train_time: float, comm: Communicator) -> None:
+        """After a test: the target accuracy, and the time budget (a collective: every rank calls it)."""
         if self.test_accuracy is not None and accuracy >= self.test_accuracy:
             self.reached = accuracy
-        if self.max_train_seconds is not None and periodic:
-            spent = torch.tensor([float(train_time >= self.max_train_seconds)], dtype=torch.float64)
-            comm.allreduce_sum_([spent])
-            self.out_of_time = self.out_of_time or bool(spent.item() > 0)
+        if not self.out_of_time:
+            self.out_of_time = self.budget_spent(lambda: train_time, comm)
+
+    def budget_spent(self, train_time: Callable[[], float], comm: Communicator) -> bool:
+        """Whether any rank has trained ``max_train_seconds`` (False without a budget; else a
+        collective). Each rank's clock differs a little; the sum over ranks makes every rank decide alike."""
+        if self.max_train_seconds is None:
+            return False
+        spent = torch.tensor([float(train_time() >= self.max_train_seconds)], dtype=torch.float64)
+        comm.allreduce_sum_([spent])
+        return bool(spent.item() > 0)
 
     def met(self) -> bool:
         """Whether any target was met."""

@@ -65,8 +65,8 @@ class Trainer:
         full_train_objective: every test record (``test_every_steps``) also holds the objective and
             accuracy on the whole training set, evaluated like the test set (eval mode, in order).
         stop_at_train_objective: end the run once that full-train objective is <= this (None: never).
-        max_train_seconds: end the run at the first periodic test after this many seconds of
-            training on any rank (None: never): every method of a benchmark gets the same budget.
+        max_train_seconds: end the run, with a periodic test, at the first step after which any rank
+            has trained this many seconds (None: never): every method of a benchmark gets one budget.
         metrics_path: where one JSON line per epoch (and per test, see above) goes (None: nowhere).
         log: prints a line (on rank 0).
         checkpoint: when and where to write checkpoints (None: never; also no stop on signals).
@@ -156,10 +156,9 @@ class Trainer:
     def fit(self) -> list[dict[str, Any]]:
         """Trains up to ``epochs`` epochs (from where a loaded state left off), tests at the end.
 
-        A test that reaches ``stop_at_test_accuracy`` (or a full-train objective at or below
-        ``stop_at_train_objective``) ends the run there as if that epoch were the last: its
-        (partial) epoch record, the final test lines and checkpoint, ``reached`` (or
-        ``reached_objective``) set.
+        A test that meets a target (``trainer.stop_targets``) ends the run there as if that epoch
+        were the last: its (partial) epoch record, the final test lines and checkpoint, ``reached``
+        (or ``reached_objective``) set.
 
         Returns:
             The per-epoch records (those of a loaded checkpoint first). On SIGTERM/SIGUSR1 it
@@ -262,6 +261,9 @@ class Trainer:
                 self.periodic_test()
                 if self.target_met():
                     break  # the epoch ends here; fit() makes it the last
+            elif self.stop_targets.budget_spent(self.train_time, self.comm):
+                self.periodic_test()  # the run's last point, at the step the budget ran out
+                break
         totals = self.totals.clone()
         self.comm.allreduce_sum_([totals])
         self.stats.train_loss = (totals[0] / totals[2]).item()
@@ -318,8 +320,7 @@ class Trainer:
         """
         state = self.state_dict(epoch_done)
         path = write_checkpoint(state, self.model, self.comm.rank, self.step, self.checkpoint, self.last_checkpoint)
-        if path is not None:
-            self.last_checkpoint = path
+        self.last_checkpoint = path or self.last_checkpoint  # None on every rank but 0
         return path
 
     def state_dict(self, epoch_done: bool = False) -> dict[str, Any]:
@@ -377,7 +378,7 @@ class Trainer:
             self.test_records.append(record)
             if self.metrics_path and self.comm.rank == 0:
                 append_metrics(self.metrics_path, record)
-        self.stop_targets.check_test(accuracy, self.train_time(), bool(self.test_every_steps), self.comm)
+        self.stop_targets.check_test(accuracy, self.train_time(), self.comm)
 
     def evaluate(self) -> tuple[float, float]:
         """(Objective, accuracy in %) on the test set (``Evaluator.test_set``: cached per step)."""

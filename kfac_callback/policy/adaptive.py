@@ -35,6 +35,7 @@ from torch.func import functional_call, jvp, vmap
 
 from kfac_callback.base import Communicator
 from kfac_callback.estimation.outputs import Bernoulli, Categorical
+from kfac_callback.estimation.subsample import factor_batch
 
 Directions = Sequence[Mapping[str, torch.Tensor]]
 
@@ -90,9 +91,10 @@ def curvature_gram(model: nn.Module, params: Mapping[str, torch.Tensor], inputs:
 def dots(xs: Directions, ys: Directions) -> torch.Tensor:
     """The matrix of inner products ⟨x_a, y_b⟩ over every parameter, in float64."""
     out = torch.zeros(len(xs), len(ys), dtype=torch.float64)
-    for a, x in enumerate(xs):
-        for b, y in enumerate(ys):
-            out[a, b] = sum((x[n].double() * y[n].double()).sum().cpu() for n in x)
+    for n in xs[0]:
+        a = torch.stack([x[n].flatten() for x in xs]).double()
+        b = a if ys is xs else torch.stack([y[n].flatten() for y in ys]).double()
+        out += (a @ b.T).cpu()
     return out
 
 
@@ -117,18 +119,16 @@ def solve_coefficients(curvature: torch.Tensor, gram: torch.Tensor, grad_dots: t
         momentum: also choose μ.
     """
     k = 2 if momentum and curvature.shape[0] == 2 and gram[1, 1] > 0 else 1
-    a = (curvature + (damping + l2) * gram)[:k, :k]
-    b = grad_dots[:k]
-    coef = None
-    if k == 2 and torch.linalg.det(a) > 1e-12 * a[0, 0] * a[1, 1]:
-        coef = -torch.linalg.solve(a, b)
-    if coef is None:  # δ₀ along Δ, or no momentum: α alone
-        coef = torch.stack([-b[0] / a[0, 0], torch.zeros((), dtype=b.dtype)]) if a[0, 0] > 0 else torch.zeros(2, dtype=b.dtype)
+    a = curvature + (damping + l2) * gram
+    coef = torch.zeros(2, dtype=torch.float64)
+    if k == 2 and torch.linalg.det(a[:2, :2]) > 1e-12 * a[0, 0] * a[1, 1]:
+        coef = -torch.linalg.solve(a[:2, :2], grad_dots[:2])
+    else:  # no momentum, or δ₀ along Δ: α alone
         k = 1
-    coef = torch.cat([coef, torch.zeros(2 - len(coef), dtype=coef.dtype)])
-    undamped = curvature[:k, :k] + l2 * gram[:k, :k]
-    c = coef[:k]
-    change = 0.5 * c @ undamped @ c + c @ b
+        if a[0, 0] > 0:
+            coef[0] = -grad_dots[0] / a[0, 0]
+    c, b = coef[:k], grad_dots[:k]
+    change = 0.5 * c @ (curvature + l2 * gram)[:k, :k] @ c + c @ b
     alpha, mu = float(coef[0]), float(coef[1])
     if not (math.isfinite(alpha) and math.isfinite(mu)):
         return Coefficients(0.0, 0.0, 0.0)
@@ -181,7 +181,7 @@ class AdaptiveRules:
 
     def update(self, model: nn.Module, plain: Mapping[str, torch.Tensor], step: int, batch: tuple[Any, Any],
                output: Categorical | Bernoulli, comm: Communicator, n_global: int,
-               learning_rate: float) -> None:
+               learning_rate: float, shares: Sequence[int] | None = None) -> None:
         """Replaces every ``.grad`` (the preconditioned one, or the plain one where no block
         preconditions) by −δ/lr, δ = αΔ + μδ₀: the base optimizer (plain SGD at rate lr) then
         moves the weights by exactly δ.
@@ -192,6 +192,8 @@ class AdaptiveRules:
             batch: this rank's (inputs, targets) of the step.
             n_global: N, the step's global batch.
             learning_rate: the base optimizer's rate lr.
+            shares: the step's per-rank sample counts (None: equal); with ``adaptive_batch_size``
+                each rank's first m_r samples, split as ``factor_batch_size`` splits its M.
         """
         c = self.config
         named = {n: p for n, p in model.named_parameters() if n in plain}
@@ -199,6 +201,9 @@ class AdaptiveRules:
         direction = {n: -(p.grad if p.grad is not None else plain[n]).detach() for n, p in named.items()}
         dirs = [direction] if self.previous is None else [direction, self.previous]
         inputs, targets = batch
+        m, keep = factor_batch(c.adaptive_batch_size, len(inputs), comm.world_size, comm.rank, shares)
+        if m is not None:  # the model's curvature and ρ from a subsample of M samples
+            inputs, targets, n_global = inputs[:keep], targets[:keep], m
         if len(inputs):
             logits, curvature = curvature_gram(model, params, inputs, dirs, output, n_global)
             before = float(output.loss_sum(logits.double(), targets).cpu()) / n_global

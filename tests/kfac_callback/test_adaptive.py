@@ -143,6 +143,9 @@ def test_coefficients_minimise_the_quadratic_model_over_the_plane() -> None:
     assert coef.model_change == pytest.approx(float(0.5 * d @ (c + eta * torch.eye(p, dtype=D)) @ d + g @ d), rel=1e-10)
     alone = solve_coefficients(basis.T @ c @ basis, basis.T @ basis, basis.T @ g, lam, eta, momentum=False)
     curvature = delta @ c @ delta + (lam + eta) * delta @ delta
+    parallel = torch.stack([delta, -2 * delta], 1)  # δ₀ along Δ: the 2×2 is singular, α alone
+    along = solve_coefficients(parallel.T @ c @ parallel, parallel.T @ parallel, parallel.T @ g, lam, eta, momentum=True)
+    assert along.mu == 0 and along.alpha == pytest.approx(float(-(g @ delta) / curvature), rel=1e-12)
     assert alone.mu == 0 and alone.alpha == pytest.approx(float(-(g @ delta) / curvature), rel=1e-12)
 
 
@@ -166,14 +169,17 @@ def plain_step(model: nn.Module, cb: KFACCallback, x: torch.Tensor, t: torch.Ten
     return grads
 
 
+@pytest.mark.parametrize("subsample", [0, 4])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_the_update_minimises_the_dense_model_over_kfac_direction_and_previous_update(name: str) -> None:
+def test_the_update_minimises_the_dense_model_over_kfac_direction_and_previous_update(name: str, subsample: int) -> None:
     """Two steps: the second update δ = −lr·grad lies in span{Δ, δ₀} and the dense model's gradient
-    there vanishes, Bᵀ((C + (λ+η)I)δ + ∇h) = 0; ρ is the dense ratio; λ moved by the rule."""
+    there vanishes, Bᵀ((C + (λ+η)I)δ + ∇h) = 0; ρ is the dense ratio; λ moved by the rule. With
+    adaptive_batch_size = 4 of 7, C and ρ are those of the first 4 samples (Δ, ∇h of all 7)."""
     model = MODELS[name]()
     x, t, output = data(name)
     l2, lr = 0.01, 0.5
-    cb = KFACCallback(model, output=output, l2_reg=l2, printer=lambda s: None, **RULES)
+    cb = KFACCallback(model, output=output, l2_reg=l2, printer=lambda s: None, adaptive_batch_size=subsample, **RULES)
+    rows = subsample or len(x)  # the rows of the curvature and the ratio
     first = copy.deepcopy(model)
     plain_step(model, cb, x, t, output, l2, lr)
     with torch.no_grad():
@@ -196,7 +202,7 @@ def test_the_update_minimises_the_dense_model_over_kfac_direction_and_previous_u
     kfac_dir = -as_vector({n: p.grad for n, p in twin.named_parameters()})
     delta = -lr * as_vector({n: p.grad for n, p in model.named_parameters()})
     g = as_vector(grads)
-    a = dense_ggn(twin, x, output) + (damping + l2) * torch.eye(len(g), dtype=D)
+    a = dense_ggn(twin, x[:rows], output) + (damping + l2) * torch.eye(len(g), dtype=D)
     basis = torch.stack([kfac_dir, prev], 1)
     exact = torch.linalg.solve(basis.T @ a @ basis, -basis.T @ g)
     assert torch.allclose(delta, basis @ exact, rtol=1e-8, atol=1e-12)
@@ -206,10 +212,10 @@ def test_the_update_minimises_the_dense_model_over_kfac_direction_and_previous_u
 
     def h(v: torch.Tensor) -> float:
         out = torch.func.functional_call(twin, {**unflatten(twin, v), **{k: b.clone() for k, b in twin.named_buffers()}},
-                                         (x,))
-        return float(output.loss_sum(out, t) / len(x) + 0.5 * l2 * (v * v).sum())
+                                         (x[:rows],))
+        return float(output.loss_sum(out, t[:rows]) / rows + 0.5 * l2 * (v * v).sum())
 
-    c_l2 = dense_ggn(twin, x, output) + l2 * torch.eye(len(g), dtype=D)
+    c_l2 = dense_ggn(twin, x[:rows], output) + l2 * torch.eye(len(g), dtype=D)
     rho = (h(theta + delta) - h(theta)) / float(0.5 * delta @ c_l2 @ delta + g @ delta)
     assert cb.adaptive.rho == pytest.approx(rho, rel=1e-8)
     assert cb.adaptive.damping == levenberg_marquardt(damping, rho, 0.95, 1e-8, 1e8)  # ω = 0.95¹ (T = 1)
@@ -226,9 +232,10 @@ def test_thread_ranks_choose_what_one_rank_chooses() -> None:
     """Four ranks with uneven shares of a batch of 10: the same weights, λ, α, μ as one rank."""
     x, t, output = data("autoencoder", 10)
     shares = [4, 3, 2, 1]
+    start = autoencoder()  # built once: threads drawing from the global generator at once would differ
 
     def train(comm=None) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        model = autoencoder()
+        model = copy.deepcopy(start)
         world = 1 if comm is None else comm.world_size
         rank = 0 if comm is None else comm.rank
         cb = KFACCallback(model, comm=comm, output=output, l2_reg=0.01, printer=lambda s: None, **RULES)
@@ -289,3 +296,9 @@ def test_the_rules_refuse_what_they_cannot_serve() -> None:
     with pytest.raises(ValueError, match="accumulate_steps"):
         cb.accumulate_steps = 2
     assert AdaptiveRules(make_config()).enabled is False
+
+
+def test_the_setup_line_names_the_rules() -> None:
+    line = KFACCallback(mlp(), printer=lambda s: None, **RULES).setup_lines()[0]
+    assert " adaptive=lr+momentum+damping initial_damping=0.5 damping_range=1e-08..1e+08 damping_adaptation=1x0.95 " in line
+    assert "adaptive" not in KFACCallback(mlp(), printer=lambda s: None).setup_lines()[0]

@@ -102,3 +102,11 @@ def test_four_ranks_give_one_ranks_weights_with_every_rule_on(tmp_path: Path) ->
         run_job(ranks, tmp_path / f"r{ranks}", overrides, ["balanced"])
         weights = torch.load(tmp_path / f"r{ranks}" / "balanced.pt")
         assert max_relative_difference(weights, reference) < 1e-8, ranks
+
+
+def test_a_training_budget_ends_the_run_with_a_last_test(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """trainer.max_train_seconds: the step that spends it is tested (the curve's last point), then the run ends."""
+    run(tmp_path, "trainer.test_every_steps=100", "trainer.max_train_seconds=1e-9", "trainer.full_train_objective=true")
+    tests = [r for r in records(tmp_path) if r.get("kind") == "test"]
+    assert [r["step"] for r in tests] == [1] and "train_objective_full" in tests[0]
+    assert "trainer.max_train_seconds=1e-09 at step 1 (epoch 0); run stopped" in capsys.readouterr().out

@@ -1,11 +1,12 @@
 """What a K-FAC step costs in a plain loop: fp32, bf16 autocast, k micro-batches, and DDP.
 
-    python examples/kfac_step_time.py --model mlp                                  # fp32, bf16, accumulate 4
-    torchrun --standalone --nproc-per-node 2 examples/kfac_step_time.py --model mlp   # the same under DDP
+    python benchmarks/plain_loop_step_time.py --model mlp                                      # fp32, bf16, 4 micro-batches
+    torchrun --standalone --nproc-per-node 2 benchmarks/plain_loop_step_time.py --model mlp   # the same under DDP
 
 Real MNIST, global batch 100, LBANN's K-FAC recipe (SGD lr 0.1, damping 0.01 / 1). The variants
 take turns (rounds of --steps steps each), so a machine busy with something else slows all of
-them alike; each line is the median seconds per step over every round.
+them alike; each line is the median milliseconds per step over every round. The optimizers'
+step time, K-FAC's phases and bytes: benchmarks/step_time.py (docs/performance.md).
 """
 import argparse
 import contextlib
