@@ -28,6 +28,7 @@ and plots objective and error against seconds and steps. Finished runs are kept 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shlex
@@ -70,7 +71,7 @@ def run_one(name: str, overrides: list[str], args: argparse.Namespace) -> dict[s
     exp = Path(args.runs) / f"b{args.batch}" / name
     cmd = [*pin(args), sys.executable, str(ROOT / "kfac.py"), "--model", "autoencoder", *overrides,
            f"trainer.mini_batch_size={args.batch}", "trainer.epochs=100000", "trainer.progress=false",
-           f"trainer.test_every_steps={test_every(args.batch)}", "trainer.full_train_objective=true",
+           f"trainer.test_every_steps={args.test_every or test_every(args.batch)}", "trainer.full_train_objective=true",
            f"trainer.max_train_seconds={args.seconds}", "data.max_test_samples=1000", "trainer.keep_checkpoints=1",
            f"trainer.num_threads={args.threads}",
            f"launcher.experiment_dir={exp}", f"launcher.job_name={name}"]
@@ -129,9 +130,17 @@ class Store:
         return self.data.setdefault(str(batch), {})
 
     def add(self, batch: int, run: dict[str, Any]) -> None:
-        self.runs(batch)[run["name"]] = run
+        """Adds ``run`` to the file as it is now (another process may have added runs meanwhile)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.data, indent=1))
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            on_disk = json.loads(self.path.read_text()) if self.path.exists() else {}
+            for b, runs in on_disk.items():
+                self.data.setdefault(b, {}).update({n: r for n, r in runs.items() if n not in self.data.get(b, {})})
+            self.runs(batch)[run["name"]] = run
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.data, indent=1))
+            tmp.replace(self.path)
 
 
 def ensure(store: Store, args: argparse.Namespace, planned: dict[str, list[str]]) -> None:
@@ -179,6 +188,8 @@ def main() -> None:
     parser.add_argument("--train-samples", type=int, default=0, help="0: all 60000")
     parser.add_argument("--peer-python", default="")
     parser.add_argument("--cpus", default="", help="taskset CPU list for every run (e.g. 0)")
+    parser.add_argument("--test-every", type=int, default=0, help="steps between full-train evaluations "
+                        "(0: one per 60000 samples)")
     parser.add_argument("--threads", type=int, default=1, help="torch (and XLA) threads per run")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--runs", default=str(ROOT / "experiments" / "autoencoder"))
