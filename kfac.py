@@ -15,7 +15,6 @@ schema (trainer/config.py); then this rank trains (trainer/run.py).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import re
 import socket
@@ -52,9 +51,10 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from launcher.config import CONFIG_DIR, LauncherConfig, config_groups, group_options
+from launcher.compose import ComposeError, check_group_options, check_keys, compose_points
+from launcher.config import LauncherConfig, config_groups, group_options
 from launcher.env import inside_slurm_allocation, started_by_torchrun
-from launcher.flags import FlagError, did_you_mean, help_text, translate
+from launcher.flags import FlagError, help_text, translate
 from launcher.workdir import ERR_LOG, choose_work_dir
 
 
@@ -95,127 +95,17 @@ def fail(message: str, status: int = 2, kind: str = "error") -> None:
     os._exit(status)
 
 
-# Every config group: Hydra silently skips a misspelt optional one (sweep, experiment) and
-# answers a misspelt required one with its whole search path.
-GROUPS_CHECKED = config_groups()
-
-
-def sweep_points(overrides: list[str], limit: int = 16) -> list[list[str]]:
-    """The sweep's first point, then one point per other value of each swept key (up to ``limit``).
-
-    Composing these finds every bad value without composing the whole grid.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    choices = []
-    for override in OverridesParser.create().parse_overrides(overrides):
-        if override.is_sweep_override():
-            values = itertools.islice(override.sweep_string_iterator(), limit)
-            choices.append([f"{override.get_key_element()}={v}" for v in values])
-        else:
-            choices.append([override.input_line])
-    first = [c[0] for c in choices]
-    return [first] + [[*first[:i], alt, *first[i + 1:]] for i, c in enumerate(choices) for alt in c[1:]]
-
-
-def check_group_options(overrides: list[str], config_dirs: list[str]) -> None:
-    """Refuses ``model=nope``, ``sweep=nope`` ... in one line with the known names (Hydra would
-    ignore an optional group's bad name, or print its search path for a required one)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception:  # precompose reports the unparsable override
-        return
-    for override in parsed:
-        key = override.get_key_element().lstrip("+~")
-        if key not in GROUPS_CHECKED or override.value() is None:
-            continue
-        names = list(override.sweep_string_iterator()) if override.is_sweep_override() else \
-            [override.get_value_element_as_str()]
-        known = group_options(key, config_dirs)
-        for name in names:
-            if name not in known:
-                fail(f"{key}={name}: no such {key} config{did_you_mean(name, known)} "
-                     f"(known: {', '.join(known) or 'none'})")
-
-
-def schema_keys(node: Any, prefix: str = "") -> list[str]:
-    """Every dotted key of the schema (``trainer.epochs``, ``kfac.damping_act``, ...)."""
-    keys = []
-    for name in node:
-        key = f"{prefix}{name}"
-        keys.append(key)
-        if OmegaConf.is_dict(node[name]):
-            keys += schema_keys(node[name], key + ".")
-    return keys
-
-
-def check_keys(overrides: list[str], config_dirs: list[str]) -> None:
-    """Refuses an override of a key the schema lacks, ``+trainer.epoch=3`` included.
-
-    Hydra would add a ``+key`` silently (and suggest the ``+`` for a plain one); a typo must
-    stop the run, with the closest real key.
-    """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    from trainer.config import Config
-
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except Exception:  # precompose reports the unparsable override
-        return
-    groups = config_groups(config_dirs)
-    schema = OmegaConf.structured(Config)
-    known = schema_keys(schema)
-    leaves = [k for k in known if not OmegaConf.is_dict(OmegaConf.select(schema, k))]  # what to suggest
-    for override in parsed:
-        key = override.get_key_element().lstrip("+~").split("@")[0]
-        if key.split(".")[0] == "hydra" or key in groups or key in known:
-            continue
-        fail(f"{override.input_line}: {key} is not a config key{did_you_mean(key, leaves, cutoff=0.85)} "
-             "(python3 kfac.py --cfg job lists them)")
-
-
-def unparsable(overrides: list[str]) -> str:
-    """``"<override>: "`` for the first override Hydra cannot parse (its own message names none)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser = OverridesParser.create()
-    for override in overrides:
-        try:
-            parser.parse_overrides([override])
-        except Exception:
-            return f"{override}: "
-    return ""
-
-
 def precompose(overrides: list[str], config_dirs: list[str] = (), multirun: bool = False) -> None:
-    """Composes the config once before Hydra runs, so bad input is one line, not a traceback.
+    """Composes the config once before Hydra runs, so bad input is one line, not a traceback
+    (``launcher/compose.py``), then validates every composed point and checks this machine."""
+    from trainer.config import Config, validate
 
-    For a sweep (``-m``) it composes the first point, then that point with the first value of
-    each parameter of the sweep file, so a bad key in a sweep file is found here too.
-    """
-    from hydra import compose, initialize_config_dir
-
-    from trainer.config import validate
-
-    check_group_options(overrides, list(config_dirs))
-    check_keys(overrides, list(config_dirs))
-    search = [f"hydra.searchpath=[{','.join('file://' + os.path.abspath(d) for d in config_dirs)}]"] if config_dirs else []
     try:
-        points = sweep_points(overrides) if multirun else [overrides]
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[*search, *points[0]], return_hydra_config=multirun)
-            params = cfg.hydra.sweeper.get("params") or {} if multirun else {}
-            if params:  # the sweep file's own parameters
-                swept = sweep_points([f"{k}={v}" for k, v in params.items()])
-                points = [[*p, *swept[0]] for p in points] + [[*points[0], *p] for p in swept[1:]]
-            configs = [compose(config_name="config", overrides=[*search, *p]) for p in points]
-    except Exception as err:  # Hydra, OmegaConf, YAML in a config file ...: all bad input
-        cause = err.__cause__
-        detail = f": {str(cause).splitlines()[0]}" if cause and str(cause) else ""
-        fail(unparsable(overrides) + " ".join(str(err).split()) + detail)
+        check_group_options(overrides, list(config_dirs))
+        check_keys(overrides, list(config_dirs), OmegaConf.structured(Config))
+        configs = compose_points(overrides, list(config_dirs), multirun)
+    except ComposeError as err:
+        fail(str(err))
     for cfg in configs:
         errors = validate(cfg)
         if errors:
@@ -292,7 +182,7 @@ def main(cfg: DictConfig) -> None:
     """
     from trainer.checkpoint import CheckpointError
     from trainer.config import validate
-    from trainer.data import DataError
+    from trainer.data.mnist import DataError
     from trainer.gradients import NonFiniteError
     from trainer.preflight import SetupError
 
@@ -348,7 +238,7 @@ def train_under_torchrun(cfg: DictConfig, output_dir: str) -> None:
     the others, then every rank trains into it.
 
     The process group joined here (gloo on CPUs, NCCL on GPUs; ``trainer.backend`` if set) is
-    the one the trainer's communicator then uses (``trainer/distributed.py``).
+    the one the trainer's communicator then uses (``trainer/ranks/distributed.py``).
     """
     import atexit
 

@@ -95,7 +95,7 @@ def run_peer(args: argparse.Namespace) -> dict[str, Any]:
     if not images.exists():
         import numpy as np
 
-        from trainer.data import default_data_dir, load_mnist
+        from trainer.data.mnist import default_data_dir, load_mnist
 
         data = load_mnist(default_data_dir(), None, None, fetch=False)
         images.parent.mkdir(parents=True, exist_ok=True)

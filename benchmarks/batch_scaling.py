@@ -60,7 +60,8 @@ from benchmarks.batch_scaling_report import (  # noqa: E402
     write_csv,
     write_plot,
 )
-from benchmarks.time_to_accuracy import curve, read_metrics  # noqa: E402
+from benchmarks.time_to_accuracy import read_metrics  # noqa: E402
+from benchmarks.time_to_accuracy_report import curve  # noqa: E402
 
 BATCHES = (100, 300, 1000, 3000, 10000)
 # Learning-rate grids (half-decades) and each family's starting centre per batch.

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from benchmarks.time_to_accuracy import Point, first_hits
+from benchmarks.time_to_accuracy_report import Point, first_hits
 
 TARGETS = (97.5, 98.0)
 OBJECTIVES = (1e-2, 1e-3)

@@ -4,7 +4,7 @@
 
 One process, real MNIST batches of 100; K-FAC at LBANN's README recipe (inverses every step,
 where the factorisation weighs most) and at kfac_fast, each once with the in-place
-``?potrf`` route of ``kfac_callback.linalg`` and once with ``torch.linalg.cholesky_ex``,
+``?potrf`` route of ``kfac_callback.blocks.linalg`` and once with ``torch.linalg.cholesky_ex``,
 taking turns of ``--round`` steps so drift touches all alike. Prints a Markdown table.
 """
 

@@ -2,7 +2,7 @@
 
     mpiexec -n 4 python -m mpi4py benchmarks/collectives.py [--sizes 1e3 1e5 1e6 4e6] [--repeats 20]
 
-Both communicators of trainer/distributed.py run in the same processes, on the same buffers,
+Both communicators of trainer/ranks/distributed.py run in the same processes, on the same buffers,
 alternately, so machine noise hits both alike. Rank 0 prints a table: median time per call
 and the ratio gloo / mpi (above 1: mpi4py is faster). This decides the CPU default of
 ``trainer.backend=auto``.
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 from launcher.env import rank_info  # noqa: E402
-from trainer.distributed import MPIComm, TorchDistComm  # noqa: E402
+from trainer.ranks.distributed import MPIComm, TorchDistComm  # noqa: E402
 
 
 def timed(fn, repeats: int, barrier) -> float:

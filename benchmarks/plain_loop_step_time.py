@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kfac_callback import KFACCallback  # noqa: E402
 from models import build_model  # noqa: E402
-from trainer.data import load_mnist  # noqa: E402
+from trainer.data.mnist import load_mnist  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")

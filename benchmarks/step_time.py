@@ -34,9 +34,9 @@ import yaml  # noqa: E402
 from kfac_callback import KFACCallback, make_config  # noqa: E402
 from launcher.env import rank_info  # noqa: E402
 from models import build_model  # noqa: E402
-from trainer.data import DataError, load_mnist  # noqa: E402
-from trainer.distributed import make_communicator  # noqa: E402
+from trainer.data.mnist import DataError, load_mnist  # noqa: E402
 from trainer.optimizers import OptimizerConfig, build_optimizer  # noqa: E402
+from trainer.ranks.distributed import make_communicator  # noqa: E402
 from trainer.tasks import make_task  # noqa: E402
 
 

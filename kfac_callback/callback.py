@@ -1,9 +1,10 @@
 """The K-FAC callback: when each part of a K-FAC step runs, and on which rank.
 
-The tensor math lives in the blocks (``blocks/``) and ``linalg.py``, the hooks in
-``capture.py``, every buffer layout in ``exchange.py``, every printed line in ``messages.py``
-(docs/algorithm.md §3-§7, docs/design.md). It works with our trainer (through the LBANN hook
-names) and from a plain PyTorch loop::
+The step loop calls collaborators with explicit inputs and outputs: the blocks and their math
+(``blocks/``), the hooks, rows and Fisher sampler (``estimation/``), the phases of a step
+(``step/``), the schedules, KL clip and adaptive rules (``policy/``), and what ranks exchange
+(``ranks/``); every line it prints is in ``messages.py`` (docs/algorithm.md, docs/design.md).
+It works with our trainer (through the LBANN hook names) and from a plain PyTorch loop::
 
     kfac = KFACCallback(model, damping_act=0.01, damping_err=1.0)
     for x, y in data:
@@ -31,85 +32,34 @@ forward's dtype; with an fp16 ``GradScaler`` pass ``grad_scaler=scaler`` and cal
 
 from __future__ import annotations
 
-import dataclasses
-import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from kfac_callback import exchange, kl_clip, messages
-from kfac_callback.adaptive import AdaptiveRules
-from kfac_callback.assignment import LayerInfo, assign_owners
+from kfac_callback import messages
 from kfac_callback.base import Callback, Communicator, SingleProcess, rank0_print
-from kfac_callback.blocks import Block, Dampings, LinearBlock, is_preconditionable, make_block, preconditionable_layers
-from kfac_callback.capture import Capture, Recorder, micro_batches
-from kfac_callback.config import DAMPING_KEYS, make_config
-from kfac_callback.linalg import all_finite
-from kfac_callback.mc_fisher import MonteCarloFisher
-from kfac_callback.outputs import Bernoulli, Categorical, make_distribution
+from kfac_callback.blocks import Dampings, build_blocks, preconditionable_layers
+from kfac_callback.config import check_accumulate_steps, make_config, options_of
+from kfac_callback.estimation.capture import Recorder
+from kfac_callback.estimation.mc_fisher import sample_output_gradients
+from kfac_callback.estimation.outputs import Bernoulli, Categorical, make_distribution
+from kfac_callback.estimation.rows import step_rows
 from kfac_callback.phases import PhaseClock
-from kfac_callback.process_group import ProcessGroupComm, initialised_world
-from kfac_callback.schedules import DampingSchedule, is_compute_step, is_update_step, update_interval
-from kfac_callback.skip_weight_grad import SkipWeightGrad
-from kfac_callback.subsample import factor_batch
-
-# From this compute interval on, explicit inverses (formed once, then GEMMs) beat Cholesky
-# solves at every step (benchmarks/step_time.py).
-EXPLICIT_INVERSE_INTERVAL = 5
-
-# Wrappers whose own name would prefix every layer's: DDP and DataParallel (``module``),
-# torch.compile (``_orig_mod``). Layers keep the names the user gave them.
-WRAPPER_ATTRIBUTES = ("module", "_orig_mod")
+from kfac_callback.policy.adaptive import AdaptiveRules
+from kfac_callback.policy.kl_clip import KLClip
+from kfac_callback.policy.schedules import StepSchedule
+from kfac_callback.ranks.assignment import LayerInfo, assign_owners
+from kfac_callback.ranks.process_group import ProcessGroupComm, initialised_world
+from kfac_callback.ranks.shares import global_batch, uneven
+from kfac_callback.state import export_state, import_state
+from kfac_callback.step import factors, precondition, skip_weight_grad
+from kfac_callback.step.loss_scale import loss_scale
+from kfac_callback.wrappers import unwrap, user_name
 
 
-def unwrap(model: nn.Module) -> tuple[nn.Module, bool]:
-    """The user's model inside DDP / DataParallel / torch.compile wrappers, and whether it was DDP."""
-    ddp = False
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            ddp = True
-            model = model.module
-        elif isinstance(model, nn.DataParallel):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model, ddp
-
-
-def user_name(name: str, known: Collection[str] = ()) -> str:
-    """A layer name without a wrapper's prefix: ``module.ip1`` is ``ip1`` (a name in ``known``,
-    the model's own layers, stays as it is: a layer may be called ``module`` itself)."""
-    parts = name.split(".")
-    while len(parts) > 1 and parts[0] in WRAPPER_ATTRIBUTES and ".".join(parts) not in known:
-        parts = parts[1:]
-    return ".".join(parts)
-
-
-@dataclasses.dataclass
-class StepRows:
-    """One layer's rows of a step: its micro-batches' inputs and output gradients (loss scale
-    removed), and whether they are every forward call it had (so the gradient is their gᵀa)."""
-
-    a: list[torch.Tensor]
-    g: list[torch.Tensor]
-    every_call: bool
-
-    @property
-    def n(self) -> int:
-        """This rank's samples of the step, over every micro-batch."""
-        return sum(x.shape[0] for x in self.a)
-
-    def joined(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The micro-batches' rows, one after another."""
-        if len(self.a) == 1:
-            return self.a[0], self.g[0]
-        return torch.cat(self.a), torch.cat(self.g)
-
-
-class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
+class KFACCallback(Callback):
     """Kronecker-factored preconditioning of Linear, Conv2d and affine BatchNorm layers.
 
     Args:
@@ -158,7 +108,7 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
         self.output = make_distribution(output) if isinstance(output, str) else output
         self.adaptive = AdaptiveRules(c, l2_reg)
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None  # the step's (inputs, targets)
-        self.kl_nu = 1.0  # kl_clip: ν of the last step
+        self.kl = KLClip(c.kl_clip)
         inner, ddp = unwrap(model)
         if ddp and c.skip_weight_grad:
             raise ValueError("K-FAC: skip_weight_grad does not work with DistributedDataParallel, which "
@@ -174,9 +124,11 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
         self.skipped_steps = 0  # steps the grad scaler skipped (non-finite scaled gradients)
         self._printer = printer
         self.say = messages.Printer(lambda line: (self._printer or rank0_print(self.comm))(line))
+        self.notes = messages.LayerNotes(self.say)
         layers = preconditionable_layers(inner)
-        self.blocks = _build_blocks(inner, [user_name(n, layers) for n in c.disable_layers])
-        self.dampings = [DampingSchedule(getattr(c, k), c.damping_warmup_steps) for k in DAMPING_KEYS]
+        self.blocks = build_blocks(inner, [user_name(n, layers) for n in c.disable_layers])
+        self.schedule = StepSchedule(c, self.adaptive)
+        self.dampings = self.schedule.dampings
         self.steps = 0
         self.inverse_dtype = getattr(torch, c.inverse_dtype)
         self.owners = self._assign()
@@ -193,27 +145,14 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
 
     @accumulate_steps.setter
     def accumulate_steps(self, k: int) -> None:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"K-FAC: accumulate_steps must be an integer >= 1, got {k!r}")
-        if k > 1 and self.config.fisher == "mc":
-            raise ValueError(f"K-FAC: kfac.fisher=mc does not support trainer.accumulate_steps={k} "
-                             "(accumulate_steps > 1); use kfac.fisher=empirical or accumulate_steps=1")
-        if k > 1 and self.config.adapt_learning_rate:
-            raise ValueError(f"K-FAC: the adaptive rules do not support trainer.accumulate_steps={k} "
-                             "(accumulate_steps > 1); use accumulate_steps=1")
+        check_accumulate_steps(k, self.config)
         self._accumulate_steps = k
 
     @classmethod
     def from_config(cls, model: nn.Module, cfg: Any, comm: Communicator | None = None,
                     printer: Callable[[str], None] | None = None) -> KFACCallback:
         """Builds the callback from a ``KFACConfig``, a mapping, or an OmegaConf ``kfac`` node."""
-        if dataclasses.is_dataclass(cfg):
-            options = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
-        elif isinstance(cfg, Mapping) or hasattr(cfg, "keys"):
-            options = {k: cfg[k] for k in cfg.keys()}
-        else:
-            raise TypeError(f"from_config: expected a KFACConfig or a mapping, got {type(cfg)}")
-        return cls(model, comm=comm, printer=printer, **options)
+        return cls(model, comm=comm, printer=printer, **options_of(cfg))
 
     def _assign(self) -> dict[str, int]:
         infos = [LayerInfo(name, b.kind, tuple(b.factor_dims())) for name, b in self.blocks.items()]
@@ -222,6 +161,8 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
     def remove_hooks(self) -> None:
         """Detaches the callback from the model."""
         self.capture.remove()
+
+    kl_nu = property(lambda self: self.kl.nu, doc="kl_clip: ν of the last step (1 until one is clipped).")
 
     # -- lines -----------------------------------------------------------------------
 
@@ -281,36 +222,26 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
         """Prints LBANN's damping line; ``trainer.epoch`` is 0-based."""
         self.say(self.damping_line(trainer.epoch + 1))
 
-    # -- schedules -------------------------------------------------------------------
-
     def current_dampings(self) -> Dampings:
-        """The dampings the next step uses; with ``adapt_damping`` tied to λ: √(λ + η) for the
-        Kronecker factors, λ + η for BatchNorm's block (docs/algorithm.md §9)."""
-        if self.config.adapt_damping:
-            gamma = self.adaptive.factor_damping()
-            return Dampings(gamma, gamma, gamma * gamma, gamma * gamma)
-        return Dampings(*(d.value for d in self.dampings))
+        """The dampings the next step uses (``StepSchedule.current_dampings``, docs/algorithm.md §9)."""
+        return self.schedule.current_dampings()
 
     def metrics(self) -> dict[str, float]:
         """The current dampings and factor-update interval k(s), for the per-epoch metrics record."""
         d = self.current_dampings()
-        c = self.config
         return {
             "kfac_damping_act": d.act,
             "kfac_damping_err": d.err,
             "kfac_damping_bn_act": d.bn_act,
             "kfac_damping_bn_err": d.bn_err,
-            "kfac_update_interval": update_interval(self.steps, c.update_interval_init,
-                                                    c.update_interval_target, c.update_interval_steps),
-            **({"kfac_kl_nu": self.kl_nu} if c.kl_clip > 0 else {}),
+            "kfac_update_interval": self.schedule.update_interval(self.steps),
+            **({"kfac_kl_nu": self.kl.nu} if self.kl.enabled else {}),
             **(self.adaptive.metrics() if self.adaptive.enabled else {}),
         }
 
     def is_update_step(self) -> bool:
         """Whether the current step updates the factors."""
-        c = self.config
-        return is_update_step(self.steps, c.update_interval_init, c.update_interval_target,
-                              c.update_interval_steps)
+        return self.schedule.updates_factors(self.steps)
 
     # -- the step --------------------------------------------------------------------
 
@@ -322,21 +253,33 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
         a rank's own batch size alone does not give N when the shares differ. ``step()`` then
         expects the same ``shares``. ``None``: every rank as many as this one.
         """
-        self._expected = self._uneven(shares)
+        self._expected = uneven(shares, self.comm.world_size)
 
-    def _uneven(self, shares: Sequence[int] | None) -> tuple[int, ...] | None:
-        """``shares`` as a tuple when they differ between ranks; ``None`` for equal shares,
-        which take exactly the code path (and the numbers) of a call without shares."""
-        if shares is None:
-            return None
-        if len(shares) != self.comm.world_size or any(n < 0 for n in shares):
-            raise ValueError(f"K-FAC: shares {list(shares)}: need one count >= 0 for each of "
-                             f"the {self.comm.world_size} ranks")
-        return None if len(set(shares)) == 1 else tuple(int(n) for n in shares)
+    def sample_fisher(self, logits: torch.Tensor) -> None:
+        """kfac.fisher=mc: the output gradients of a loss with labels sampled from the model.
 
-    def _global_batch(self, local: int, shares: tuple[int, ...] | None) -> int:
-        """N, the step's global batch: the sum of the shares, or ``local`` on every rank."""
-        return local * self.comm.world_size if shares is None else sum(shares)
+        Call it on every step after the forward pass, before ``loss.backward()``, with the
+        step's logits (n × classes for softmax cross-entropy, n × outputs for the Bernoulli
+        output; the callback's ``output``). It does nothing unless ``fisher=mc`` and this step
+        updates the factors; then it draws one target per sample from the model's prediction and
+        differentiates that loss's mean over the rank's rows with respect to the layers'
+        outputs (one extra backward, ``.grad`` untouched); the coming ``step()`` builds G and F
+        from these gradients, the gradient and the batch route keep the true labels'
+        (docs/algorithm.md §3, "Fisher"). With uneven shares call
+        ``expect_shares`` first: the labels are drawn over the global batch.
+        """
+        if self.config.fisher != "mc" or not self.is_update_step():
+            return
+        calls = [c for layer in self.capture.calls.values() for c in layer if c.g_fisher is None]
+        if calls:
+            sample_output_gradients(calls, logits, self.output, self.seed, self.steps, self._expected,
+                                    self.comm.rank, self.comm.world_size)
+
+    def _skips_weight_grad(self, name: str, a: torch.Tensor) -> bool:
+        """The recorder asks at each forward call: may this layer leave its weight GEMM to
+        ``step()`` (skip_weight_grad; N from k micro-batches of these rows, or the announced shares)."""
+        n = global_batch(a.shape[0] * self.accumulate_steps, self._expected, self.comm.world_size)
+        return self.config.skip_weight_grad and skip_weight_grad.skips(self.blocks[name], a, n)
 
     def step(self, shares: Sequence[int] | None = None, learning_rate: float | None = None,
              batch: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
@@ -370,21 +313,21 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
                 uneven shares that ``expect_shares`` did not announce before the forward pass;
                 ``kl_clip`` without ``learning_rate``; ``fisher=mc`` without ``sample_fisher``.
         """
-        clip = self.config.kl_clip
-        if clip > 0 and learning_rate is None:
+        if self.kl.enabled and learning_rate is None:
             raise ValueError("K-FAC: kfac.kl_clip > 0 needs the base optimizer's learning rate: "
                              "step(shares, learning_rate=optimizer.param_groups[0]['lr'])")
         if self.adaptive.enabled and (learning_rate is None or batch is None):
             raise ValueError("K-FAC: the adaptive rules need the step's batch and the base optimizer's learning "
                              "rate: step(shares, learning_rate=optimizer.param_groups[0]['lr'], batch=(x, targets))")
-        shares = self._uneven(shares)
+        world = self.comm.world_size
+        shares = uneven(shares, world)
         expected, self._expected = self._expected, None
         if self.config.skip_weight_grad and shares != expected:
             raise ValueError(f"K-FAC: step(shares={shares}) after expect_shares({expected}): with "
                              "skip_weight_grad, call expect_shares with the step's shares before its forward")
-        s = self.steps
+        s, c, blocks, owners, notes = self.steps, self.config, self.blocks, self.owners, self.notes
         _, calls, skipped = self.capture.take()
-        scale = self._loss_scale()
+        scale = loss_scale(self.grad_scaler, self.model)
         if scale is None:  # the grad scaler skips this step: so does K-FAC (docs/algorithm.md §5)
             self.skipped_steps += 1
             self.say.once("", "scaler", messages.scaler_skip_line(s, float(self.grad_scaler.get_scale())))
@@ -399,215 +342,40 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
                     if self.adaptive.enabled else {})
         # K-FAC's own products run in the factors' dtype, also when called inside autocast.
         with torch.autocast(self._device_type(), enabled=False):
-            rows = self._step_rows(calls, scale)
+            rows = step_rows(calls, self.accumulate_steps, scale)
             if rows and self.is_update_step():
                 # fisher=mc: G and F from the sampled labels' output gradients (docs/algorithm.md §3).
-                fisher = self._step_rows(calls, 1.0, True) if self.config.fisher == "mc" else rows
+                fisher = step_rows(calls, self.accumulate_steps, 1.0, True) if c.fisher == "mc" else rows
                 with self.clock("factors"):
-                    self._update_factors(s, fisher, shares)
-            if is_compute_step(s, self.config.compute_interval_steps) or self._need_inverses:
+                    factors.update_factors(blocks, fisher, shares, self.comm, c.kronecker_decay, c.factor_batch_size,
+                                           s, notes, self.clock)
+            if self.schedule.computes_inverses(s) or self._need_inverses:
                 with self.clock("inverses"):
-                    self._compute_inverses(s, damping)
+                    precondition.compute_inverses(blocks, owners, self.comm.rank, s, damping, c, self.inverse_dtype,
+                                                  self.say)
+                    self._need_inverses = False
             with self.clock("batch_gather"):
-                self._offer_batches(rows, shares)
+                factors.offer_batches(blocks, rows, shares, self.comm)
             with self.clock("precondition"):
                 # kl_clip needs the plain gradient (or the batch rows standing for it) kept.
-                plain_rows = kl_clip.batch_rows(self.blocks, skipped) if clip > 0 else {}
-                done = self._precondition_skipped(s, skipped, shares, scale)
-                plain = kl_clip.plain_grads(self.blocks, plain_rows) if clip > 0 else {}
-                self._precondition(s, done)
-                if clip > 0:  # after the broadcast: every rank the same ν (docs/algorithm.md §5)
-                    self.kl_nu = kl_clip.clip(self.blocks, plain, plain_rows, learning_rate, clip)
+                plain_rows = self.kl.keep_rows(blocks, skipped)
+                done = skip_weight_grad.precondition_skipped(blocks, owners, self.comm, skipped, shares, s,
+                                                             c.learning_rate_factor, notes, scale)
+                plain = self.kl.keep_plain(blocks, plain_rows)
+                precondition.precondition(blocks, owners, self.comm, s, c.learning_rate_factor, notes, self.clock, done)
+                # After the broadcast: every rank the same ν (docs/algorithm.md §5).
+                self.kl.apply(blocks, plain, plain_rows, learning_rate)
             if self.adaptive.enabled:  # every rank the same gradients here, and the same sums
                 with self.clock("adaptive"), self.capture.paused():
-                    n = len(batch[0])
-                    self.adaptive.update(self.model, gradient, s, batch, self.output, self.comm,
-                                         self._global_batch(n, shares), learning_rate, shares)
-        for d in self.dampings:
-            d.advance()
+                    n = global_batch(len(batch[0]), shares, world)
+                    self.adaptive.update(self.model, gradient, s, batch, self.output, self.comm, n, learning_rate,
+                                         shares)
+        self.schedule.advance()
         self.steps += 1
 
     def _device_type(self) -> str:
         block = next(iter(self.blocks.values()), None)
         return "cpu" if block is None else block.module.weight.device.type
-
-    def _loss_scale(self) -> float | None:
-        """The grad scaler's loss scale (1 without one), or ``None`` when the scaler will skip
-        this step because the scaled gradients were not finite.
-
-        Raises:
-            ValueError: The scaler has not unscaled the gradients yet (``scaler.unscale_``
-                must come before ``step()``, so K-FAC sees the true gradient).
-        """
-        scaler = self.grad_scaler
-        if scaler is None or not scaler.is_enabled():
-            return 1.0
-        states = getattr(scaler, "_per_optimizer_states", None)
-        if states is not None:  # what scaler.step() will look at
-            from torch.amp.grad_scaler import OptState
-
-            unscaled = [st for st in states.values() if st.get("stage") == OptState.UNSCALED]
-            if not unscaled:
-                raise ValueError("K-FAC: the grad scaler has not unscaled the gradients: call "
-                                 "scaler.unscale_(optimizer) before the K-FAC step")
-            if any(float(v.item()) for st in unscaled for v in st["found_inf_per_device"].values()):
-                return None
-        elif not all(all_finite(p.grad) for p in self.model.parameters() if p.grad is not None):
-            return None
-        return float(scaler.get_scale())
-
-    def _step_rows(self, calls: dict[str, list[Capture]], scale: float, fisher: bool = False) -> dict[str, StepRows]:
-        """Per layer backward reached, its micro-batches' rows (``capture.micro_batches``), the
-        output gradients divided by the loss scale; ``fisher``: the sampled loss's (mc)."""
-        rows = {}
-        for name, layer_calls in calls.items():
-            chosen = micro_batches(layer_calls, self.accumulate_steps)
-            if not chosen or not all(c.complete for c in chosen):
-                continue
-            if fisher and any(c.g_fisher is None for c in chosen):
-                raise ValueError(f"K-FAC: kfac.fisher=mc: layer {name} has no sampled output gradient; call "
-                                 "sample_fisher(logits) after the forward pass, before backward, every step")
-            g = [c.g_fisher if fisher else c.g if scale == 1.0 else c.g / scale for c in chosen]
-            every = len(chosen) == len(layer_calls) == self.accumulate_steps
-            rows[name] = StepRows([c.a for c in chosen], g, every)
-        return rows
-
-    def _update_factors(self, s: int, rows: dict[str, StepRows], shares: tuple[int, ...] | None) -> None:
-        """Folds this step's factors into the running averages (summed over ranks first).
-
-        Each rank's contribution takes its own n (every micro-batch's rows) and the global N
-        (docs/algorithm.md §3); a rank without samples contributes zeros. With
-        ``factor_batch_size`` only each rank's first m_r samples count, M in place of N.
-        """
-        decay, limit, world = self.config.kronecker_decay, self.config.factor_batch_size, self.comm.world_size
-        if world == 1:
-            # One rank: each layer's batch factors go straight into its running averages.
-            for name, block in self.blocks.items():
-                r = rows.get(name)
-                if r is None:
-                    continue
-                m, keep = factor_batch(limit, r.n, 1, 0, None)  # a subsample (docs/algorithm.md §3)
-                if not block.accumulate(r.a, r.g, r.n if m is None else m, decay, keep):
-                    self._warn_bad_factor(s, name)
-            return
-        if not self.blocks:
-            return
-        contributions = []
-        for name, block in self.blocks.items():
-            r = rows.get(name)
-            if r is None:
-                contributions.append(None)
-                continue
-            m, keep = factor_batch(limit, r.n, world, self.comm.rank, shares)
-            contributions.append(block.contributions(r.a, r.g, self._global_batch(r.n, shares) if m is None else m,
-                                                     keep))
-        dtype = exchange.widest_dtype([b.module.weight for b in self.blocks.values()], torch.float32)
-        device = next(iter(self.blocks.values())).module.weight.device
-        with self.clock("factor_allreduce"):
-            summed = exchange.sum_factors(self.comm, contributions,
-                                          [b.factor_dims() for b in self.blocks.values()], dtype, device)
-        for (name, block), mats in zip(self.blocks.items(), summed, strict=True):
-            # None: some rank saw no forward/backward of this layer this step.
-            if mats is not None and not block.update_factors(mats, decay):
-                self._warn_bad_factor(s, name)
-
-    def _warn_bad_factor(self, s: int, name: str) -> None:
-        self.say.once(name, "factor", messages.layer_note(s, name, messages.BAD_FACTOR))
-
-    def _offer_batches(self, rows: dict[str, StepRows], shares: tuple[int, ...] | None) -> None:
-        """Lets fully connected layers precondition through this step's batch (cheaper).
-
-        A layer qualifies when each of its forward calls since the last step was one
-        micro-batch (no weight sharing), so that its gradient is exactly ``gᵀa`` of the step's
-        rows (every micro-batch's, joined), and when that route costs fewer flops. With
-        several ranks the combined gradient is ``Σ_r (n_r/N) g_rᵀ a_r`` (``(1/R) Σ_r g_rᵀ a_r``
-        for equal shares): the ranks' ``a`` and ``g`` rows are gathered in one collective,
-        each rank's ``g`` weighted by n_r/N, far fewer numbers than the gradient itself for the
-        MLP (N·(in+out) vs in·out) (docs/algorithm.md §5, §6). A layer takes the batch route
-        only when every rank could offer it, so all decide alike.
-        """
-        world = self.comm.world_size
-        linear = {n: b for n, b in self.blocks.items() if isinstance(b, LinearBlock)}
-        usable = {}
-        for name, block in linear.items():
-            block.set_batch(None, None)
-            r = rows.get(name)
-            usable[name] = (r is not None and r.every_call and all(x.dim() == 2 for x in r.a)
-                            and block.batch_route_cheaper(self._global_batch(r.n, shares)))
-        joined = {n: rows[n].joined() for n in linear if usable[n]}
-        if world == 1 or not joined:
-            # Several ranks with none present: no captures on any rank (the schedule is the same everywhere).
-            for name, (a, g) in joined.items():
-                linear[name].set_batch(a, g)
-            return
-        first = next(iter(joined.values()))[0]
-        counts = [first.shape[0]] * world if shares is None else shares
-        mine = counts[self.comm.rank]
-        # Uneven shares: this rank's g rows carry its weight n_r/N into the gathered batch;
-        # equal ones are divided by R after the gather, as they always were.
-        weight = None if shares is None else mine / sum(shares)
-        offered = [joined.get(n) if usable[n] and joined[n][0].shape[0] == mine else None for n in linear]
-        offered = [None if pair is None else (pair[0], pair[1] if weight is None else pair[1] * weight)
-                   for pair in offered]
-        dims = [(b.in_features(), b.out_features()) for b in linear.values()]
-        # At least float32 (a bf16 capture under autocast), as the factors: MPI has no bf16.
-        dtype = torch.promote_types(first.dtype, torch.float32)
-        gathered = exchange.gather_rows(self.comm, offered, counts, dims, dtype, first.device)
-        for block, batch in zip(linear.values(), gathered, strict=True):
-            if batch is not None:
-                block.set_batch(batch[0], batch[1] / world if weight is None else batch[1])
-
-    def _compute_inverses(self, s: int, damping: Dampings) -> None:
-        c = self.config
-        for name, block in self.blocks.items():
-            if self.owners[name] != self.comm.rank:
-                block.clear_inverses()
-                continue
-            start = time.perf_counter()
-            ok = block.compute_inverses(damping, c.use_pi, c.use_eigen, self.inverse_dtype,
-                                        explicit=c.compute_interval_steps >= EXPLICIT_INVERSE_INTERVAL)
-            elapsed = time.perf_counter() - start
-            if c.print_time and block.has_factors:
-                self.say(messages.inverse_time_line(s, name, elapsed, self.comm.rank))
-            for note in block.inverse_notes:
-                self.say.once(name, "inverse " + note.split(":")[0], messages.layer_note(s, name, note))
-            if not ok and block.has_factors:
-                self.say.once(name, "plain", messages.layer_note(s, name, messages.NO_INVERSE))
-            if c.print_matrix_summary or c.print_matrix:
-                for label in (*block.factor_names, *(f"{f}_inv" for f in block.factor_names)):
-                    mat = getattr(block, label, None)
-                    if mat is not None:
-                        for line in messages.matrix_lines(s, name, label, mat, c.print_matrix_summary, c.print_matrix):
-                            self.say(line)
-        self._need_inverses = False
-
-    def _say_zeroed(self, s: int, name: str) -> None:
-        self.say(messages.layer_note(s, name, messages.ZEROED))
-
-    def _warn_plain_kept(self, s: int, name: str) -> None:
-        self.say.once(name, "precond", messages.layer_note(s, name, messages.PLAIN_KEPT))
-
-    def _precondition(self, s: int, done: set[str] = frozenset()) -> None:
-        # Gradients are identical on all ranks here, so every rank takes the same decisions.
-        for name, block in self.blocks.items():
-            if name in done:
-                continue
-            if not block.grads_finite():
-                self._say_zeroed(s, name)
-                block.zero_grads()
-                if isinstance(block, LinearBlock):
-                    block.set_batch(None, None)  # the batch route would bring the gradient back
-        f = self.config.learning_rate_factor
-        for name, block in self.blocks.items():
-            if name in done:
-                continue
-            if self.owners[name] == self.comm.rank and block.has_inverses and not block.precondition(f):
-                self._warn_plain_kept(s, name)
-        if self.comm.world_size > 1:
-            with self.clock("exchange"):
-                owned = [[g for name, b in self.blocks.items() if self.owners[name] == owner
-                          for g in (b.grads() or [])] for owner in range(self.comm.world_size)]
-                exchange.broadcast_owned(self.comm, owned)
 
     # -- checkpoints -----------------------------------------------------------------
 
@@ -617,67 +385,19 @@ class KFACCallback(SkipWeightGrad, MonteCarloFisher, Callback):
         return "KFACCallback"
 
     def state_dict(self) -> dict[str, Any]:
-        """Running averages, update counts, dampings, the step counter and the inverses.
-
-        With several ranks this is a collective that every rank must call: a layer's inverses
-        live on its owner only, so they are gathered here. A resumed run (with any number of
-        ranks) then preconditions with exactly the same inverses until the next compute step.
-        """
-        inverses = {name: b.export_inverses() if self.owners[name] == self.comm.rank else {}
-                    for name, b in self.blocks.items()}
-        if self.comm.world_size > 1 and self.blocks:
-            shapes = {name: [(f"{f}.{kind}", n) for f, n in zip(b.factor_names, b.factor_dims(), strict=True)
-                             for kind in ("chol", "inverse")] for name, b in self.blocks.items()}
-            device = next(iter(self.blocks.values())).module.weight.device
-            inverses = exchange.gather_inverses(self.comm, inverses, self.owners, shapes, device)
-        return {
-            "steps": self.steps,
-            "dampings": [d.value for d in self.dampings],
-            "factors": {name: [None if m is None else m.detach().clone() for m in b.factors()]
-                        for name, b in self.blocks.items()},
-            "updates": {name: b.updates for name, b in self.blocks.items()},
-            "inverses": inverses,
-            "need_inverses": self._need_inverses,
-            **({"adaptive": self.adaptive.state_dict()} if self.adaptive.enabled else {}),
-        }
+        """Running averages, update counts, dampings, the step counter and the inverses
+        (``state.export_state``; with several ranks a collective every rank must call)."""
+        return export_state(self.blocks, self.owners, self.comm, self.steps, self.dampings, self._need_inverses,
+                            self.adaptive)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restores ``state_dict()``, the inverses too (each rank keeps those it owns now).
-
-        A state without inverses (an older one) has them recomputed at the next step.
-
-        Layer names saved with a wrapper's prefix (``module.ip1``, by code that named DDP's
-        layers) are read as the user's (``ip1``).
+        """Restores ``state_dict()``, the inverses too (each rank keeps those it owns now;
+        ``state.import_state``). A state without inverses (an older one) has them recomputed at
+        the next step.
 
         Raises:
             ValueError: If the state's layers differ from this callback's.
         """
-        state = {**state, **{key: {user_name(k, self.blocks): v for k, v in state[key].items()}
-                             for key in ("factors", "updates", "inverses") if state.get(key) is not None}}
-        if set(state["factors"]) != set(self.blocks):
-            raise ValueError(f"K-FAC state has layers {sorted(state['factors'])}, the callback "
-                             f"has {sorted(self.blocks)}")
-        self.steps = int(state["steps"])
-        for d, v in zip(self.dampings, state["dampings"], strict=True):
-            d.value = float(v)
-        inverses = state.get("inverses")
-        for name, block in self.blocks.items():
-            block.set_factors(list(state["factors"][name]))
-            block.updates = int(state["updates"][name])
-            block.clear_inverses()
-            if inverses is not None and self.owners[name] == self.comm.rank:
-                block.import_inverses(dict(inverses.get(name, {})))
+        self.steps, self._need_inverses = import_state(state, self.blocks, self.owners, self.comm.rank,
+                                                       self.dampings, self.adaptive)
         self.capture.clear()
-        self._need_inverses = inverses is None or bool(state.get("need_inverses", False))
-        if self.adaptive.enabled:
-            self.adaptive.load_state_dict(state.get("adaptive"))
-
-
-def _build_blocks(model: nn.Module, disable: list[str]) -> dict[str, Block]:
-    candidates = preconditionable_layers(model)
-    unknown = [name for name in disable if name not in candidates]
-    if unknown:
-        raise ValueError(f"kfac.disable_layers: unknown layer(s) {unknown}; the model's "
-                         f"preconditionable layers are {candidates}")
-    return {name: make_block(name, module) for name, module in model.named_modules()
-            if name not in disable and is_preconditionable(module)}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -242,3 +243,32 @@ def make_config(**kwargs: Any) -> KFACConfig:
     if errors:
         raise ValueError("invalid K-FAC options:\n  " + "\n  ".join(errors))
     return cfg
+
+
+def check_accumulate_steps(k: int, config: KFACConfig) -> None:
+    """k micro-batches per step: an integer >= 1, and 1 where an option needs one batch a step.
+
+    Raises:
+        ValueError: Naming the option that does not support k > 1.
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"K-FAC: accumulate_steps must be an integer >= 1, got {k!r}")
+    if k > 1 and config.fisher == "mc":
+        raise ValueError(f"K-FAC: kfac.fisher=mc does not support trainer.accumulate_steps={k} "
+                         "(accumulate_steps > 1); use kfac.fisher=empirical or accumulate_steps=1")
+    if k > 1 and config.adapt_learning_rate:
+        raise ValueError(f"K-FAC: the adaptive rules do not support trainer.accumulate_steps={k} "
+                         "(accumulate_steps > 1); use accumulate_steps=1")
+
+
+def options_of(cfg: Any) -> dict[str, Any]:
+    """The options of a ``KFACConfig``, a mapping, or an OmegaConf ``kfac`` node, as keyword arguments.
+
+    Raises:
+        TypeError: For anything else.
+    """
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, Mapping) or hasattr(cfg, "keys"):
+        return {k: cfg[k] for k in cfg.keys()}
+    raise TypeError(f"from_config: expected a KFACConfig or a mapping, got {type(cfg)}")

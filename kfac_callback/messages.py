@@ -114,3 +114,26 @@ class Printer:
         if (layer, what) not in self._warned:
             self._warned.add((layer, what))
             self.write(line)
+
+
+class LayerNotes:
+    """The per-layer notes of a step's phases, through a ``Printer`` (docs/algorithm.md §7).
+
+    Args:
+        say: The callback's printer.
+    """
+
+    def __init__(self, say: Printer) -> None:
+        self.say = say
+
+    def zeroed(self, s: int, name: str) -> None:
+        """A non-finite gradient was zeroed (said every time)."""
+        self.say(layer_note(s, name, ZEROED))
+
+    def plain_kept(self, s: int, name: str) -> None:
+        """The plain gradient was kept where preconditioning failed (said once per layer)."""
+        self.say.once(name, "precond", layer_note(s, name, PLAIN_KEPT))
+
+    def bad_factor(self, s: int, name: str) -> None:
+        """A non-finite factor was left out of the running average (said once per layer)."""
+        self.say.once(name, "factor", layer_note(s, name, BAD_FACTOR))

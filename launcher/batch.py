@@ -224,7 +224,7 @@ def _waiting_through_ctrl_c() -> Iterator[None]:
 
     The terminal sends Ctrl-C's SIGINT to the whole foreground group: the script's mpiexec
     passes it on to every rank once, and the ranks checkpoint and stop at the end of their step
-    (trainer/signals.py); a second Ctrl-C makes mpiexec end the ranks at once.
+    (trainer/ranks/signals.py); a second Ctrl-C makes mpiexec end the ranks at once.
     """
     if threading.current_thread() is not threading.main_thread():
         yield

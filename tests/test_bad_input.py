@@ -30,7 +30,7 @@ from hydra.core.config_store import ConfigStore
 
 from trainer.checkpoint import newest_checkpoint
 from trainer.config import Config
-from trainer.data import write_idx
+from trainer.data.mnist import write_idx
 from trainer.run import train
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -47,7 +47,7 @@ UNREACHABLE = {
     # The schema types dampings as list[float]: Hydra refuses a non-number before validation.
     "kfac_callback.config.validate_kfac: not a number or list of numbers",
     # Root may write anywhere, and these tests run as root on CI.
-    *(["trainer.mnist_fetch.data_dir_problem: is not writable"] if os.geteuid() == 0 else []),
+    *(["trainer.data.mnist_fetch.data_dir_problem: is not writable"] if os.geteuid() == 0 else []),
 }
 NO_GPU = not torch.cuda.is_available()
 

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 from kfac_callback import KFACCallback  # noqa: E402
 from kfac_callback.base import SingleProcess  # noqa: E402
 from models import build_model  # noqa: E402
-from trainer.data import load_mnist  # noqa: E402
+from trainer.data.mnist import load_mnist  # noqa: E402
 
 D = torch.float64
 BATCH, STEPS = 60, 6

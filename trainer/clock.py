@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Optional
 
 
@@ -30,3 +32,11 @@ class TrainClock:
         self.total += time.perf_counter() - self._since
         self._since = None
         return True
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Stops the clock meanwhile (a test, say), then lets it run on if it ran."""
+        running = self.stop()
+        yield
+        if running:
+            self.start()

@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 from kfac_callback.config import KFACConfig, validate_kfac
 from launcher.config import LauncherConfig, validate_launcher
 from models import MODELS
-from trainer.distributed import BACKENDS
 from trainer.optimizers import OptimizerConfig, validate_optimizer
 from trainer.precision import precision_errors
+from trainer.ranks.distributed import BACKENDS
 from trainer.tasks import TASKS
 
 DEVICES = ("auto", "cpu", "cuda")

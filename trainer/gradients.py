@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from kfac_callback.linalg import all_finite
+from kfac_callback.blocks.linalg import all_finite
 
 
 class NonFiniteError(RuntimeError):

@@ -16,7 +16,7 @@ import torch
 
 from kfac_callback.blocks import preconditionable_layers
 from models import MODELS, build_model
-from trainer.mnist_fetch import data_dir_problem, default_data_dir
+from trainer.data.mnist_fetch import data_dir_problem, default_data_dir
 
 
 class SetupError(RuntimeError):

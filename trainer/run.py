@@ -15,19 +15,19 @@ from kfac_callback.base import rank0_print
 from launcher.env import RankInfo
 from launcher.workdir import METRICS_FILE, PREEMPTED_FILE
 from models import build_model
-from trainer.callbacks import MemoryCallback, PrintCallback, TimerCallback
 from trainer.checkpoint import CHECKPOINT_DIR, CheckpointPolicy, checked_resume, model_shapes, run_identity
 from trainer.config import DataConfig, TrainerConfig, section
-from trainer.data import default_data_dir, ensure_mnist, load_mnist
-from trainer.distributed import make_communicator
+from trainer.data.mnist import default_data_dir, ensure_mnist, load_mnist
 from trainer.lr_schedule import describe, learning_rate
+from trainer.observe.callbacks import MemoryCallback, PrintCallback, TimerCallback
+from trainer.observe.progress import ProgressCallback
 from trainer.optimizers import OptimizerConfig, build_optimizer
-from trainer.placement import gather_placements, placement_lines
 from trainer.preflight import SetupError, problems
-from trainer.progress import ProgressCallback
+from trainer.ranks.distributed import make_communicator
+from trainer.ranks.placement import gather_placements, placement_lines
+from trainer.ranks.watchdog import StepWatchdog
 from trainer.tasks import make_task
 from trainer.trainer import Trainer
-from trainer.watchdog import StepWatchdog
 
 
 def choose_device(name: str, local_rank: int) -> torch.device:
@@ -108,7 +108,7 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
     # Last, so the timer's batch times leave out drawing the bars.
     callbacks.append(progress)
     if tcfg.tensorboard and output_dir:
-        from trainer.tensorboard_log import TensorBoardCallback
+        from trainer.observe.tensorboard_log import TensorBoardCallback
 
         callbacks.append(TensorBoardCallback(os.path.join(output_dir, "tensorboard"), comm.rank))
 

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from kfac_callback.linalg import all_finite
+from kfac_callback.blocks.linalg import all_finite
 
 
 class Dampings(NamedTuple):

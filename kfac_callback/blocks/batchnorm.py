@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from kfac_callback.blocks.base import Block, Dampings
-from kfac_callback.linalg import damped_inverse
+from kfac_callback.blocks.linalg import damped_inverse
 
 
 class BatchNormBlock(Block):

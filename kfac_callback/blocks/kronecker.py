@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from kfac_callback.blocks.base import Block, Dampings
-from kfac_callback.linalg import DampedInverse, damped_inverse, pi_factor
+from kfac_callback.blocks.linalg import DampedInverse, damped_inverse, pi_factor
 
 
 class KroneckerBlock(Block):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kfac_callback.blocks.kronecker import KroneckerBlock
-from kfac_callback.linalg import all_finite
+from kfac_callback.blocks.linalg import all_finite
 
 
 class LinearBlock(KroneckerBlock):

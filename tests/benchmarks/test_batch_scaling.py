@@ -30,7 +30,7 @@ from benchmarks.batch_scaling_report import (
     write_csv,
     write_plot,
 )
-from benchmarks.time_to_accuracy import Point
+from benchmarks.time_to_accuracy_report import Point
 
 
 def fake(batch: int, family: str, lr: float, accuracies: list[float], every: int = 10, phase: str = "lr") -> Outcome:

@@ -10,15 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.time_to_accuracy import (
+from benchmarks.time_to_accuracy import command, main, parse_kfac_recipe
+from benchmarks.time_to_accuracy_report import (
     Recipe,
-    command,
     curve,
     first_hits,
-    main,
     make_result,
     markdown,
-    parse_kfac_recipe,
     pick_best,
     ratio,
     write_report,

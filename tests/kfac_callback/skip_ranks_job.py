@@ -26,7 +26,7 @@ from kfac_callback import KFACCallback  # noqa: E402
 from kfac_callback.base import SingleProcess  # noqa: E402
 from launcher.env import rank_info  # noqa: E402
 from tests.kfac_callback.test_skip_weight_grad import D, Net, data  # noqa: E402
-from trainer.distributed import make_communicator  # noqa: E402
+from trainer.ranks.distributed import make_communicator  # noqa: E402
 
 SCENARIOS = {
     "cholesky": {},

@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 from kfac_callback import KFACCallback
-from kfac_callback.adaptive import AdaptiveRules, curvature_gram, levenberg_marquardt, solve_coefficients
 from kfac_callback.config import make_config
-from kfac_callback.outputs import Bernoulli, Categorical
+from kfac_callback.estimation.outputs import Bernoulli, Categorical
+from kfac_callback.policy.adaptive import AdaptiveRules, curvature_gram, levenberg_marquardt, solve_coefficients
 from models import Autoencoder
 from tests.kfac_callback.test_uneven_shares import combine
 from tests.support.threads import run_ranks

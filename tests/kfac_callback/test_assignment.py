@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kfac_callback.assignment import LayerInfo, assign_owners, inverse_cost
+from kfac_callback.ranks.assignment import LayerInfo, assign_owners, inverse_cost
 
 # The CNN of docs/algorithm.md §2 plus two BatchNorms, in model order.
 LAYERS = [

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kfac_callback import KFACCallback
-from kfac_callback.outputs import Bernoulli
+from kfac_callback.estimation.outputs import Bernoulli
 from models import Autoencoder
 from tests.support.threads import run_ranks
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kfac_callback import exchange
-from kfac_callback.exchange import Layout, Slot
+from kfac_callback.ranks import exchange
+from kfac_callback.ranks.exchange import Layout, Slot
 from tests.support.threads import run_ranks
 
 D = torch.float64

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfac_callback import KFACCallback
-from kfac_callback.subsample import subsample_shares
+from kfac_callback.estimation.subsample import subsample_shares
 from tests.kfac_callback.test_uneven_shares import (
     STEPS,
     conv_net,

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from kfac_callback.linalg import (
+from kfac_callback.blocks.linalg import (
     DampedInverse,
     cholesky_lower_,
     damped_inverse,

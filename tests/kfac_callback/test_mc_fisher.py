@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfac_callback import KFACCallback
-from kfac_callback.mc_fisher import sampled_labels
+from kfac_callback.estimation.mc_fisher import sampled_labels
 from tests.kfac_callback.test_uneven_shares import combine, relative, vector_data
 from tests.support.threads import ThreadComm, run_ranks
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from kfac_callback.schedules import (
+from kfac_callback.policy.schedules import (
     DampingSchedule,
     is_compute_step,
     is_update_step,

@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher import slurm_daemons
 from launcher.batch import render_batch_script
+from launcher.cluster import slurm_daemons
+from launcher.cluster.slurm_daemons import LocalSlurm, missing_programs
 from launcher.config import LauncherConfig
 from launcher.launch import Run, batch_spec
-from launcher.slurm_daemons import LocalSlurm, missing_programs
 from trainer.checkpoint import list_checkpoints, load_checkpoint, newest_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent.parent

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from launcher import netns
-from launcher.slurm_cluster import cluster_tag
-from launcher.slurm_conf import SlurmPaths, render_cluster_conf
-from launcher.slurm_daemons import missing_programs
+from launcher.cluster import netns
+from launcher.cluster.slurm_cluster import cluster_tag
+from launcher.cluster.slurm_conf import SlurmPaths, render_cluster_conf
+from launcher.cluster.slurm_daemons import missing_programs
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 

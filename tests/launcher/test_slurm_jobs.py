@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.slurm_daemons import LocalSlurm, missing_programs
+from launcher.cluster.slurm_daemons import LocalSlurm, missing_programs
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 SMALL = ["--num_epochs", "1", "data.max_train_samples=400", "data.max_test_samples=200"]

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from launcher.batch import BatchSpec, render_batch_script, submit, write_work_dir
-from launcher.slurm_conf import SlurmPaths, daemon_argvs, render_slurm_conf
-from launcher.slurm_daemons import LocalSlurm, missing_programs
+from launcher.cluster.slurm_conf import SlurmPaths, daemon_argvs, render_slurm_conf
+from launcher.cluster.slurm_daemons import LocalSlurm, missing_programs
 
 # Rank 0 alone prints what an allgather brought: the ranks' output streams interleave mid-line.
 MPI_HELLO = ("from mpi4py import MPI; c = MPI.COMM_WORLD; r = c.allgather(c.Get_rank()); "

@@ -1,4 +1,4 @@
-"""Two emulated nodes for real (launcher.slurm_cluster): ranks across nodes equal one rank, a lost
+"""Two emulated nodes for real (launcher.cluster.slurm_cluster): ranks across nodes equal one rank, a lost
 node ends the job with one line, and a resubmitted job finishes with an uninterrupted run's numbers.
 
 Each node is a network namespace with its own host name and address, running Debian's slurmd;
@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from launcher import netns
-from launcher.slurm_cluster import EmulatedCluster
-from launcher.slurm_daemons import missing_programs
+from launcher.cluster import netns
+from launcher.cluster.slurm_cluster import EmulatedCluster
+from launcher.cluster.slurm_daemons import missing_programs
 from trainer.checkpoint import load_checkpoint, newest_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent.parent

@@ -12,7 +12,7 @@ import torch
 from kfac_callback import KFACCallback
 from tests.support.trainers import make_trainer
 from tests.trainer.test_ranks import COMMON, MPIEXEC, max_relative_difference, run_job
-from trainer.data import load_mnist
+from trainer.data.mnist import load_mnist
 
 TOLERANCE = 1e-9
 

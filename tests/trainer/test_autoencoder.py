@@ -18,7 +18,7 @@ from models import build_model
 from tests.trainer.test_ranks import COMMON, max_relative_difference, run_job
 from trainer.checkpoint import load_checkpoint, newest_checkpoint
 from trainer.config import Config, validate
-from trainer.data import default_data_dir, load_mnist
+from trainer.data.mnist import default_data_dir, load_mnist
 from trainer.run import train
 
 ROOT = Path(__file__).resolve().parent.parent.parent

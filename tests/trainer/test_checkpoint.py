@@ -25,7 +25,7 @@ from trainer.checkpoint import (
     run_identity,
     save_checkpoint,
 )
-from trainer.data import epoch_batches
+from trainer.data.mnist import epoch_batches
 from trainer.gradients import NonFiniteError
 from trainer.trainer import Trainer
 

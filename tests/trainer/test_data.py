@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from trainer import mnist_fetch
-from trainer.data import (
+from trainer.data import mnist_fetch
+from trainer.data.idx import idx_bytes
+from trainer.data.mnist import (
     DataError,
     batch_plan,
     default_data_dir,
@@ -21,8 +22,7 @@ from trainer.data import (
     split_batch,
     write_idx,
 )
-from trainer.idx import idx_bytes
-from trainer.mnist_fetch import FILE_NAMES
+from trainer.data.mnist_fetch import FILE_NAMES
 
 N_TRAIN, N_TEST = 12, 5
 

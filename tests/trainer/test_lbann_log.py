@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from trainer import lbann_log
+from trainer.observe import lbann_log
 
 GOLDEN_BLOCK = """\
 --------------------------------------------------------------------------------

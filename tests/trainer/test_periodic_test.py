@@ -15,8 +15,8 @@ from launcher.workdir import read_metrics
 from tests.support.configs import config_with
 from tests.support.hooks import HookRecorder
 from tests.support.trainers import make_trainer
-from trainer.callbacks import TimerCallback
 from trainer.config import validate
+from trainer.observe.callbacks import TimerCallback
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 MPIEXEC = str(Path(sys.executable).parent / "mpiexec")
@@ -28,14 +28,15 @@ def slow_tests(trainer, seconds: float, accuracies=None) -> list[int]:
     evaluate, steps = trainer.evaluate, []
 
     def slow():
-        cached = trainer._eval is not None and trainer._eval[0] == trainer.step
+        last = trainer.evaluator.last_test
+        cached = last is not None and last[0] == trainer.step
         loss, acc = evaluate()
         if not cached:
             steps.append(trainer.step)
             time.sleep(seconds)
             if accuracies is not None:
                 acc = accuracies[len(steps) - 1]
-                trainer._eval = (trainer.step, loss, acc)
+                trainer.evaluator.last_test = (trainer.step, loss, acc)
         return loss, acc
 
     trainer.evaluate = slow

@@ -8,7 +8,7 @@ import torch
 
 from kfac_callback import KFACCallback
 from tests.support.trainers import make_trainer
-from trainer.data import load_mnist
+from trainer.data.mnist import load_mnist
 from trainer.precision import make_precision, precision_errors
 
 

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from tests.support.trainers import make_trainer
-from trainer.callbacks import PrintCallback, TimerCallback
-from trainer.progress import ProgressCallback, progress_enabled
+from trainer.observe.callbacks import PrintCallback, TimerCallback
+from trainer.observe.progress import ProgressCallback, progress_enabled
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -108,7 +108,7 @@ def test_adam_two_ranks_equal_one_rank_with_each_cpu_backend(backend, tmp_path):
 
 def test_a_rank_that_raises_ends_the_job_with_its_message():
     program = ("import sys, time\nfrom launcher.env import rank_info\nimport os\n"
-               "from trainer.distributed import make_communicator\nimport torch\n"
+               "from trainer.ranks.distributed import make_communicator\nimport torch\n"
                "comm = make_communicator(rank_info(os.environ))\n"
                "if comm.rank == 1:\n    time.sleep(0.5)\n    raise ValueError('rank 1 broke on purpose')\n"
                "comm.allreduce_sum_([torch.ones(3)])\n")

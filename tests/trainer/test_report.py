@@ -19,24 +19,11 @@ import pytest
 
 from kfac_callback.base import Callback
 from tests.support.trainers import make_trainer
-from trainer.callbacks import TimerCallback
-from trainer.report import (
-    CURVES,
-    Run,
-    curves_figure,
-    few_test_points_notes,
-    flatten,
-    format_table,
-    load_runs,
-    main,
-    overrides_config,
-    parse_records,
-    run_labels,
-    summarize,
-    sweep_grid,
-    table_rows,
-)
-from trainer.tensorboard_log import TensorBoardCallback
+from trainer.observe.callbacks import TimerCallback
+from trainer.observe.report import few_test_points_notes, format_table, main, summarize, sweep_grid, table_rows
+from trainer.observe.report_plots import CURVES, curves_figure
+from trainer.observe.runs import Run, flatten, load_runs, overrides_config, parse_records, run_labels
+from trainer.observe.tensorboard_log import TensorBoardCallback
 from trainer.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -288,7 +275,7 @@ def test_kfac_metrics_follow_the_damping_and_update_interval_schedules():
     from torch import nn
 
     from kfac_callback import KFACCallback
-    from kfac_callback.schedules import DampingSchedule
+    from kfac_callback.policy.schedules import DampingSchedule
 
     kfac = KFACCallback(nn.Sequential(nn.Linear(4, 3)), damping_act=[1.0, 0.01], damping_warmup_steps=10,
                         update_interval_init=1, update_interval_target=5, update_interval_steps=10)

@@ -9,7 +9,7 @@ import torch
 
 from tests.support.hooks import HookRecorder
 from tests.support.trainers import make_trainer
-from trainer.callbacks import MemoryCallback, PrintCallback, TimerCallback
+from trainer.observe.callbacks import MemoryCallback, PrintCallback, TimerCallback
 
 
 def test_hooks_are_called_in_lbanns_order_for_a_two_batch_run():

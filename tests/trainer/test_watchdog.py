@@ -6,9 +6,9 @@ import threading
 import time
 
 from kfac_callback.base import SingleProcess
-from trainer import watchdog
-from trainer.placement import Placement, gather_placements, placement_lines, ranks_by_host
-from trainer.watchdog import StepWatchdog
+from trainer.ranks import watchdog
+from trainer.ranks.placement import Placement, gather_placements, placement_lines, ranks_by_host
+from trainer.ranks.watchdog import StepWatchdog
 
 PLACES = [Placement("node1", 0), Placement("node1", 1), Placement("node2", 0), Placement("node2", 1)]
 

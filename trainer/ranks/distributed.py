@@ -23,11 +23,11 @@ import socket
 import torch
 
 from kfac_callback.base import SingleProcess
-from kfac_callback.process_group import ProcessGroupComm
-from kfac_callback.process_group import flatten as _flatten
-from kfac_callback.process_group import unflatten as _unflatten
+from kfac_callback.ranks.process_group import ProcessGroupComm
+from kfac_callback.ranks.process_group import flatten as _flatten
+from kfac_callback.ranks.process_group import unflatten as _unflatten
 from launcher.env import RankInfo
-from trainer.host_address import reachable_address
+from trainer.ranks.host_address import reachable_address
 
 BACKENDS = ("auto", "mpi", "gloo", "nccl")
 

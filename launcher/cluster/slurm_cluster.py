@@ -1,10 +1,10 @@
-"""An emulated multi-node SLURM on one machine: the private SLURM of ``launcher.slurm_daemons``,
-with each compute node a Linux network namespace of its own (``launcher.netns``).
+"""An emulated multi-node SLURM on one machine: the private SLURM of ``launcher.cluster.slurm_daemons``,
+with each compute node a Linux network namespace of its own (``launcher.cluster.netns``).
 
 Debian's slurmctld, slurmd and munged run unchanged; only the machines are emulated. slurmctld
 runs as the host ``controller`` (whose namespace holds the bridge), one slurmd runs inside each
 node ``node1`` ... ``nodeN``, munged beside them (its socket is a file, so every namespace
-reaches it), and ``launcher.ns_relay`` lets the machine's own namespace reach slurmctld at
+reaches it), and ``launcher.cluster.ns_relay`` lets the machine's own namespace reach slurmctld at
 127.0.0.1 (``slurm.conf``; inside the cluster, ``slurm-inside.conf`` names its bridge address). A
 ``login`` host sits on the bridge too: ``salloc`` runs there (``login_argv``), because the ranks'
 nodes must reach ``srun`` at an address of their network. The nodes share the file system, as
@@ -29,9 +29,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from launcher import netns
-from launcher.slurm_conf import SlurmPaths, render_cluster_conf
-from launcher.slurm_daemons import LocalSlurm, LocalSlurmError, find_binary, free_port, stop_pids
+from launcher.cluster import netns
+from launcher.cluster.slurm_conf import SlurmPaths, render_cluster_conf
+from launcher.cluster.slurm_daemons import LocalSlurm, LocalSlurmError, find_binary, free_port, stop_pids
 
 RELAY = "relay"
 
@@ -102,8 +102,8 @@ class EmulatedCluster(LocalSlurm):
         relay_out = paths.log / "relay.stdout"
         relay_out.unlink(missing_ok=True)
         listen = ["--listen", "self"]  # inside the cluster, slurmd hands every job slurm-inside.conf
-        self._spawn(RELAY, [sys.executable, "-m", "launcher.ns_relay", "--cluster", str(paths.root), "--port", str(ctld_port),
-                            "--to", str(self.controller.netns_path), *listen], stdout=relay_out)
+        self._spawn(RELAY, [sys.executable, "-m", "launcher.cluster.ns_relay", "--cluster", str(paths.root),
+                            "--port", str(ctld_port), "--to", str(self.controller.netns_path), *listen], stdout=relay_out)
         self._wait(lambda: relay_out.exists() and "ready" in relay_out.read_text(), "the relay to listen")
         self._spawn("slurmctld", netns.node_argv(self.controller, self.hosts_file,
                                                  [find_binary("slurmctld") or "slurmctld", "-D", "-f", str(self.inside_conf)]))

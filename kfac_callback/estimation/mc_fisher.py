@@ -19,9 +19,10 @@ from collections.abc import Sequence
 
 import torch
 
-from kfac_callback.outputs import Bernoulli, Categorical, generator_seed
+from kfac_callback.estimation.capture import Capture
+from kfac_callback.estimation.outputs import Bernoulli, Categorical, generator_seed
 
-__all__ = ["generator_seed", "sampled_labels", "output_gradients", "own_rows", "MonteCarloFisher"]
+__all__ = ["generator_seed", "sampled_labels", "output_gradients", "own_rows", "sample_output_gradients"]
 
 
 def sampled_labels(logits: torch.Tensor, seed: int, step: int, offset: int, total: int) -> torch.Tensor:
@@ -64,30 +65,16 @@ def own_rows(shares: Sequence[int] | None, n: int, rank: int, world: int) -> tup
     return sum(shares[:rank]), sum(shares)
 
 
-class MonteCarloFisher:
-    """The fisher=mc part of ``KFACCallback``: a mixin that reads the callback's ``config``,
-    ``capture``, ``comm``, ``seed``, ``steps``, ``output`` and announced shares."""
+def sample_output_gradients(calls: Sequence[Capture], logits: torch.Tensor, output: Categorical | Bernoulli,
+                            seed: int, step: int, shares: Sequence[int] | None, rank: int, world: int) -> None:
+    """The Fisher sampler: sets each capture's ``g_fisher``, the output gradient of a loss with
+    targets drawn from ``output`` at ``logits``.
 
-    def sample_fisher(self, logits: torch.Tensor) -> None:
-        """kfac.fisher=mc: the output gradients of a loss with labels sampled from the model.
-
-        Call it on every step after the forward pass, before ``loss.backward()``, with the
-        step's logits (n × classes for softmax cross-entropy, n × outputs for the Bernoulli
-        output; the callback's ``output``). It does nothing unless ``fisher=mc`` and this step
-        updates the factors; then it draws one target per sample from the model's prediction and
-        differentiates that loss's mean over the rank's rows with respect to the layers'
-        outputs (one extra backward, ``.grad`` untouched); the coming ``step()`` builds G and F
-        from these gradients, the gradient and the batch route keep the true labels'
-        (docs/algorithm.md §3, "Fisher"). With uneven shares call
-        ``expect_shares`` first: the labels are drawn over the global batch.
-        """
-        if self.config.fisher != "mc" or not self.is_update_step():
-            return
-        calls = [c for layer in self.capture.calls.values() for c in layer if c.g_fisher is None]
-        if not calls:
-            return
-        offset, total = own_rows(self._expected, logits.shape[0], self.comm.rank, self.comm.world_size)
-        labels = self.output.sample(logits, self.seed, self.steps, offset, total)
-        grads = output_gradients(logits, labels, [c.edge for c in calls], self.output)
-        for capture, g in zip(calls, grads, strict=True):
-            capture.g_fisher = None if g is None else g.detach()
+    The draw is seeded by ``(seed, step)`` over the global batch; this rank's rows are where
+    ``shares`` (``None``: equal shares) put them among the ``world`` ranks (``own_rows``).
+    """
+    offset, total = own_rows(shares, logits.shape[0], rank, world)
+    labels = output.sample(logits, seed, step, offset, total)
+    grads = output_gradients(logits, labels, [c.edge for c in calls], output)
+    for capture, g in zip(calls, grads, strict=True):
+        capture.g_fisher = None if g is None else g.detach()

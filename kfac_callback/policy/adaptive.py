@@ -11,7 +11,7 @@ C the exact curvature (the Fisher / generalised Gauss-Newton matrix of the mini-
 damping and η the L2 coefficient of the objective. In the plane that is a 2×2 solve, whose
 entries need Cδ products only as quadratic forms: (J d_a)ᵀ H (J d_b) / N summed over samples,
 J d a forward-mode product through the network and H the loss's curvature in the logits
-(``outputs.py``). Every T steps the damping follows the reduction ratio
+(``estimation/outputs.py``). Every T steps the damping follows the reduction ratio
 ρ = (h(θ+δ) − h(θ)) / (M̂(δ) − M̂(0)), M̂ the model without λ: λ ← ω·λ when ρ > 3/4, λ ← λ/ω
 when ρ < 1/4 (or ρ not finite), ω = decay^T, within [λ_min, λ_max]; the factors' damping is
 tied to it, √(λ + η).
@@ -34,8 +34,8 @@ from torch import nn
 from torch.func import functional_call, jvp, vmap
 
 from kfac_callback.base import Communicator
-from kfac_callback.outputs import Bernoulli, Categorical
-from kfac_callback.subsample import factor_batch
+from kfac_callback.estimation.outputs import Bernoulli, Categorical
+from kfac_callback.estimation.subsample import factor_batch
 
 Directions = Sequence[Mapping[str, torch.Tensor]]
 

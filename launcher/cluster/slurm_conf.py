@@ -1,6 +1,7 @@
-"""The pure part of the private SLURM of ``launcher.slurm_daemons``: its folders, slurm.conf, daemon argv.
+"""The pure part of the private SLURM of ``launcher.cluster.slurm_daemons``: its folders, slurm.conf, daemon argv.
 
-Nothing here reads or writes a file or starts a process; ``launcher.slurm_daemons`` and ``launcher.slurm_cluster`` do.
+Nothing here reads or writes a file or starts a process; ``launcher.cluster.slurm_daemons`` and
+``launcher.cluster.slurm_cluster`` do.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def render_cluster_conf(paths: SlurmPaths, controller: str, nodes: Sequence[tupl
                         slurmd_port: int, *, cpus: int = 4, real_memory_mb: int = 1000,
                         slurmd_timeout_s: int = 10, spool_per_node: bool = True, cred_expire_s: int = 120,
                         ctld_address: str = "127.0.0.1", cluster_name: str = "kfacnodes") -> str:
-    """The slurm.conf of an emulated multi-node cluster (``launcher.netns``).
+    """The slurm.conf of an emulated multi-node cluster (``launcher.cluster.netns``).
 
     Two copies differ in slurmctld's address only: the daemons and every client inside the
     cluster reach it at its bridge address (``ctld_address``), so it sees their real addresses and

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from kfac_callback.base import Callback
-from trainer.placement import Placement, ranks_by_host
+from trainer.ranks.placement import Placement, ranks_by_host
 
 HEARTBEAT_DIR = ".heartbeats"
 EXIT_STATUS = 4
@@ -40,7 +40,7 @@ class StepWatchdog(Callback):
     Args:
         timeout_s: Seconds without progress (> 0).
         rank: This rank.
-        placements: Every rank's host and local rank (``trainer.placement``).
+        placements: Every rank's host and local rank (``trainer.ranks.placement``).
         work_dir: Where the heartbeat files go (``None``: no heartbeats, the line names no rank).
         exit: Ends the process (tests pass their own).
         clock: Monotonic seconds (tests pass their own).

@@ -1,6 +1,6 @@
-"""MNIST on disk: checksums and fetching; the IDX format itself is in ``trainer.idx``.
+"""MNIST on disk: checksums and fetching; the IDX format itself is in ``trainer.data.idx``.
 
-This is the I/O edge of the data room; ``trainer.data`` builds tensors and batches on top
+This is the I/O edge of the data room; ``trainer.data.mnist`` builds tensors and batches on top
 of it. The four standard files are stored uncompressed in one directory::
 
     train-images-idx3-ubyte  train-labels-idx1-ubyte  t10k-images-idx3-ubyte  t10k-labels-idx1-ubyte
@@ -32,7 +32,7 @@ from typing import IO, Any
 import numpy as np
 
 from launcher.workdir import atomic_write_bytes
-from trainer.idx import DataError, gunzip_if_gzip, idx_bytes, read_bytes
+from trainer.data.idx import DataError, gunzip_if_gzip, idx_bytes, read_bytes
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"

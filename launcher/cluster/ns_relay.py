@@ -5,9 +5,9 @@ and ``squeue``) names slurmctld at 127.0.0.1, an address that namespace has; thi
 there and carries every connection to slurmctld in the controller's namespace (it can listen in
 several namespaces). Nothing is sent to any address but loopback ones.
 
-Run by ``launcher.slurm_cluster``::
+Run by ``launcher.cluster.slurm_cluster``::
 
-    python -m launcher.ns_relay --cluster ROOT --port P --to /run/netns/X-controller --listen self
+    python -m launcher.cluster.ns_relay --cluster ROOT --port P --to /run/netns/X-controller --listen self
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def _listen(listen_fd: Optional[int], to_fd: int, port: int, ready: threading.Ev
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launcher.ns_relay", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m launcher.cluster.ns_relay", description=__doc__.splitlines()[0])
     parser.add_argument("--cluster", default="", help="the cluster's folder (names this relay for `stop`)")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--to", required=True, help="the namespace file of the target (slurmctld's)")

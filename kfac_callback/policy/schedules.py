@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
+
+from kfac_callback.blocks import Dampings
+from kfac_callback.config import DAMPING_KEYS
 
 
 class DampingSchedule:
@@ -72,3 +76,48 @@ def is_update_step(s: int, k0: int, k1: int, steps: int) -> bool:
 def is_compute_step(s: int, compute_interval: int) -> bool:
     """Whether the inverses are recomputed at step ``s`` (always at ``s = 0``)."""
     return s == 0 or s % compute_interval == 0
+
+
+class StepSchedule:
+    """What step s does: whether it updates the factors or recomputes the inverses, and the
+    dampings it uses (warm-up schedules, or with ``adapt_damping`` tied to the adaptive λ).
+
+    Args:
+        config: The callback's ``KFACConfig``.
+        adaptive: The adaptive rules (their λ, when ``adapt_damping``).
+
+    Attributes:
+        dampings: The four ``DampingSchedule`` (act, err, bn_act, bn_err).
+    """
+
+    def __init__(self, config: Any, adaptive: Any) -> None:
+        self.config = config
+        self.adaptive = adaptive
+        self.dampings = [DampingSchedule(getattr(config, k), config.damping_warmup_steps) for k in DAMPING_KEYS]
+
+    def current_dampings(self) -> Dampings:
+        """The dampings the next step uses; with ``adapt_damping`` tied to λ: √(λ + η) for the
+        Kronecker factors, λ + η for BatchNorm's block (docs/algorithm.md §9)."""
+        if self.config.adapt_damping:
+            gamma = self.adaptive.factor_damping()
+            return Dampings(gamma, gamma, gamma * gamma, gamma * gamma)
+        return Dampings(*(d.value for d in self.dampings))
+
+    def update_interval(self, s: int) -> int:
+        """k(s), the factor-update interval at step s."""
+        c = self.config
+        return update_interval(s, c.update_interval_init, c.update_interval_target, c.update_interval_steps)
+
+    def updates_factors(self, s: int) -> bool:
+        """Whether step s updates the factors."""
+        c = self.config
+        return is_update_step(s, c.update_interval_init, c.update_interval_target, c.update_interval_steps)
+
+    def computes_inverses(self, s: int) -> bool:
+        """Whether step s recomputes the inverses (on schedule)."""
+        return is_compute_step(s, self.config.compute_interval_steps)
+
+    def advance(self) -> None:
+        """One step done: the damping warm-up moves on."""
+        for d in self.dampings:
+            d.advance()

@@ -14,14 +14,11 @@ import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from typing import IO, TYPE_CHECKING, Any, Optional
+from typing import IO, Any, Optional
 
 from tqdm import tqdm
 
 from kfac_callback.base import Callback
-
-if TYPE_CHECKING:
-    from trainer.trainer import Trainer
 
 SETTINGS = ("auto", "true", "false")
 
@@ -116,18 +113,18 @@ class ProgressCallback(Callback):
 
         return _log
 
-    def on_train_begin(self, trainer: Trainer) -> None:
+    def on_train_begin(self, trainer: Any) -> None:
         """Opens the epoch bar."""
         if self.enabled:
             self._epochs = self._bar(total=trainer.epochs, desc="epochs", unit="epoch", position=0)
 
-    def on_epoch_begin(self, trainer: Trainer) -> None:
+    def on_epoch_begin(self, trainer: Any) -> None:
         """Opens this epoch's mini-batch bar."""
         if self.enabled:
             self._batches = self._bar(total=trainer.shape.train_iters, desc=f"epoch {trainer.epoch}",
                                       unit="batch", position=1)
 
-    def on_batch_end(self, trainer: Trainer) -> None:
+    def on_batch_end(self, trainer: Any) -> None:
         """Advances the mini-batch bar and shows the mini-batch loss; closes it after the last batch."""
         if self._batches is not None:
             if trainer.loss is not None:
@@ -138,7 +135,7 @@ class ProgressCallback(Callback):
                 self._batches.close()
                 self._batches = None
 
-    def on_epoch_end(self, trainer: Trainer) -> None:
+    def on_epoch_end(self, trainer: Any) -> None:
         """Closes the mini-batch bar and advances the epoch bar."""
         if self._batches is not None:
             self._batches.close()
@@ -151,7 +148,7 @@ class ProgressCallback(Callback):
                                      refresh=False)
             self._epochs.update(1)
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, trainer: Any) -> None:
         """Closes the epoch bar before the final test prints its lines."""
         if self._epochs is not None:
             self._epochs.close()

@@ -1,7 +1,7 @@
 """Where the ranks run: each rank's host and local rank, gathered once at start-up.
 
 Rank 0 prints one line per rank (``rank R/W: host H, local rank L``) so every log shows the
-job's placement; the step watchdog (``trainer.watchdog``) names a lost rank's host from it.
+job's placement; the step watchdog (``trainer.ranks.watchdog``) names a lost rank's host from it.
 """
 
 from __future__ import annotations

@@ -7,12 +7,9 @@ directory) is made when training begins, not when the callback is built.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
 
 from kfac_callback.base import Callback
-
-if TYPE_CHECKING:
-    from trainer.trainer import Trainer
 
 
 def epoch_scalars(trainer: Any) -> dict[str, float]:
@@ -65,11 +62,11 @@ class TensorBoardCallback(Callback):
                 raise RuntimeError("trainer.tensorboard=true needs the tensorboard package "
                                    "(pip install tensorboard)") from err
 
-    def on_setup_end(self, trainer: Trainer) -> None:
+    def on_setup_end(self, trainer: Any) -> None:
         """Starts the wall clock with the trainer's."""
         self._t0 = time.time()
 
-    def on_train_begin(self, trainer: Trainer) -> None:
+    def on_train_begin(self, trainer: Any) -> None:
         """Opens the event file on rank 0."""
         if self.rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -84,11 +81,11 @@ class TensorBoardCallback(Callback):
         self._writer.add_scalar("time/wall", time.time() - self._t0, step)
         self._writer.flush()
 
-    def on_epoch_end(self, trainer: Trainer) -> None:
+    def on_epoch_end(self, trainer: Any) -> None:
         """Writes the training scalars and the callbacks' metrics."""
         self._write(epoch_scalars(trainer), trainer.epoch)
 
-    def on_test_end(self, trainer: Trainer) -> None:
+    def on_test_end(self, trainer: Any) -> None:
         """Writes the test scalars; closes the file after the final test."""
         if trainer.stats.test_accuracy is None:
             return

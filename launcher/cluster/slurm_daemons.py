@@ -12,7 +12,7 @@ root (slurmd starts jobs as their users) and need Debian's ``slurmctld slurmd sl
         slurm.wait_for_job(job_id)
 
 Daemons are stopped by the pids this module started (checked against /proc first), never by name.
-The pure part (the folders, slurm.conf, the daemons' argv) lives in ``launcher.slurm_conf``;
+The pure part (the folders, slurm.conf, the daemons' argv) lives in ``launcher.cluster.slurm_conf``;
 this module is the I/O.
 """
 
@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Optional
 
-from launcher.slurm_conf import DAEMONS, SlurmPaths, daemon_argvs, render_slurm_conf
+from launcher.cluster.slurm_conf import DAEMONS, SlurmPaths, daemon_argvs, render_slurm_conf
 
 CLIENTS = ("sbatch", "srun", "sinfo", "squeue", "scontrol")
 FINISHED_STATES = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",

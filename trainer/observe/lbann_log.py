@@ -24,7 +24,7 @@ class EpochShape:
     """What LBANN's epoch header reports: iterations and mini-batch sizes per data set.
 
     A batch of B samples over W ranks gives rank r ``B // W`` samples, one more for the first
-    ``B % W`` ranks (``trainer.data.split_batch``, docs/algorithm.md §6). The header shows
+    ``B % W`` ranks (``trainer.data.mnist.split_batch``, docs/algorithm.md §6). The header shows
     that split as LBANN does: ``local MB`` is the base share ``B // W`` of a full batch (a
     plain number, as in LBANN's text; the first ``B % W`` ranks hold one more), and
     ``local last MB`` is ``base+extra`` of the last batch, ``extra`` being the samples left over
@@ -47,6 +47,13 @@ class EpochShape:
 def _last_local(last: int, world_size: int) -> str:
     # LBANN writes a last local mini-batch as base + the samples left over for some ranks.
     return f"{last // world_size:4d}+{last % world_size}"
+
+
+def epoch_shape(train: Any, test: Any, global_mb: int, world_size: int) -> EpochShape:
+    """The ``EpochShape`` of the training and test sets' batch plans (``trainer.data.mnist.BatchPlan``)."""
+    return EpochShape(train_iters=train.iterations, test_iters=test.iterations, global_mb=global_mb,
+                      global_last_train=train.global_last_batch, global_last_test=test.global_last_batch,
+                      world_size=world_size)
 
 
 def epoch_block(epoch: int, shape: EpochShape) -> str:
