@@ -25,9 +25,8 @@ Under ``torchrun`` the model may be wrapped in ``DistributedDataParallel``: the 
 takes its communicator from the process group and the layer names of the wrapped module (no
 ``module.`` prefix). Gradient accumulation: ``KFACCallback(..., accumulate_steps=k)`` and k
 forward/backward passes per ``step()``, each micro-batch's loss weighted by its share of the
-rank's samples (1/k for equal ones). Mixed precision: factors are float32 whatever the
-forward's dtype; with an fp16 ``GradScaler`` pass ``grad_scaler=scaler`` and call
-``scaler.unscale_(optimizer)`` before ``step()`` (docs/algorithm.md §3, §5).
+rank's samples (1/k for equal ones). Mixed precision, the fp16 ``GradScaler`` and the adaptive
+rules (``step(..., batch=(x, targets))``): docs/usage.md, docs/algorithm.md §3, §5, §9.
 """
 
 from __future__ import annotations
@@ -71,8 +70,7 @@ class KFACCallback(Callback):
             group (a DDP model's own group) if there is one of several ranks, else one process;
             our trainer's ``comm`` replaces it at ``on_setup_end``.
         printer: Where lines go; by default printed on rank 0.
-        accumulate_steps: k, the micro-batches (forward and backward passes) of each step
-            (our trainer sets it from ``trainer.accumulate_steps``).
+        accumulate_steps: k, the micro-batches (forward and backward passes) of each step.
         grad_scaler: A ``torch.amp.GradScaler`` scaling the loss (fp16): output gradients are
             divided by its scale, and a step it skips (non-finite scaled gradients) is skipped
             here too, its factors never folded in. Call ``scaler.unscale_(optimizer)`` first.
@@ -332,14 +330,13 @@ class KFACCallback(Callback):
             self.skipped_steps += 1
             self.say.once("", "scaler", messages.scaler_skip_line(s, float(self.grad_scaler.get_scale())))
             return
-        if not self.adaptive.calibrated:  # λ₀ from the first gradient's curvature, before the first inverses
-            with torch.autocast(self._device_type(), enabled=False), self.capture.paused():
-                self.adaptive.calibrate(self.model, {n: p.grad.detach() for n, p in self.model.named_parameters()
-                                                     if p.grad is not None}, batch, self.output, self.comm,
-                                        self._global_batch(len(batch[0]), shares), shares)
-        damping = self.current_dampings()
         gradient = ({n: p.grad.detach().clone() for n, p in self.model.named_parameters() if p.grad is not None}
                     if self.adaptive.enabled else {})
+        if not self.adaptive.calibrated:  # λ₀ from the first gradient's curvature, before the first inverses
+            with torch.autocast(self._device_type(), enabled=False), self.capture.paused():
+                self.adaptive.calibrate(self.model, gradient, batch, self.output, self.comm,
+                                        global_batch(len(batch[0]), shares, world), shares)
+        damping = self.current_dampings()
         # K-FAC's own products run in the factors' dtype, also when called inside autocast.
         with torch.autocast(self._device_type(), enabled=False):
             rows = step_rows(calls, self.accumulate_steps, scale)

@@ -164,7 +164,7 @@ def cases(earlier: Path, tmp: Path) -> list[tuple[str, list[str], str]]:
         ("unknown device", ["trainer.device=tpu"], "trainer.device"),
         ("unknown dtype", ["trainer.dtype=float16"], "trainer.dtype"),
         ("learning rate not a number", ["optimizer.learning_rate=fast"], "fast"),
-        ("unknown model group", ["model=transformer"], "model=transformer: no such model config (known: cnn, mlp)"),
+        ("unknown model group", ["model=transformer"], "model=transformer: no such model config (known: autoencoder, cnn, mlp)"),
         ("misspelt model group", ["model=mpl"], "model=mpl: no such model config; did you mean mlp?"),
         ("override syntax", ["trainer.epochs=[1,"], "trainer.epochs"),
         ("negative checkpoints to keep", ["trainer.keep_checkpoints=-1"], "trainer.keep_checkpoints"),

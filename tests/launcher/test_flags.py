@@ -72,7 +72,7 @@ def test_lbann_readme_command_and_hydra_arguments_mix():
 
 BAD = [
     (["--bogus"], "--bogus: unknown flag"),
-    (["--model", "foo"], "--model: 'foo' is not one of cnn, mlp"),
+    (["--model", "foo"], "--model: 'foo' is not one of autoencoder, cnn, mlp"),
     (["--mini_batch_size", "0"], "--mini_batch_size: expected an integer >= 1, got 0"),
     (["--optimizer-learning-rate", "abc"], "--optimizer-learning-rate: expected a number, got 'abc'"),
     (["--num_epochs", "-1"], "--num_epochs: expected an integer >= 1, got -1"),

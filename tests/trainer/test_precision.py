@@ -15,9 +15,9 @@ from trainer.precision import make_precision, precision_errors
 class Seen(KFACCallback):
     """Records the dtypes K-FAC saw: the captured rows, the factors and the inverses."""
 
-    def step(self, shares=None, learning_rate=None):
+    def step(self, shares=None, learning_rate=None, batch=None):
         self.rows = {n: (c.a.dtype, c.g.dtype) for n, c in self.capture.captures.items() if c.g is not None}
-        super().step(shares, learning_rate)
+        super().step(shares, learning_rate, batch)
         self.factor_dtypes = {m.dtype for b in self.blocks.values() for m in b.factors()}
         self.inverse_dtypes = {m.dtype for b in self.blocks.values() for f in b.factor_names
                                if (m := getattr(b, f"{f}_inv")) is not None}

@@ -75,10 +75,10 @@ def test_a_rank_without_samples_still_fires_the_kfac_hooks() -> None:
         seen = []
 
         class Spy(KFACCallback):
-            def step(self, shares=None, learning_rate=None):
+            def step(self, shares=None, learning_rate=None, batch=None):
                 seen.append({n: (c.a.shape[0], c.g is not None and c.g.shape[0])
                              for n, c in self.capture.captures.items()})
-                super().step(shares, learning_rate)
+                super().step(shares, learning_rate, batch)
 
         fit_model = models[comm.rank]
         spy = Spy(fit_model, printer=lambda s: None)
