@@ -121,13 +121,17 @@ def write_plot(data: dict[str, dict[str, Any]], path: Path) -> None:
             for j, (col, xlabel) in enumerate(((0, "training seconds"), (1, "steps"))):
                 for k, (ycol, ylabel) in enumerate(((2, "training objective"), (3, "reconstruction MSE"))):
                     ax = axes[2 * i + k, j]
-                    ax.plot([p[col] for p in curve], [p[ycol] for p in curve], marker=".", label=LABELS[row["family"]])
+                    ax.plot([p[col] for p in curve], [p[ycol] for p in curve], marker=".",
+                            color=f"C{FAMILIES.index(row['family'])}", label=LABELS[row["family"]])
                     ax.set(xlabel=xlabel, ylabel=ylabel, yscale="log", title=f"batch {batch}: {ylabel}")
         for j in range(2):
             if math.isfinite(target):
                 axes[2 * i, j].axhline(target, color="grey", linestyle=":", linewidth=1)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=3)
+    seen = {}  # one legend entry per family over every panel, each family one colour throughout
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, handle)
+    fig.legend(list(seen.values()), list(seen), loc="lower center", ncol=3)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
