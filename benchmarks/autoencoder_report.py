@@ -137,10 +137,34 @@ def write_plot(data: dict[str, dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def write_headline(data: dict[str, dict[str, Any]], batch: str, path: Path) -> None:
+    """One panel: the training objective against seconds at ``batch``, each family's chosen run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    target, rows = rows_for(data[batch])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row in rows:
+        curve = data[batch][row["run"]]["curve"]
+        ax.plot([p[0] for p in curve], [p[2] for p in curve], marker=".", color=f"C{FAMILIES.index(row['family'])}",
+                label=LABELS[row["family"]])
+    ax.axhline(target, color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="training seconds (1 core)", ylabel="training objective", yscale="log",
+           title=f"MNIST deep autoencoder, batch {batch}, 1 rank")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def write_report(data: dict[str, dict[str, Any]], out: Path) -> None:
-    """autoencoder.md, autoencoder.csv and autoencoder.png in ``out``."""
+    """autoencoder.md, autoencoder.csv and autoencoder.png in ``out`` (and the batch-10000 panel)."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "autoencoder.md").write_text(markdown(data))
     write_csv(data, out / "autoencoder.csv")
     if any(run.get("curve") for runs in data.values() for run in runs.values()):
         write_plot(data, out / "autoencoder.png")
+    if data.get("10000"):
+        write_headline(data, "10000", out / "autoencoder_b10000.png")
