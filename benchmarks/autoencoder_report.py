@@ -106,28 +106,41 @@ def write_csv(data: dict[str, dict[str, Any]], path: Path) -> None:
                     writer.writerow([batch, name, *point])
 
 
-def write_plot(data: dict[str, dict[str, Any]], path: Path) -> None:
+AXES = {0: "training seconds", 1: "steps", 2: "training objective", 3: "reconstruction MSE"}  # curve columns
+
+
+def _pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _panel(ax: Any, runs: dict[str, Any], x: int, y: int, title: str, xlabel: str = "") -> None:
+    """Each family's chosen run at one batch, curve column ``y`` against ``x`` (``AXES``); objective
+    panels also draw the target. Each family keeps one colour in every panel."""
+    target, rows = rows_for(runs)
+    for row in rows:
+        curve = runs[row["run"]]["curve"]
+        ax.plot([p[x] for p in curve], [p[y] for p in curve], marker=".",
+                color=f"C{FAMILIES.index(row['family'])}", label=LABELS[row["family"]])
+    if y == 2 and math.isfinite(target):
+        ax.axhline(target, color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel=xlabel or AXES[x], ylabel=AXES[y], yscale="log", title=title)
+
+
+def write_plot(data: dict[str, dict[str, Any]], path: Path) -> None:
+    """Objective and error against seconds and steps, two rows of panels per batch."""
+    plt = _pyplot()
     batches = sorted(data, key=int)
     fig, axes = plt.subplots(2 * len(batches), 2, figsize=(11, 7 * len(batches)), squeeze=False)
     for i, batch in enumerate(batches):
-        target, rows = rows_for(data[batch])
-        for row in rows:
-            curve = data[batch][row["run"]]["curve"]
-            for j, (col, xlabel) in enumerate(((0, "training seconds"), (1, "steps"))):
-                for k, (ycol, ylabel) in enumerate(((2, "training objective"), (3, "reconstruction MSE"))):
-                    ax = axes[2 * i + k, j]
-                    ax.plot([p[col] for p in curve], [p[ycol] for p in curve], marker=".",
-                            color=f"C{FAMILIES.index(row['family'])}", label=LABELS[row["family"]])
-                    ax.set(xlabel=xlabel, ylabel=ylabel, yscale="log", title=f"batch {batch}: {ylabel}")
-        for j in range(2):
-            if math.isfinite(target):
-                axes[2 * i, j].axhline(target, color="grey", linestyle=":", linewidth=1)
-    seen = {}  # one legend entry per family over every panel, each family one colour throughout
+        for j, x in enumerate((0, 1)):
+            for k, y in enumerate((2, 3)):
+                _panel(axes[2 * i + k, j], data[batch], x, y, f"batch {batch}: {AXES[y]}")
+    seen = {}  # one legend entry per family over every panel
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             seen.setdefault(label, handle)
@@ -139,20 +152,9 @@ def write_plot(data: dict[str, dict[str, Any]], path: Path) -> None:
 
 def write_headline(data: dict[str, dict[str, Any]], batch: str, path: Path) -> None:
     """One panel: the training objective against seconds at ``batch``, each family's chosen run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    target, rows = rows_for(data[batch])
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
-    for row in rows:
-        curve = data[batch][row["run"]]["curve"]
-        ax.plot([p[0] for p in curve], [p[2] for p in curve], marker=".", color=f"C{FAMILIES.index(row['family'])}",
-                label=LABELS[row["family"]])
-    ax.axhline(target, color="grey", linestyle=":", linewidth=1)
-    ax.set(xlabel="training seconds (1 core)", ylabel="training objective", yscale="log",
-           title=f"MNIST deep autoencoder, batch {batch}, 1 rank")
+    _panel(ax, data[batch], 0, 2, f"MNIST deep autoencoder, batch {batch}, 1 rank", "training seconds (1 core)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -53,30 +53,22 @@ on a state returned by a step, then one full-set evaluation. Its wall time (whic
 holds the compute of those calls) is the ``compile`` record, with its parts and the
 number of XLA compilations. Training then starts afresh with the same seed, so
 ``wall_s`` holds no compilation; the ``end`` record counts any compilation that still
-happened during training (expected 0). With ``--cache-dir`` jax's persistent cache is
-used; it serves the ~90 small jitted functions, but kfac-jax's ``_step`` (two variants)
-and ``_burnin`` lower to modules whose cache keys differ from one process to the next,
-so those three are compiled in every run (about 13 s, 12 s and 1 s on the shared 2-core
-machine) whatever the cache holds; ``slowest_compiles`` in the record lists them.
+happened during training (expected 0). ``--cache-dir`` uses jax's persistent cache (it
+cannot keep kfac-jax's ``_step`` and ``_burnin``, compiled anew in every process).
 Full-set evaluations run every ``--eval-every`` seconds of training clock, and at the
 start and end; their time is excluded from ``wall_s`` and reported as ``eval_s``.
 
-Output (JSON lines): one ``{"event": "config", ...}`` line, one ``{"event":
-"compile", ...}`` line, then ``{"event": "step", "step", "wall_s", "batch_loss",
-"learning_rate", "momentum", "damping" (the one this step used), "rho"}`` every
-``--log-every`` steps (``rho`` is null except on damping-update steps), ``{"event":
-"eval", "step", "wall_s", "objective", "cross_entropy", "mse", "eval_s"}`` lines, and a
-final ``{"event": "end", ...}`` line.
+Output (JSON lines): ``config``, ``compile``, then ``step`` records every ``--log-every``
+steps (loss, learning rate, momentum, damping, rho), ``eval`` records (objective, cross
+entropy, mse) and a final ``end`` record, each with its ``event`` name.
 
-Threads: XLA's CPU backend uses one thread per schedulable core; ``--threads K``
-restricts the process to the first K cores with ``sched_setaffinity`` before jax is
-imported (default: leave the affinity as it is, i.e. all cores of the machine).
+Threads: ``--threads K`` restricts the process to the first K cores before jax is imported
+(XLA's CPU backend uses one thread per core it may run on).
 
-Usage (from any directory; the venv is outside the repo)::
+Usage (the venv outside the repo; ``benchmarks/autoencoder.py --phase peer`` calls it)::
 
-    /work/scratch/kfacjax-venv/bin/python benchmarks/peers/kfac_jax_autoencoder.py \
-        --images /work/scratch/mnist_train_images.npy --batch-size 60000 \
-        --seconds 600 --seed 0 --out /tmp/kfacjax_full.jsonl
+    <venv>/bin/python benchmarks/peers/kfac_jax_autoencoder.py --images train_images.npy \
+        --batch-size 60000 --seconds 600 --seed 0 --out kfacjax_full.jsonl
 
 Cost at full batch (B = 60000): one step is of the order of a minute on 2 CPU cores
 (batch 1000 takes ~0.7 s), and the warm-up replays step 0 (with 5 burn-in passes) and
@@ -104,23 +96,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=None, help="optional step cap")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .jsonl path")
-    p.add_argument("--eval-every", type=float, default=10.0,
-                   help="seconds of training clock between full-set evaluations")
-    p.add_argument("--eval-chunk", type=int, default=10000,
-                   help="samples per evaluation chunk (memory)")
+    p.add_argument("--eval-every", type=float, default=10.0, help="training seconds between full-set evaluations")
+    p.add_argument("--eval-chunk", type=int, default=10000, help="samples per evaluation chunk (memory)")
     p.add_argument("--log-every", type=int, default=1, help="write a step line every K steps")
     p.add_argument("--init", choices=("haiku", "lecun_normal"), default="haiku")
     p.add_argument("--l2", type=float, default=1e-5)
     p.add_argument("--initial-damping", type=float, default=150.0)
-    p.add_argument("--cache-dir", default=None,
-                   help="jax persistent compilation cache (keep it outside the repo); a "
-                        "second run then loads the executables instead of compiling")
+    p.add_argument("--cache-dir", default=None, help="jax persistent compilation cache (outside the repo)")
     p.add_argument("--no-warmup", action="store_true",
-                   help="skip the warm-up (useful at full batch with a filled --cache-dir); "
-                        "compilation then falls in the first steps and the end record "
-                        "says how much")
-    p.add_argument("--threads", type=int, default=None,
-                   help="pin the process to the first K cores (XLA then uses K threads)")
+                   help="skip the warm-up: compilation falls in the first steps (the end record says how much)")
+    p.add_argument("--threads", type=int, default=None, help="pin to the first K cores (XLA then uses K threads)")
     return p.parse_args(argv)
 
 

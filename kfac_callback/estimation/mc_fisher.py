@@ -20,23 +20,11 @@ from collections.abc import Sequence
 import torch
 
 from kfac_callback.estimation.capture import Capture
-from kfac_callback.estimation.outputs import Bernoulli, Categorical, generator_seed
-
-__all__ = ["generator_seed", "sampled_labels", "output_gradients", "own_rows", "sample_output_gradients"]
-
-
-def sampled_labels(logits: torch.Tensor, seed: int, step: int, offset: int, total: int) -> torch.Tensor:
-    """One label per row of ``logits`` (n × classes), drawn from softmax(logits).
-
-    ``total`` uniforms are drawn for the global batch, on the CPU in float64; this rank's rows
-    are ``offset … offset + n``. Label i is the first class whose cumulative probability
-    reaches its uniform (inverse CDF), so it has probability p_i.
-    """
-    return Categorical().sample(logits, seed, step, offset, total)
+from kfac_callback.estimation.outputs import Bernoulli, Categorical
 
 
 def output_gradients(logits: torch.Tensor, labels: torch.Tensor, edges: Sequence[object],
-                     distribution: Categorical | Bernoulli | None = None) -> list[torch.Tensor | None]:
+                     distribution: Categorical | Bernoulli) -> list[torch.Tensor | None]:
     """The gradients of the sampled loss with respect to the captured layer outputs.
 
     The sampled loss is the true loss's mean over this rank's rows, so G keeps its scale
@@ -46,7 +34,6 @@ def output_gradients(logits: torch.Tensor, labels: torch.Tensor, edges: Sequence
     depend on.
     """
     n = logits.shape[0]
-    distribution = distribution or Categorical()
     loss = distribution.loss_sum(logits, labels) / n if n else logits.sum() * 0
     return list(torch.autograd.grad(loss, list(edges), retain_graph=True, allow_unused=True))
 

@@ -145,14 +145,18 @@ def levenberg_marquardt(damping: float, rho: float, decay: float, low: float, hi
     return min(max(damping, low), high)
 
 
+def loss_share(logits: torch.Tensor, targets: torch.Tensor, output: Categorical | Bernoulli, n_global: int) -> float:
+    """This rank's share of the global batch's mean loss (no L2 term), in float64."""
+    return float(output.loss_sum(logits.double(), targets).cpu()) / n_global
+
+
 def batch_loss(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: torch.Tensor,
                targets: torch.Tensor, output: Categorical | Bernoulli, n_global: int) -> float:
-    """This rank's share of the global batch's mean loss at ``params`` (no L2 term)."""
+    """``loss_share`` of the model at ``params`` (0 for a rank without samples)."""
     if not len(inputs):
         return 0.0
     with torch.no_grad():
-        logits = _call(model, params, inputs)
-        return float(output.loss_sum(logits.double(), targets).cpu()) / n_global
+        return loss_share(_call(model, params, inputs), targets, output, n_global)
 
 
 class AdaptiveRules:
@@ -230,7 +234,7 @@ class AdaptiveRules:
         inputs, targets, n_global = self.subsample(batch, comm, n_global, shares)
         if len(inputs):
             logits, curvature = curvature_gram(model, params, inputs, dirs, output, n_global)
-            before = float(output.loss_sum(logits.double(), targets).cpu()) / n_global
+            before = loss_share(logits, targets, output, n_global)
         else:  # a rank without samples adds zeros to every sum
             curvature, before = torch.zeros(len(dirs), len(dirs), dtype=torch.float64), 0.0
         interval = c.damping_adaptation_interval

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kfac_callback import KFACCallback
-from kfac_callback.estimation.mc_fisher import sampled_labels
+from kfac_callback.estimation.outputs import Categorical
 from tests.kfac_callback.test_uneven_shares import combine, relative, vector_data
 from tests.support.threads import ThreadComm, run_ranks
 
@@ -63,7 +63,7 @@ def test_mc_factors_equal_the_dense_formula_of_the_sampled_labels() -> None:
     cb.step()
 
     twin_logits = twin(x)
-    labels = sampled_labels(twin_logits, 7, 0, 0, n)
+    labels = Categorical().sample(twin_logits, 7, 0, 0, n)
     assert not torch.equal(labels, y)
     e = torch.autograd.grad(F.cross_entropy(twin_logits, labels), [outs["fc1"][1], outs["fc2"][1]], retain_graph=True)
     F.cross_entropy(twin_logits, y).backward()
