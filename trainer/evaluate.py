@@ -11,12 +11,12 @@ from torch import nn
 
 from kfac_callback.base import Communicator
 from trainer.data.mnist import epoch_batches
-from trainer.tasks import Task, make_task
+from trainer.tasks import Task
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batches: Iterable[torch.Tensor],
-             device: torch.device, comm: Communicator, task: Task | None = None) -> tuple[float, float]:
+             device: torch.device, comm: Communicator, task: Task) -> tuple[float, float]:
     """(Objective, metric) of ``model`` on the rows ``batches`` index, summed over ranks: the task's
     objective (with its L2 term) and metric (accuracy in % for classification).
 
@@ -24,7 +24,6 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batches: Iterab
     count every sample once and every rank gets the same numbers; the model's training mode
     is restored afterwards.
     """
-    task = task or make_task("classification")
     was_training = model.training
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64)

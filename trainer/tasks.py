@@ -34,7 +34,6 @@ class Task:
         l2: the L2 coefficient η of the objective's ½η‖θ‖².
         metric_key: the records' name of the metric (``train_<key>``, ``test_<key>``).
         metric_label: LBANN's name of it in the log lines; ``metric_unit`` follows the value.
-        higher_is_better: whether a larger metric is better (accuracy) or worse (error).
     """
 
     name: str
@@ -57,15 +56,13 @@ class Task:
     def metric_unit(self) -> str:
         return "%" if self.name == "classification" else ""
 
+    def metric_value(self, value: float, digits: int = 6) -> str:
+        """``97.50%`` (accuracy, two decimals) or the error to ``digits`` significant digits."""
+        return f"{value:.2f}%" if self.metric_unit == "%" else f"{value:.{digits}g}"
+
     def metric_text(self, value: float) -> str:
         """``accuracy 97.50%`` or ``mean squared error 12.3``: the metric in a progress line."""
-        if self.metric_unit == "%":
-            return f"{self.metric_label} {value:.2f}%"
-        return f"{self.metric_label} {value:.6g}"
-
-    @property
-    def higher_is_better(self) -> bool:
-        return self.name == "classification"
+        return f"{self.metric_label} {self.metric_value(value)}"
 
     def targets(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The targets of inputs ``x`` with labels ``y``."""

@@ -143,8 +143,7 @@ class ProgressCallback(Callback):
         if self._epochs is not None:
             task = trainer.task
             self._epochs.set_postfix({"objective": f"{trainer.stats.train_loss:.4g}",
-                                      task.metric_key: f"{trainer.stats.train_accuracy:.2f}%" if task.metric_unit == "%"
-                                      else f"{trainer.stats.train_accuracy:.4g}"},
+                                      task.metric_key: task.metric_value(trainer.stats.train_accuracy, 4)},
                                      refresh=False)
             self._epochs.update(1)
 
