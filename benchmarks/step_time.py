@@ -262,7 +262,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (plus the interval warm-up)")
     parser.add_argument("--round", type=int, default=10, help="steps of one optimizer before the next one's turn")
     parser.add_argument("--experiment", default="kfac_fast",
-                        choices=["kfac_fast", "kfac_fast_cnn", "kfac_large_batch", "kfac_adaptive", "kfac_autoencoder"],
+                        choices=["kfac_fast", "kfac_fast_cnn", "kfac_large_batch", "kfac_adaptive"],
                         help="the amortized K-FAC recipe timed beside LBANN's (configs/experiment/)")
     parser.add_argument("--experiment-lr", type=float, default=None,
                         help="the experiment's learning rate here (the time does not depend on it; a rate that "
