@@ -5,6 +5,7 @@
 """
 import argparse
 import contextlib
+import gc
 import os
 import sys
 
@@ -67,4 +68,5 @@ if dist.is_initialized():
     # still connected can abort that rank's process on exit.
     dist.barrier()
     del kfac, model, optimizer  # DDP's reducer holds the group: release it before the group
+    gc.collect()  # the callback and the model's hooks refer to each other: free them now, not at exit
     dist.destroy_process_group()
