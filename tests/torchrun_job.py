@@ -17,6 +17,7 @@ communicator from the process group, each rank writes ``OUT_DIR/rank<R>.json`` w
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -126,6 +127,8 @@ def main() -> None:
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     dist.barrier()  # tear the gloo group down together (see examples/ddp_kfac.py)
+    del model, cb, opt
+    gc.collect()  # the callback and the model's hooks refer to each other: free DDP's reducer first
     dist.destroy_process_group()
 
 
