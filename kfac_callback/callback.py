@@ -39,12 +39,13 @@ from torch import nn
 
 from kfac_callback import messages
 from kfac_callback.base import Callback, Communicator, SingleProcess, rank0_print
-from kfac_callback.blocks import Dampings, build_blocks, preconditionable_layers
+from kfac_callback.blocks import Dampings, build_blocks, preconditionable_layers, uncovered_layers
 from kfac_callback.config import check_accumulate_steps, make_config, options_of
 from kfac_callback.estimation.capture import Recorder
 from kfac_callback.estimation.mc_fisher import sample_output_gradients
 from kfac_callback.estimation.outputs import Bernoulli, Categorical, make_distribution
 from kfac_callback.estimation.rows import step_rows
+from kfac_callback.layers import swap_attention
 from kfac_callback.phases import PhaseClock
 from kfac_callback.policy.adaptive import AdaptiveRules
 from kfac_callback.policy.kl_clip import KLClip
@@ -123,8 +124,10 @@ class KFACCallback(Callback):
         self._printer = printer
         self.say = messages.Printer(lambda line: (self._printer or rank0_print(self.comm))(line))
         self.notes = messages.LayerNotes(self.say)
+        self.swapped = swap_attention(inner) if c.swap_attention else []  # docs/algorithm.md §3, "Attention"
         layers = preconditionable_layers(inner)
-        self.blocks = build_blocks(inner, [user_name(n, layers) for n in c.disable_layers])
+        self.blocks = build_blocks(inner, [user_name(n, layers) for n in c.disable_layers], c.weight_sharing)
+        self._fired = False  # whether a step captured anything yet (silent layers are named then)
         self.schedule = StepSchedule(c, self.adaptive)
         self.dampings = self.schedule.dampings
         self.steps = 0
@@ -153,7 +156,9 @@ class KFACCallback(Callback):
         return cls(model, comm=comm, printer=printer, **options_of(cfg))
 
     def _assign(self) -> dict[str, int]:
-        infos = [LayerInfo(name, b.kind, tuple(b.factor_dims())) for name, b in self.blocks.items()]
+        # A diagonal factor's inverse is O(n): only square ones weigh in the balance.
+        infos = [LayerInfo(name, b.kind, tuple(s[0] for s in b.factor_shapes() if len(s) == 2))
+                 for name, b in self.blocks.items()]
         return assign_owners(infos, self.comm.world_size, self.config.inverse_strategy)
 
     def remove_hooks(self) -> None:
@@ -166,9 +171,10 @@ class KFACCallback(Callback):
 
     def setup_lines(self) -> list[str]:
         """The options line, then one line per preconditioned layer with its owner rank."""
-        layers = [(name, b.kind, list(zip(b.factor_names, b.factor_dims(), strict=True)), self.owners[name])
+        layers = [(name, b.kind, list(zip(b.factor_names, b.factor_shapes(), strict=True)), self.owners[name])
                   for name, b in self.blocks.items()]
-        return messages.setup_lines(self.config, layers, self.comm.world_size)
+        return (messages.setup_lines(self.config, layers, self.comm.world_size)
+                + messages.coverage_lines(self.swapped, uncovered_layers(self.model, self.blocks)))
 
     def damping_line(self, epochs: int) -> str:
         """LBANN's epoch-end line with the current dampings, after ``epochs`` epochs."""
@@ -325,6 +331,10 @@ class KFACCallback(Callback):
                              "skip_weight_grad, call expect_shares with the step's shares before its forward")
         s, c, blocks, owners, notes = self.steps, self.config, self.blocks, self.owners, self.notes
         _, calls, skipped = self.capture.take()
+        if calls and not self._fired:  # never silently wrong: name the layers the hooks missed
+            self._fired = True
+            if silent := [name for name in blocks if name not in calls]:
+                self.say(messages.silent_line(s, silent))
         scale = loss_scale(self.grad_scaler, self.model)
         if scale is None:  # the grad scaler skips this step: so does K-FAC (docs/algorithm.md §5)
             self.skipped_steps += 1

@@ -16,6 +16,7 @@ from typing import Any
 STRATEGIES = ("all", "each", "root", "balanced")
 INVERSE_DTYPES = ("float32", "float64")
 FISHERS = ("empirical", "mc")
+WEIGHT_SHARING = ("expand", "reduce")
 DAMPING_KEYS = ("damping_act", "damping_err", "damping_bn_act", "damping_bn_err")
 
 
@@ -61,6 +62,12 @@ class KFACConfig:
     fisher: str = "empirical"
     # KL-clipping of the preconditioned update (0: off; docs/algorithm.md §5).
     kl_clip: float = 0.0
+    # Layers whose weight is shared over positions (tokens, pixels): "expand" (a row per
+    # position) or "reduce" (a row per sample, summed over positions); docs/algorithm.md §3.
+    weight_sharing: str = "expand"
+    # Replace each nn.MultiheadAttention by kfac_callback.MultiheadAttention (same parameters,
+    # same outputs) whose projections K-FAC sees; false leaves them to the base optimizer.
+    swap_attention: bool = True
     # The adaptive rules (docs/algorithm.md §9), each off by default. adapt_learning_rate: the
     # update's size α from the exact quadratic model (the base optimizer must be plain SGD; its
     # learning rate is only the unit the update is written in); adapt_momentum: also its
@@ -176,6 +183,8 @@ def validate_kfac(cfg: Any) -> list[str]:
                       f"got {cfg.factor_batch_size!r}")
     if cfg.fisher not in FISHERS:
         errors.append(f"kfac.fisher: unknown Fisher {cfg.fisher!r}; choose one of {', '.join(FISHERS)}")
+    if cfg.weight_sharing not in WEIGHT_SHARING:
+        errors.append(f"kfac.weight_sharing: unknown approximation {cfg.weight_sharing!r}; choose expand or reduce")
     clip = float(cfg.kl_clip)
     if not math.isfinite(clip) or clip < 0:
         errors.append(f"kfac.kl_clip: must be a finite value >= 0 (0: off), got {clip:g}")

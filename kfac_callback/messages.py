@@ -16,13 +16,14 @@ def fmt(x: float) -> str:
     return f"{x:g}"
 
 
-def square(n: int) -> str:
-    """A factor's shape, ``n x n``."""
-    return f"{n}x{n}"
+def square(shape: tuple[int, ...]) -> str:
+    """A factor's shape, ``n x n``, or ``n (diagonal)`` for one held as its diagonal."""
+    return f"{shape[0]}x{shape[0]}" if len(shape) == 2 else f"{shape[0]} (diagonal)"
 
 
-def setup_lines(c: KFACConfig, layers: list[tuple[str, str, list[tuple[str, int]], int]], ranks: int) -> list[str]:
-    """The options line, then per layer ``(name, kind, [(factor, size)], owner)`` its line."""
+def setup_lines(c: KFACConfig, layers: list[tuple[str, str, list[tuple[str, tuple[int, ...]]], int]],
+                ranks: int) -> list[str]:
+    """The options line, then per layer ``(name, kind, [(factor, shape)], owner)`` its line."""
     damp = " ".join(f"{k}={','.join(fmt(v) for v in getattr(c, k))}" for k in DAMPING_KEYS)
     lines = [
         f"{PREFIX} {damp} damping_warmup_steps={c.damping_warmup_steps} "
@@ -39,10 +40,33 @@ def setup_lines(c: KFACConfig, layers: list[tuple[str, str, list[tuple[str, int]
     return lines
 
 
+def coverage_lines(swapped: list[str], uncovered: list[tuple[str, str]]) -> list[str]:
+    """What K-FAC does with the layers it swapped, and (one line per type) those it leaves to
+    the base optimizer (docs/algorithm.md §3, "Layers")."""
+    lines = [f"{PREFIX} layer {name} (MultiheadAttention): runs as kfac_callback.MultiheadAttention (same "
+             "parameters, same outputs) so that K-FAC sees its projections" for name in swapped]
+    by_type: dict[str, list[str]] = {}
+    for name, kind in uncovered:
+        by_type.setdefault(kind, []).append(name)
+    for kind, names in by_type.items():
+        why = ("its projections run functionally (kfac.swap_attention=true makes them K-FAC layers)"
+               if "MultiheadAttention" in kind or names[0].endswith("out_proj") else "no K-FAC block for this type")
+        lines.append(f"{PREFIX} not preconditioned, left to the base optimizer ({why}): {kind} {', '.join(names)}")
+    return lines
+
+
+def silent_line(s: int, names: list[str]) -> str:
+    """Preconditioned layers whose hooks did not fire in the first step that captured anything."""
+    return (f"{PREFIX} step {s}: layer(s) {', '.join(names)}: hooks did not fire (called functionally, or "
+            "unused); left to the base optimizer until they do")
+
+
 def levers(c: KFACConfig) -> str:
     """The options of ours that are not at their defaults (defaults print LBANN's line as it was)."""
     changed = [(k, v) for k, v, off in (("factor_batch_size", c.factor_batch_size, 0), ("fisher", c.fisher, "empirical"),
-                                         ("kl_clip", c.kl_clip, 0.0)) if v != off]
+                                         ("kl_clip", c.kl_clip, 0.0),
+                                         ("weight_sharing", c.weight_sharing, "expand"),
+                                         ("swap_attention", int(c.swap_attention), 1)) if v != off]
     if c.adapt_learning_rate:  # the adaptive rules (docs/algorithm.md §9)
         rules = "+".join(r for r, on in (("lr", True), ("momentum", c.adapt_momentum), ("damping", c.adapt_damping)) if on)
         changed += [("adaptive", rules), ("initial_damping", float(c.initial_damping))]
@@ -87,7 +111,7 @@ def matrix_lines(s: int, name: str, label: str, mat: torch.Tensor, summary: bool
     """``--print-matrix-summary`` and ``--print-matrix`` lines of one factor or inverse."""
     lines = []
     if summary:
-        lines.append(layer_note(s, name, f"{label} {square(mat.shape[0])} norm {float(mat.norm()):g} "
+        lines.append(layer_note(s, name, f"{label} {square(tuple(mat.shape))} norm {float(mat.norm()):g} "
                                           f"min {float(mat.min()):g} max {float(mat.max()):g} "
                                           f"trace {float(mat.trace()):g}"))
     if full:

@@ -24,7 +24,7 @@ def export_state(blocks: Mapping[str, Block], owners: Mapping[str, int], comm: C
     """
     inverses = {name: b.export_inverses() if owners[name] == comm.rank else {} for name, b in blocks.items()}
     if comm.world_size > 1 and blocks:
-        shapes = {name: [(f"{f}.{kind}", n) for f, n in zip(b.factor_names, b.factor_dims(), strict=True)
+        shapes = {name: [(f"{f}.{kind}", s) for f, s in zip(b.factor_names, b.factor_shapes(), strict=True)
                          for kind in ("chol", "inverse")] for name, b in blocks.items()}
         device = next(iter(blocks.values())).module.weight.device
         inverses = exchange.gather_inverses(comm, inverses, owners, shapes, device)

@@ -36,7 +36,8 @@ LAUNCHER_FOR_TRAINER = {"launcher", "launcher.env", "launcher.workdir", "launche
 KFAC_FOUNDATION = {"kfac_callback.base", "kfac_callback.config"}
 # Per subpackage, what of its own room it may import (beyond itself).
 LAYERS = {
-    "kfac_callback.blocks": set(),
+    "kfac_callback.layers": set(),
+    "kfac_callback.blocks": {"kfac_callback.layers"},
     "kfac_callback.estimation": {"kfac_callback.blocks", *KFAC_FOUNDATION},
     "kfac_callback.ranks": {"kfac_callback.blocks", *KFAC_FOUNDATION},
     "kfac_callback.policy": {"kfac_callback.blocks", "kfac_callback.estimation", *KFAC_FOUNDATION},

@@ -36,7 +36,7 @@ class Block:
     Attributes:
         name: The layer's name in ``model.named_modules()``.
         module: The layer.
-        kind: ``"linear"``, ``"conv2d"`` or ``"batchnorm"``.
+        kind: The layer type, as the setup lines print it (``"linear"``, ``"conv2d"``, ...).
         updates: How many times the running averages were updated.
     """
 
@@ -61,6 +61,11 @@ class Block:
     def factor_dims(self) -> list[int]:
         """Sizes of the square factors, in ``factor_names`` order."""
         raise NotImplementedError
+
+    def factor_shapes(self) -> list[tuple[int, ...]]:
+        """The factors' shapes, in ``factor_names`` order: ``(n, n)``, or ``(n,)`` for a factor
+        held as its diagonal."""
+        return [(n, n) for n in self.factor_dims()]
 
     def gram_terms(self, a: torch.Tensor, g: torch.Tensor, n_global: int,
                    n_local: int | None = None, keep: int | None = None) -> list[tuple[torch.Tensor, float]]:

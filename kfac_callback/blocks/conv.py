@@ -1,4 +1,5 @@
-"""``nn.Conv2d``: factors of patches and of output gradients over positions (docs/algorithm.md §3)."""
+"""``nn.Conv1d`` and ``nn.Conv2d``: factors of patches and of output gradients over positions
+(docs/algorithm.md §3), any stride, padding, dilation, padding mode and groups."""
 
 from __future__ import annotations
 
@@ -9,50 +10,105 @@ from torch import nn
 from kfac_callback.blocks.kronecker import KroneckerBlock
 
 
-def _conv_padding(name: str, conv: nn.Conv2d) -> tuple[int, int]:
-    """The conv's padding as two ints, refusing what ``unfold`` cannot reproduce."""
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return (0, 0)
-        if any(k % 2 == 0 for k in conv.kernel_size):
-            raise ValueError(f"K-FAC: layer {name!r}: padding='same' with an even kernel "
-                             "(asymmetric padding) is not supported")
-        return tuple((k - 1) // 2 for k in conv.kernel_size)
-    return tuple(conv.padding)
+def _explicit_padding(conv: nn.Conv1d | nn.Conv2d) -> list[int]:
+    """The conv's padding as ``F.pad`` takes it (last dimension first, left then right),
+    'same' split as PyTorch splits it (the extra element on the right)."""
+    dims = len(conv.kernel_size)
+    if conv.padding == "valid":
+        return [0] * (2 * dims)
+    pad = []
+    for d in reversed(range(dims)):
+        if conv.padding == "same":
+            total = conv.dilation[d] * (conv.kernel_size[d] - 1)
+            pad += [total // 2, total - total // 2]
+        else:
+            pad += [conv.padding[d], conv.padding[d]]
+    return pad
 
 
-class Conv2dBlock(KroneckerBlock):
-    """``nn.Conv2d`` (KFC): patches from ``unfold``, ``G`` scaled by N/|T| (docs/algorithm.md §3).
+class ConvBlock(KroneckerBlock):
+    """``nn.Conv1d`` / ``nn.Conv2d`` (KFC): patches from ``unfold``, positions share the weight.
 
-    Raises:
-        ValueError: For dilation or groups other than 1, or a padding mode other than zeros,
-            naming the layer.
+    Expand (KFC): ``A = (1/N) Σ p̄ p̄ᵀ`` and ``G = (N/|T|) Σ e eᵀ`` over samples and positions;
+    reduce: one row per sample (``KroneckerBlock.shared_terms``). A grouped convolution has one
+    Kronecker block per group; they are held as one block-diagonal A and G, so the layer is a
+    single Kronecker block of the rest of the callback: P = G⁻¹ blockdiag(∇W_g | ∇b_g) A⁻¹ keeps
+    the block structure, and its diagonal blocks are the groups' preconditioned gradients.
     """
 
     kind = "conv2d"
 
-    def __init__(self, name: str, module: nn.Conv2d) -> None:
-        if tuple(module.dilation) != (1, 1) or module.groups != 1:
-            raise ValueError(f"K-FAC: layer {name!r}: convolution with dilation "
-                             f"{tuple(module.dilation)} and groups {module.groups} is not "
-                             "supported (both must be 1); disable it with kfac.disable_layers")
-        if module.padding_mode != "zeros":
-            raise ValueError(f"K-FAC: layer {name!r}: padding_mode {module.padding_mode!r} is not "
-                             "supported (only 'zeros'); disable it with kfac.disable_layers")
-        super().__init__(name, module)
-        self.padding = _conv_padding(name, module)
+    def __init__(self, name: str, module: nn.Conv1d | nn.Conv2d, weight_sharing: str = "expand") -> None:
+        super().__init__(name, module, weight_sharing)
+        self.kind = "conv2d" if isinstance(module, nn.Conv2d) else "conv1d"
+        self.groups = module.groups
+        self.pad = _explicit_padding(module)
+        mode = module.padding_mode
+        self.pad_mode = "constant" if mode == "zeros" else mode
+
+    def factor_dims(self) -> list[int]:
+        return [self.groups * (self.in_features() + int(self.has_bias)), self.out_features()]
+
+    def patches(self, a: torch.Tensor) -> torch.Tensor:
+        """(n, T, C_in/groups·k) per group: (n, T, groups, ·), channel-major as the weight."""
+        conv = self.module
+        if a.dim() == 3:  # Conv1d: a 2-d convolution over (1, L)
+            a = a.unsqueeze(2)
+        kernel, dilation, stride = (tuple(conv.kernel_size), tuple(conv.dilation), tuple(conv.stride))
+        if len(kernel) == 1:
+            kernel, dilation, stride = (1, *kernel), (1, *dilation), (1, *stride)
+        pad = self.pad + [0, 0] if len(self.pad) == 2 else self.pad
+        if any(pad):
+            a = F.pad(a, pad, mode=self.pad_mode)
+        cols = F.unfold(a, kernel, dilation=dilation, stride=stride)  # (n, C_in·k, T)
+        return cols.transpose(1, 2).reshape(a.shape[0], cols.shape[2], self.groups, cols.shape[1] // self.groups)
 
     def gram_terms(self, a: torch.Tensor, g: torch.Tensor, n_global: int,
                    n_local: int | None = None, keep: int | None = None) -> list[tuple[torch.Tensor, float]]:
-        conv = self.module
         n = a.shape[0] if n_local is None else n_local
         if keep is not None:  # a subsample: every position of its samples (docs/algorithm.md §3)
             a, g = a[:keep], g[:keep]
-        # (n, C_in·kh·kw, T): the channel-major patch layout matches weight.reshape(C_out, -1).
-        patches = F.unfold(a.to(self.dtype), conv.kernel_size, padding=self.padding,
-                           stride=conv.stride)
-        rows = self._with_ones(patches.transpose(1, 2).reshape(-1, patches.shape[1]))
-        positions = g.shape[2] * g.shape[3]
-        gr = g.to(self.dtype).permute(0, 2, 3, 1).reshape(-1, g.shape[1])
-        # A = (1/N) Σ p̄ p̄ᵀ; G = (N/|T|) Σ e eᵀ with e = grad_output·n/N.
-        return [(rows, 1.0 / n_global), (gr, n * n / (n_global * positions))]
+        patches = self.patches(a.to(self.dtype))
+        outs = g.to(self.dtype).flatten(2).transpose(1, 2)  # (n, T, C_out)
+        if self.groups == 1:
+            return self.shared_terms(patches[:, :, 0], outs, n, n_global)
+        outs = outs.reshape(outs.shape[0], outs.shape[1], self.groups, outs.shape[2] // self.groups)
+        per_group = [self.shared_terms(patches[:, :, i], outs[:, :, i], n, n_global) for i in range(self.groups)]
+        # Rows × groups × columns: micro-batches join along the rows, each group's Gram is its own.
+        return [(torch.stack([terms[f][0] for terms in per_group], dim=1), per_group[0][f][1]) for f in range(2)]
+
+    # -- a grouped convolution: block-diagonal factors ---------------------------------
+
+    def contributions(self, a, g, n_global, keep=None):  # noqa: ANN001, ANN201 (Block's signature)
+        if self.groups == 1:
+            return super().contributions(a, g, n_global, keep)
+        out = []
+        for x, c in self.step_terms(a, g, n_global, keep):
+            per = x.transpose(0, 1)  # groups × rows × columns
+            out.append(torch.block_diag(*(per.mT @ per).mul_(c)))
+        return out
+
+    def accumulate(self, a, g, n_global, decay, keep=None):  # noqa: ANN001, ANN201 (Block's signature)
+        if self.groups == 1:
+            return super().accumulate(a, g, n_global, decay, keep)
+        return self.update_factors(self.contributions(a, g, n_global, keep), decay)
+
+    def _grad_matrix(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        if self.groups == 1:
+            return super()._grad_matrix(grads)
+        gw = grads[0].reshape(self.groups, -1, self.in_features())
+        if self.has_bias:
+            gw = torch.cat([gw, grads[1].reshape(self.groups, -1, 1)], dim=2)
+        return torch.block_diag(*gw)
+
+    def _split(self, p: torch.Tensor, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.groups == 1:
+            return super()._split(p, grads)
+        width = self.in_features() + int(self.has_bias)
+        blocks = p.reshape(self.groups, -1, self.groups, width)
+        index = torch.arange(self.groups, device=p.device)
+        diagonal = blocks[index, :, index]  # groups × out/groups × width
+        out = [diagonal[..., :self.in_features()].reshape(grads[0].shape).to(grads[0].dtype)]
+        if self.has_bias:
+            out.append(diagonal[..., -1].reshape(grads[1].shape).to(grads[1].dtype))
+        return out

@@ -24,8 +24,9 @@ class KroneckerBlock(Block):
 
     factor_names = ("A", "G")
 
-    def __init__(self, name: str, module: nn.Module) -> None:
+    def __init__(self, name: str, module: nn.Module, weight_sharing: str = "expand") -> None:
         super().__init__(name, module)
+        self.weight_sharing = weight_sharing
         self.A: torch.Tensor | None = None
         self.G: torch.Tensor | None = None
         self._a_inv: DampedInverse | None = None
@@ -62,6 +63,25 @@ class KroneckerBlock(Block):
         if not self.has_bias:
             return rows
         return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+
+    def shared_terms(self, a: torch.Tensor, g: torch.Tensor, n: int,
+                     n_global: int) -> list[tuple[torch.Tensor, float]]:
+        """The factors' rows and scales from inputs ``a`` (n × R × in) and output gradients ``g``
+        (n × R × out) over R positions that share the weight (docs/algorithm.md §3, "Weight sharing").
+
+        expand: every position a row, A = (1/N) Σ_i Σ_r ā āᵀ and G = (N/R) Σ_i Σ_r e eᵀ;
+        reduce: one row per sample, summed over its positions, A = (1/(NR)) Σ_i (Σ_r ā)(Σ_r ā)ᵀ
+        and G = (N/R) Σ_i (Σ_r e)(Σ_r e)ᵀ; e = grad_output·n/N. Both are the per-sample block
+        when R = 1.
+        """
+        positions = a.shape[1]
+        if self.weight_sharing == "reduce" and positions > 1:
+            summed = a.sum(dim=1)
+            if self.has_bias:
+                summed = torch.cat([summed, summed.new_full((summed.shape[0], 1), float(positions))], dim=1)
+            return [(summed, 1.0 / (n_global * positions)), (g.sum(dim=1), n * n / (n_global * positions))]
+        rows = self._with_ones(a.reshape(-1, a.shape[-1]))
+        return [(rows, 1.0 / n_global), (g.reshape(-1, g.shape[-1]), n * n / (n_global * positions))]
 
     def _invert(self, damping: Dampings, use_pi: bool, use_eigen: bool, dtype: torch.dtype,
                 explicit: bool) -> bool:
@@ -134,7 +154,11 @@ class KroneckerBlock(Block):
             p = self._a_inv.solve_right(self._g_inv.solve(mat))
         if lr_factor != 1.0:
             p = p.mul(lr_factor)
-        # Written back in each parameter's own layout (conv: not transposed, unlike LBANN).
+        return self._split(p, grads)
+
+    def _split(self, p: torch.Tensor, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The preconditioned ``[∇W | ∇b]`` back in each parameter's own layout."""
+        # Conv: not transposed, unlike LBANN.
         weight = grads[0]
         out = [p[:, :self.in_features()].reshape(weight.shape).to(weight.dtype)]
         if self.has_bias:

@@ -265,8 +265,15 @@ def pi_factor(a: torch.Tensor, g: torch.Tensor) -> float:
     Returns 1 when a trace is not positive and finite, since π only rebalances damping
     between the two factors and must not make it non-finite.
     """
-    ta = float(a.diagonal().sum()) / a.shape[0]
-    tg = float(g.diagonal().sum()) / g.shape[0]
+    return _pi(float(a.diagonal().sum()) / a.shape[0], float(g.diagonal().sum()) / g.shape[0])
+
+
+def pi_factor_diagonal(a: torch.Tensor, g: torch.Tensor) -> float:
+    """``pi_factor`` for an A held as its diagonal (a vector)."""
+    return _pi(float(a.mean()), float(g.diagonal().sum()) / g.shape[0])
+
+
+def _pi(ta: float, tg: float) -> float:
     if not (math.isfinite(ta) and math.isfinite(tg)) or ta <= 0 or tg <= 0:
         return 1.0
     return math.sqrt(ta / tg)

@@ -8,6 +8,8 @@ of through the out × in gradient: the callback offers the batch (``set_batch``)
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -18,14 +20,15 @@ from kfac_callback.blocks.linalg import all_finite
 class LinearBlock(KroneckerBlock):
     """``nn.Linear``: ``A = (1/N) Σ ā āᵀ``, ``G = N Σ e eᵀ`` (docs/algorithm.md §3).
 
-    Inputs with more than two dimensions are flattened to rows (every leading index is a
-    sample position); ``n`` is the size of the first dimension.
+    Inputs with more than two dimensions (batch, positions..., features) share the weight
+    over their positions: ``weight_sharing`` expand or reduce (``shared_terms``); ``n`` is the
+    size of the first dimension.
     """
 
     kind = "linear"
 
-    def __init__(self, name: str, module: nn.Module) -> None:
-        super().__init__(name, module)
+    def __init__(self, name: str, module: nn.Module, weight_sharing: str = "expand") -> None:
+        super().__init__(name, module, weight_sharing)
         self._batch: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def weight_grad(self, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -39,11 +42,12 @@ class LinearBlock(KroneckerBlock):
         n = a.shape[0] if n_local is None else n_local
         if keep is not None:  # a subsample: its samples' rows (docs/algorithm.md §3)
             a, g = a[:keep], g[:keep]
-        rows = self._with_ones(a.reshape(-1, a.shape[-1]).to(self.dtype))
-        gr = g.reshape(-1, g.shape[-1]).to(self.dtype)
         # A = (1/N) Σ ā āᵀ; G = N Σ e eᵀ with e = grad_output·n/N: (n²/N) Σ grad_output grad_outputᵀ,
-        # n this rank's own rows, N the global batch (uneven shares too, docs/algorithm.md §3).
-        return [(rows, 1.0 / n_global), (gr, n * n / n_global)]
+        # n this rank's own rows, N the global batch (uneven shares too, docs/algorithm.md §3);
+        # positions beyond the batch share the weight (expand or reduce).
+        positions = math.prod(a.shape[1:-1])
+        rows = a.to(self.dtype).reshape(a.shape[0], positions, a.shape[-1])
+        return self.shared_terms(rows, g.to(self.dtype).reshape(a.shape[0], positions, g.shape[-1]), n, n_global)
 
     def set_batch(self, a: torch.Tensor | None, g: torch.Tensor | None) -> None:
         """Offers this step's input and output gradient, whose product is the gradient.

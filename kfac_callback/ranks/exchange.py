@@ -88,28 +88,28 @@ def widest_dtype(tensors: Sequence[torch.Tensor], start: torch.dtype | None = No
 
 
 def sum_factors(comm: Communicator, contributions: Sequence[Sequence[torch.Tensor] | None],
-                dims: Sequence[Sequence[int]], dtype: torch.dtype,
+                shapes: Sequence[Sequence[tuple[int, ...]]], dtype: torch.dtype,
                 device: torch.device) -> list[list[torch.Tensor] | None]:
     """Sums each layer's factor contributions over ranks, all layers in one collective.
 
     Args:
         contributions: Per layer, its symmetric factor contributions, or ``None`` where this
             rank has none this step.
-        dims: Per layer, the sizes of its factors.
+        shapes: Per layer, the shapes of its factors (a square matrix, or a diagonal's vector).
 
     Returns:
         Per layer, the summed factors, or ``None`` where some rank had no contribution.
     """
-    slots = [Slot((n, n), symmetric=True) for layer in dims for n in layer]
-    layout = Layout([*slots, Slot((len(dims),))])
-    flat_mats = [m for layer, d in zip(contributions, dims, strict=True)
+    slots = [Slot(tuple(s), symmetric=len(s) == 2) for layer in shapes for s in layer]
+    layout = Layout([*slots, Slot((len(shapes),))])
+    flat_mats = [m for layer, d in zip(contributions, shapes, strict=True)
                  for m in (layer if layer is not None else [None] * len(d))]
     present = torch.tensor([float(c is not None) for c in contributions])
     flat = layout.pack([*flat_mats, present], dtype, device)
     comm.allreduce_sum_([flat])
     *mats, counts = layout.unpack(flat)
     out, i = [], 0
-    for layer, count in zip(dims, counts.tolist(), strict=True):
+    for layer, count in zip(shapes, counts.tolist(), strict=True):
         out.append(mats[i:i + len(layer)] if round(count) == comm.world_size else None)
         i += len(layer)
     return out
@@ -233,9 +233,9 @@ def gather_inverses(comm: Communicator, inverses: dict[str, dict[str, torch.Tens
 
     Args:
         inverses: Per layer, ``Block.export_inverses()`` on its owner, ``{}`` elsewhere.
-        shapes: Per layer, ``(key, n)`` of every n×n tensor it may hold.
+        shapes: Per layer, ``(key, shape)`` of every tensor it may hold.
     """
-    keys = [(name, key, n) for name, layer in shapes.items() for key, n in layer]
+    keys = [(name, key, tuple(shape)) for name, layer in shapes.items() for key, shape in layer]
     names = list(shapes)
     header = torch.zeros(len(keys) + len(names), dtype=torch.float64, device=device)
     for i, (name, key, _) in enumerate(keys):
@@ -251,7 +251,7 @@ def gather_inverses(comm: Communicator, inverses: dict[str, dict[str, torch.Tens
         mine = [(i, name, key, n) for i, (name, key, n) in enumerate(keys) if owners[name] == owner and held[i]]
         if not mine:
             continue
-        layout = Layout([Slot((n, n)) for *_, n in mine])
+        layout = Layout([Slot(shape) for *_, shape in mine])
         tensors = [inverses[name][key] if comm.rank == owner else None for _, name, key, _ in mine]
         flat = layout.pack(tensors, torch.float64, device)
         comm.broadcast_([flat], owner)

@@ -51,7 +51,7 @@ def update_factors(blocks: Mapping[str, Block], rows: Mapping[str, StepRows], sh
     dtype = exchange.widest_dtype([b.module.weight for b in blocks.values()], torch.float32)
     device = next(iter(blocks.values())).module.weight.device
     with clock("factor_allreduce"):
-        summed = exchange.sum_factors(comm, contributions, [b.factor_dims() for b in blocks.values()], dtype, device)
+        summed = exchange.sum_factors(comm, contributions, [b.factor_shapes() for b in blocks.values()], dtype, device)
     for (name, block), mats in zip(blocks.items(), summed, strict=True):
         # None: some rank saw no forward/backward of this layer this step.
         if mats is not None and not block.update_factors(mats, decay):

@@ -55,18 +55,19 @@ def test_layout_refuses_mismatches() -> None:
 
 
 def test_sum_factors_sums_and_drops_a_layer_some_rank_lacks() -> None:
-    dims = [[3, 2], [4]]
+    shapes = [[(3, 3), (2, 2), (5,)], [(4, 4)]]  # (5,): a factor held as its diagonal (an embedding's A)
 
     def rank(comm):
         r = comm.rank
-        first = [sym(3, 10 + r), sym(2, 20 + r)]
+        first = [sym(3, 10 + r), sym(2, 20 + r), torch.arange(5, dtype=D) + r]
         second = [sym(4, 30 + r)] if r == 0 else None  # rank 1 saw no backward of layer 2
-        return exchange.sum_factors(comm, [first, second], dims, D, torch.device("cpu")), comm.calls
+        return exchange.sum_factors(comm, [first, second], shapes, D, torch.device("cpu")), comm.calls
 
     for summed, calls in run_ranks(2, rank):
         assert calls == ["allreduce"]
         torch.testing.assert_close(summed[0][0], sym(3, 10) + sym(3, 11))
         torch.testing.assert_close(summed[0][1], sym(2, 20) + sym(2, 21))
+        torch.testing.assert_close(summed[0][2], 2 * torch.arange(5, dtype=D) + 1)
         assert summed[1] is None
 
 
@@ -115,7 +116,7 @@ def test_broadcast_owned_copies_each_owners_tensors() -> None:
 
 
 def test_gather_inverses_brings_every_owners_tensors_in_their_dtype() -> None:
-    shapes = {"l0": [("A.chol", 2), ("A.inverse", 2)], "l1": [("F.inverse", 3)]}
+    shapes = {"l0": [("A.chol", (2, 2)), ("A.inverse", (2, 2))], "l1": [("F.inverse", (3, 3))]}
     owners = {"l0": 0, "l1": 1}
     held = {"l0": {"A.chol": sym(2, 1), "pi": 1.5}, "l1": {"F.inverse": sym(3, 2).float(), "pi": 2.0}}
 

@@ -116,11 +116,11 @@ def test_unknown_disabled_layer_lists_the_preconditionable_layers() -> None:
         KFACCallback(cnn(), disable_layers=["ip3"])
 
 
-def test_conv_with_dilation_refused_naming_the_layer_unless_disabled() -> None:
-    model = nn.Sequential(OrderedDict(c=nn.Conv2d(1, 2, 3, dilation=2), f=nn.Flatten()))
-    with pytest.raises(ValueError, match="layer 'c'.*dilation"):
-        KFACCallback(model)
-    assert KFACCallback(model, disable_layers=["c"]).blocks == {}
+def test_dilated_grouped_conv_is_preconditioned_unless_disabled() -> None:
+    model = nn.Sequential(OrderedDict(c=nn.Conv2d(2, 4, 3, dilation=2, groups=2), f=nn.Flatten()))
+    assert list(KFACCallback(model).blocks) == ["c"]
+    lines = KFACCallback(model, disable_layers=["c"]).setup_lines()
+    assert "disable_layers=c" in lines[0] and not any("layer c" in line for line in lines)
 
 
 # -- hooks and schedules -----------------------------------------------------------------
