@@ -73,7 +73,8 @@ class NormBlock(Block):
     def _invert(self, damping: Dampings, use_pi: bool, use_eigen: bool, dtype: torch.dtype,
                 explicit: bool) -> bool:
         sizes = [p.numel() for p in self.parameters()]
-        values = [damping.bn_act, damping.bn_err] if self.module.weight is not None else [damping.bn_err]
+        values = ([damping.bn_act] if self.module.weight is not None else []) + (
+            [damping.bn_err] if getattr(self.module, "bias", None) is not None else [])
         diag = torch.cat([torch.full((k,), v, dtype=torch.float64) for k, v in zip(sizes, values, strict=True)])
         r = damped_inverse(self.F, diag, dtype, use_eigen)
         self.inverse_notes = [f"F: {r.note}"] if r.note else []
