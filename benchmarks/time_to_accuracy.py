@@ -53,7 +53,7 @@ from launcher import workdir  # noqa: E402
 from launcher.workdir import METRICS_FILE  # noqa: E402
 
 TARGETS = (97.5, 98.0)
-TEST_EVERY_STEPS = {"mlp": 100, "cnn": 50}
+TEST_EVERY_STEPS = {"mlp": 100, "cnn": 50, "vit": 50, "resnet": 50, "resnet_dw": 50}
 LBANN_KFAC = "--optimizer sgd --optimizer-learning-rate 1e-1 --kfac --kfac-damping-act 0.01 --kfac-damping-err 1"
 
 
@@ -69,15 +69,24 @@ def default_recipes() -> list[Recipe]:
     return recipes
 
 
-def parse_kfac_recipe(text: str) -> Recipe:
-    """``NAME=flags...`` (from ``--kfac-recipe``) as a K-FAC recipe; ``--kfac`` is added if missing."""
+def parse_recipe(text: str, family: str = "kfac") -> Recipe:
+    """``NAME=flags...`` as a recipe of ``family``; a K-FAC recipe (``--kfac-recipe``) gets
+    ``--kfac`` if missing."""
     name, sep, flags = text.partition("=")
     name = name.strip()
     if not sep or not name or not flags.strip() or "/" in name:
         raise argparse.ArgumentTypeError(f"expected NAME=\"flags ...\", got {text!r}")
-    if "--kfac" not in shlex.split(flags):
+    if family == "kfac" and "--kfac" not in shlex.split(flags):
         flags = f"{flags} --kfac"
-    return Recipe(name, "kfac", flags.strip())
+    return Recipe(name, family, flags.strip())
+
+
+def parse_kfac_recipe(text: str) -> Recipe:
+    return parse_recipe(text, "kfac")
+
+
+def parse_adam_recipe(text: str) -> Recipe:
+    return parse_recipe(text, "adam")
 
 
 # -- running (I/O) --------------------------------------------------------------------------
@@ -144,7 +153,7 @@ def _floats(text: str) -> list[float]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                      epilog="Other arguments (kfac.py flags or Hydra overrides) go to every run.")
-    parser.add_argument("--model", choices=["mlp", "cnn"], default="mlp")
+    parser.add_argument("--model", choices=list(TEST_EVERY_STEPS), default="mlp")
     parser.add_argument("--ranks", type=int, default=1, help="MPI ranks per run (1 node; 100 %% ranks == 0)")
     parser.add_argument("--out", help="the table, CSV and plot; default: "
                                       "benchmarks/results/time_to_accuracy/<model>_<ranks>ranks")
@@ -156,6 +165,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--kfac-recipe", type=parse_kfac_recipe, action="append", default=[], metavar='NAME="FLAGS"',
                         help='one more K-FAC recipe, e.g. kfac_lr0.03="--optimizer sgd --optimizer-learning-rate 0.03 '
                              '--kfac"; repeatable')
+    parser.add_argument("--adam-recipe", type=parse_adam_recipe, action="append", default=[], metavar='NAME="FLAGS"',
+                        help='one more first-order recipe of the Adam family (AdamW, say); repeatable')
     parser.add_argument("--only", action="append", metavar="NAMES",
                         help="run (or tabulate) only these recipes: comma-separated, repeatable")
     parser.add_argument("--tables-only", action="store_true", help="run nothing: rebuild from the runs under --runs")
@@ -175,7 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     known = {r.name: r for r in default_recipes()}
     # Custom recipes of earlier runs, so --tables-only still knows their flags.
     known.update({n: Recipe(n, v["family"], v["flags"]) for n, v in state["recipes"].items() if n not in known})
-    known.update({r.name: r for r in args.kfac_recipe})
+    known.update({r.name: r for r in [*args.kfac_recipe, *args.adam_recipe]})
     names = [n for item in args.only for n in item.split(",") if n] if args.only else list(known)
     unknown = [n for n in names if n not in known]
     if unknown:

@@ -16,17 +16,8 @@ It works with our trainer (through the LBANN hook names) and from a plain PyTorc
         kfac.step()                   # kl_clip > 0: step(learning_rate=optimizer.param_groups[0]["lr"])
         optimizer.step()
 
-With several ranks whose shares of a batch differ (100 samples over 3 ranks: 34, 33, 33),
-the loop weights each rank's gradient by its share and tells the callback the counts:
-``kfac.step(shares=[34, 33, 33])``; with ``skip_weight_grad`` also ``kfac.expect_shares(...)``
-before the forward pass (docs/algorithm.md §6).
-
-Under ``torchrun`` the model may be wrapped in ``DistributedDataParallel``: the callback then
-takes its communicator from the process group and the layer names of the wrapped module (no
-``module.`` prefix). Gradient accumulation: ``KFACCallback(..., accumulate_steps=k)`` and k
-forward/backward passes per ``step()``, each micro-batch's loss weighted by its share of the
-rank's samples (1/k for equal ones). Mixed precision, the fp16 ``GradScaler`` and the adaptive
-rules (``step(..., batch=(x, targets))``): docs/usage.md, docs/algorithm.md §3, §5, §9.
+Uneven shares over ranks (``step(shares=...)``, ``expect_shares``), DDP under ``torchrun``,
+gradient accumulation, mixed precision and the adaptive rules: docs/usage.md, docs/algorithm.md.
 """
 
 from __future__ import annotations
@@ -60,7 +51,7 @@ from kfac_callback.wrappers import unwrap, user_name
 
 
 class KFACCallback(Callback):
-    """Kronecker-factored preconditioning of Linear, Conv2d and affine BatchNorm layers.
+    """Kronecker-factored preconditioning of the layer types of docs/algorithm.md §3 ("Layers").
 
     Args:
         model: The model, or the model wrapped in ``DistributedDataParallel`` (or
@@ -94,8 +85,8 @@ class KFACCallback(Callback):
 
     Raises:
         ValueError: For invalid options, unknown names in ``disable_layers`` (listing the
-            model's preconditionable layers), a layer K-FAC cannot precondition,
-            ``accumulate_steps`` < 1, or ``skip_weight_grad`` on a DDP model.
+            model's preconditionable layers), ``accumulate_steps`` < 1, or
+            ``skip_weight_grad`` on a DDP model.
     """
 
     def __init__(self, model: nn.Module, comm: Communicator | None = None,
@@ -127,7 +118,7 @@ class KFACCallback(Callback):
         self.swapped = swap_attention(inner) if c.swap_attention else []  # docs/algorithm.md §3, "Attention"
         layers = preconditionable_layers(inner)
         self.blocks = build_blocks(inner, [user_name(n, layers) for n in c.disable_layers], c.weight_sharing)
-        self._fired = False  # whether a step captured anything yet (silent layers are named then)
+        self._fired = False  # a step captured something: the layers it missed were named
         self.schedule = StepSchedule(c, self.adaptive)
         self.dampings = self.schedule.dampings
         self.steps = 0
@@ -331,10 +322,9 @@ class KFACCallback(Callback):
                              "skip_weight_grad, call expect_shares with the step's shares before its forward")
         s, c, blocks, owners, notes = self.steps, self.config, self.blocks, self.owners, self.notes
         _, calls, skipped = self.capture.take()
-        if calls and not self._fired:  # never silently wrong: name the layers the hooks missed
-            self._fired = True
-            if silent := [name for name in blocks if name not in calls]:
-                self.say(messages.silent_line(s, silent))
+        if calls and not self._fired and (silent := [name for name in blocks if name not in calls]):
+            self.say(messages.silent_line(s, silent))  # never silently wrong: hooks that did not fire
+        self._fired = self._fired or bool(calls)
         scale = loss_scale(self.grad_scaler, self.model)
         if scale is None:  # the grad scaler skips this step: so does K-FAC (docs/algorithm.md §5)
             self.skipped_steps += 1

@@ -9,7 +9,7 @@ import torch
 
 from trainer.lr_schedule import schedule_errors
 
-OPTIMIZERS = ("momentum", "sgd", "adam", "adagrad", "rmsprop")
+OPTIMIZERS = ("momentum", "sgd", "adam", "adamw", "adagrad", "rmsprop")
 
 
 @dataclass
@@ -58,6 +58,8 @@ def build_optimizer(cfg: OptimizerConfig, params: Iterable[torch.nn.Parameter]) 
         return torch.optim.SGD(params, lr=lr, weight_decay=wd)
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=wd)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, weight_decay=wd)
     if cfg.name == "adagrad":
         return torch.optim.Adagrad(params, lr=lr, eps=cfg.eps, weight_decay=wd)
     if cfg.name == "rmsprop":

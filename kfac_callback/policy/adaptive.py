@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kfac_callback.base import Communicator
 from kfac_callback.estimation.outputs import Bernoulli, Categorical
@@ -67,7 +68,8 @@ def curvature_gram(model: nn.Module, params: Mapping[str, torch.Tensor], inputs:
         return _call(model, dict(zip(names, values, strict=True)), inputs)
 
     tangents = [tuple(d[n].to(params[n].dtype) for n in names) for d in directions]
-    with _FORWARD_AD, torch.no_grad():
+    # Fused attention kernels have no forward-mode derivative; the math kernel is composite.
+    with _FORWARD_AD, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         logits, products = None, None
         if len(tangents) > 1 and not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             stacked = tuple(torch.stack(ts) for ts in zip(*tangents, strict=True))
