@@ -24,7 +24,7 @@ def kfac(*args: str, cwd: Path = ROOT, timeout: int = 300) -> subprocess.Complet
 
 BAD = [
     (["--bogus"], "--bogus: unknown flag"),
-    (["--model", "foo"], "--model: 'foo' is not one of autoencoder, cnn, mlp"),
+    (["--model", "foo"], "--model: 'foo' is not one of autoencoder, cnn, mlp, resnet, resnet_dw, vit"),
     (["--mini_batch_size", "0"], "--mini_batch_size: expected an integer >= 1, got 0"),
     (["--optimizer-learning-rate", "abc"], "--optimizer-learning-rate: expected a number, got 'abc'"),
     (["--num_epochs", "0"], "--num_epochs: expected an integer >= 1, got 0"),
