@@ -59,15 +59,17 @@ class KroneckerBlock(Block):
     def factor_dims(self) -> list[int]:
         return [self.in_features() + int(self.has_bias), self.out_features()]
 
-    def _with_ones(self, rows: torch.Tensor) -> torch.Tensor:
+    def _with_ones(self, rows: torch.Tensor, value: float = 1.0) -> torch.Tensor:
+        """``rows`` with the bias's input (``value``) as a last column, where there is a bias."""
         if not self.has_bias:
             return rows
-        return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
+        return torch.cat([rows, rows.new_full((*rows.shape[:-1], 1), value)], dim=-1)
 
     def shared_terms(self, a: torch.Tensor, g: torch.Tensor, n: int,
                      n_global: int) -> list[tuple[torch.Tensor, float]]:
-        """The factors' rows and scales from inputs ``a`` (n × R × in) and output gradients ``g``
-        (n × R × out) over R positions that share the weight (docs/algorithm.md §3, "Weight sharing").
+        """The factors' rows and scales from inputs ``a`` (n × R × [groups ×] in) and output gradients
+        ``g`` (n × R × [groups ×] out) over R positions that share the weight (docs/algorithm.md §3,
+        "Weight sharing"); the rows keep the groups' dimension before the columns.
 
         expand: every position a row, A = (1/N) Σ_i Σ_r ā āᵀ and G = (N/R) Σ_i Σ_r e eᵀ;
         reduce: one row per sample, summed over its positions, A = (1/(NR)) Σ_i (Σ_r ā)(Σ_r ā)ᵀ
@@ -76,12 +78,10 @@ class KroneckerBlock(Block):
         """
         positions = a.shape[1]
         if self.weight_sharing == "reduce" and positions > 1:
-            summed = a.sum(dim=1)
-            if self.has_bias:
-                summed = torch.cat([summed, summed.new_full((summed.shape[0], 1), float(positions))], dim=1)
+            summed = self._with_ones(a.sum(dim=1), float(positions))
             return [(summed, 1.0 / (n_global * positions)), (g.sum(dim=1), n * n / (n_global * positions))]
-        rows = self._with_ones(a.reshape(-1, a.shape[-1]))
-        return [(rows, 1.0 / n_global), (g.reshape(-1, g.shape[-1]), n * n / (n_global * positions))]
+        rows = self._with_ones(a.reshape(-1, *a.shape[2:]))
+        return [(rows, 1.0 / n_global), (g.reshape(-1, *g.shape[2:]), n * n / (n_global * positions))]
 
     def _invert(self, damping: Dampings, use_pi: bool, use_eigen: bool, dtype: torch.dtype,
                 explicit: bool) -> bool:
