@@ -64,15 +64,14 @@ def measure(layer: nn.Module, x: torch.Tensor, sharing: str, rounds: int) -> dic
     block = make_block("layer", layer, sharing)
     params = block.parameters()
     times: dict[str, list[float]] = {"forward+backward": [], "factors": [], "inverses": [], "precondition": []}
+    out: dict[str, torch.Tensor] = {}
+
+    def forward_backward() -> None:
+        y = layer(x)
+        out["g"] = torch.randn_like(y) / len(x)
+        y.backward(out["g"])
+
     for _ in range(rounds):
-        out = {}
-
-        def forward_backward() -> None:
-            y = layer(x)
-            grad = torch.randn_like(y) / len(x)
-            out["g"] = grad
-            y.backward(grad)
-
         for p in params:
             p.grad = None
         times["forward+backward"].append(timed(forward_backward))

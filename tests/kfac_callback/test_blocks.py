@@ -13,7 +13,6 @@ from kfac_callback.blocks import (
     ConvBlock,
     Dampings,
     LinearBlock,
-    make_block,
 )
 
 D = torch.float64

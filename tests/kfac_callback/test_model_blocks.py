@@ -322,7 +322,7 @@ def test_a_layer_whose_hooks_did_not_fire_is_named_once_and_left_plain() -> None
     model = Functional().to(D)
     lines: list[str] = []
     cb = KFACCallback(model, printer=lines.append)
-    for step in range(2):
+    for _ in range(2):
         x, y = torch.randn(8, 4, dtype=D), torch.randint(0, 2, (8,))
         model.zero_grad()
         F.cross_entropy(model(x), y).backward()
