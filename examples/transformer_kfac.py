@@ -6,7 +6,7 @@ callback swaps in its own, same parameters and outputs), mean pooling and a Line
 layer type here is preconditioned: Linear on tokens (kfac.weight_sharing: expand or reduce),
 Embedding, LayerNorm, the attention's projections; the setup lines say so.
 
-    python examples/transformer_kfac.py --steps 100                          # about 30 s on a CPU core
+    python examples/transformer_kfac.py --steps 100                          # about 50 s on a CPU core
     torchrun --nproc-per-node 2 examples/transformer_kfac.py --steps 100     # 2 ranks: the same numbers
 """
 import argparse
@@ -38,7 +38,8 @@ class RowTransformer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         rows = images.reshape(len(images), 28, 28)
-        tokens = self.embed(rows) + self.position(torch.arange(28, device=images.device))
+        positions = torch.arange(28, device=images.device).expand(len(images), 28)  # a batch dimension: per-sample rows
+        tokens = self.embed(rows) + self.position(positions)
         return self.head(self.norm(self.encoder(tokens)).mean(dim=1))
 
 
@@ -61,11 +62,14 @@ torch.manual_seed(0)  # the same initial weights on every rank
 model = RowTransformer().to(device, dtype)
 if world > 1:
     model = nn.parallel.DistributedDataParallel(model)
-kfac = KFACCallback(model, damping_act=0.03, damping_err=0.03, use_pi=True, kronecker_decay=0.95,
+# KL-clipping sizes each update (docs/algorithm.md §5): without it, transformers diverged here
+# at every damping from 0.01 to 0.1 and learning rate from 0.003 to 0.03.
+kfac = KFACCallback(model, damping_act=0.01, damping_err=0.01, damping_bn_act=0.01, damping_bn_err=0.01,
+                    use_pi=True, kronecker_decay=0.95, compute_interval_steps=5, kl_clip=0.001,
                     weight_sharing=args.weight_sharing, inverse_dtype=args.dtype)
 for line in kfac.setup_lines():
     kfac.say(line)
-optimizer = torch.optim.SGD(model.parameters(), lr=0.03, momentum=0.9)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 n = args.batch // world  # this rank's share of every batch (the batch must split evenly)
 for step in range(args.steps):
     start = step * args.batch + rank * n
@@ -73,7 +77,7 @@ for step in range(args.steps):
     optimizer.zero_grad()
     loss = F.cross_entropy(model(x), y)
     loss.backward()
-    kfac.step()
+    kfac.step(learning_rate=optimizer.param_groups[0]["lr"])
     optimizer.step()
     if rank == 0 and (step + 1) % 25 == 0:
         print(f"step {step + 1}: loss {loss.item():.4f}", flush=True)

@@ -35,7 +35,7 @@ from kfac_callback.config import check_accumulate_steps, make_config, options_of
 from kfac_callback.estimation.capture import Recorder
 from kfac_callback.estimation.mc_fisher import sample_output_gradients
 from kfac_callback.estimation.outputs import Bernoulli, Categorical, make_distribution
-from kfac_callback.estimation.rows import step_rows
+from kfac_callback.estimation.rows import batchless, step_rows
 from kfac_callback.layers import swap_attention
 from kfac_callback.phases import PhaseClock
 from kfac_callback.policy.adaptive import AdaptiveRules
@@ -153,8 +153,7 @@ class KFACCallback(Callback):
         return assign_owners(infos, self.comm.world_size, self.config.inverse_strategy)
 
     def remove_hooks(self) -> None:
-        """Detaches the callback from the model."""
-        self.capture.remove()
+        self.capture.remove()  # detaches the callback from the model
 
     kl_nu = property(lambda self: self.kl.nu, doc="kl_clip: ν of the last step (1 until one is clipped).")
 
@@ -174,8 +173,7 @@ class KFACCallback(Callback):
     # -- trainer hooks ---------------------------------------------------------------
 
     def on_setup_end(self, trainer: Any) -> None:
-        """Adopts the trainer's communicator (if none was given), its micro-batches per step
-        and grad scaler, and prints the setup lines."""
+        """Adopts the trainer's communicator, micro-batches and grad scaler; prints the setup lines."""
         comm = getattr(trainer, "comm", None)
         if not self._comm_given and comm is not None:
             self.comm = comm
@@ -325,6 +323,8 @@ class KFACCallback(Callback):
         if calls and not self._fired and (silent := [name for name in blocks if name not in calls]):
             self.say(messages.silent_line(s, silent))  # never silently wrong: hooks that did not fire
         self._fired = self._fired or bool(calls)
+        for name in batchless(calls):  # no per-sample rows: left to the base optimizer
+            self.say.once(name, "batchless", messages.batchless_line(s, name, tuple(calls.pop(name)[0].a.shape)))
         scale = loss_scale(self.grad_scaler, self.model)
         if scale is None:  # the grad scaler skips this step: so does K-FAC (docs/algorithm.md §5)
             self.skipped_steps += 1

@@ -61,6 +61,12 @@ def silent_line(s: int, names: list[str]) -> str:
             "unused); left to the base optimizer until they do")
 
 
+def batchless_line(s: int, name: str, shape: tuple[int, ...]) -> str:
+    """A layer whose input has no batch dimension (docs/algorithm.md §3, "Layers")."""
+    return (f"{PREFIX} step {s}: layer {name}: its input {list(shape)} has no batch dimension (the other layers' "
+            "first dimension), so no per-sample factors; left to the base optimizer")
+
+
 def levers(c: KFACConfig) -> str:
     """The options of ours that are not at their defaults (defaults print LBANN's line as it was)."""
     changed = [(k, v) for k, v, off in (("factor_batch_size", c.factor_batch_size, 0), ("fisher", c.fisher, "empirical"),

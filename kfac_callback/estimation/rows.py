@@ -4,6 +4,7 @@ the batch route and kl_clip read them (docs/algorithm.md §3)."""
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 
 import torch
 
@@ -50,3 +51,14 @@ def step_rows(calls: dict[str, list[Capture]], k: int, scale: float, fisher: boo
         every = len(chosen) == len(layer_calls) == k
         rows[name] = StepRows([c.a for c in chosen], g, every)
     return rows
+
+
+def batchless(calls: dict[str, list[Capture]]) -> list[str]:
+    """Layers whose input's first dimension is not the step's batch (the size most layers see):
+    a position embedding called on ``arange(T)``, say, whose gradient sums over samples that its
+    capture cannot tell apart, so it has no per-sample rows (docs/algorithm.md §3, "Layers")."""
+    sizes = {name: layer[0].a.shape[0] if layer[0].a.dim() else -1 for name, layer in calls.items() if layer}
+    if not sizes:
+        return []
+    batch = Counter(sizes.values()).most_common(1)[0][0]
+    return [name for name, size in sizes.items() if size != batch]

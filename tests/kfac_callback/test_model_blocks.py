@@ -340,3 +340,33 @@ def test_sequential_names_stay_the_users() -> None:
     kinds = {name: b.kind for name, b in cb.blocks.items()}
     assert kinds == {"emb": "embedding", "norm": "layernorm", "fc": "linear"}
     assert "A 5 (diagonal), G 4x4" in "\n".join(cb.setup_lines())
+
+
+class Positions(nn.Module):
+    """A position embedding looked up with ``arange(T)``: one row per position, none per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(8)
+        self.position = nn.Embedding(5, 4)
+        self.embed = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head((self.embed(x) + self.position(torch.arange(5))).mean(dim=1))
+
+
+def test_a_layer_without_a_batch_dimension_is_named_once_and_left_plain() -> None:
+    model = Positions().to(D)
+    lines: list[str] = []
+    cb = KFACCallback(model, printer=lines.append)
+    for _ in range(2):
+        x, y = torch.randn(8, 5, 3, dtype=D), torch.randint(0, 2, (8,))
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        plain = model.position.weight.grad.clone()
+        cb.step()
+        torch.testing.assert_close(model.position.weight.grad, plain, rtol=0, atol=0)
+    named = [line for line in lines if "no batch dimension" in line]
+    assert len(named) == 1 and "layer position: its input [5]" in named[0]
+    assert cb.blocks["embed"].has_inverses and not cb.blocks["position"].has_factors
