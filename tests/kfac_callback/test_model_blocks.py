@@ -370,3 +370,56 @@ def test_a_layer_without_a_batch_dimension_is_named_once_and_left_plain() -> Non
     named = [line for line in lines if "no batch dimension" in line]
     assert len(named) == 1 and "layer position: its input [5]" in named[0]
     assert cb.blocks["embed"].has_inverses and not cb.blocks["position"].has_factors
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+def test_a_transformer_checkpoint_from_two_ranks_resumes_on_one_rank() -> None:
+    """Every new block's factors and inverses (the embedding's diagonal ones too) gathered from
+    their owners on 2 thread ranks, loaded by 1 rank: its next step is the uninterrupted 1-rank
+    run's (float64, within 1e-9: the ranks sum in another order)."""
+    import copy
+    import io
+
+    from tests.kfac_callback.test_uneven_shares import TinyTransformer, token_data
+    from tests.support.threads import run_ranks
+
+    options = {"damping_act": 0.05, "damping_err": 0.05, "kronecker_decay": 0.5, "inverse_strategy": "balanced",
+               "printer": lambda s: None}
+    base = TinyTransformer().to(D)
+
+    def steps(model: nn.Module, cb: KFACCallback, which: range, rank: int = 0, world: int = 1) -> None:
+        for step in which:
+            x, y = token_data(step, 8)
+            part = slice(rank * 8 // world, (rank + 1) * 8 // world)
+            model.zero_grad()
+            F.cross_entropy(model(x[part]), y[part]).backward()
+            if world > 1:
+                grads = [p.grad for p in model.parameters()]
+                cb.comm.allreduce_sum_(grads)
+                for g in grads:
+                    g /= world
+            cb.step()
+
+    models = [copy.deepcopy(base) for _ in range(4)]
+
+    def rank_main(comm) -> bytes:  # noqa: ANN001
+        cb = KFACCallback(models[comm.rank], comm=comm, **options)
+        steps(models[comm.rank], cb, range(2), comm.rank, 2)
+        buffer = io.BytesIO()
+        torch.save(cb.state_dict(), buffer)
+        return buffer.getvalue()
+
+    saved = run_ranks(2, rank_main)[0]
+    straight = KFACCallback(models[2], **options)
+    steps(models[2], straight, range(3))
+    resumed = KFACCallback(models[3], **options)
+    with torch.no_grad():
+        for p, q in zip(models[3].parameters(), models[0].parameters(), strict=True):
+            p.copy_(q)  # the 2-rank run's weights after 2 steps
+    resumed.load_state_dict(torch.load(io.BytesIO(saved)))
+    assert resumed.blocks["embed"].A_inv.shape == (12,) and resumed.blocks["embed"].has_inverses
+    steps(models[3], resumed, range(2, 3))
+    for (name, p), q in zip(models[2].named_parameters(), models[3].parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-12, msg=name)
