@@ -256,7 +256,7 @@ class Runner:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="mlp", choices=["mlp", "cnn", "autoencoder"])
+    parser.add_argument("--model", default="mlp", choices=["mlp", "cnn", "autoencoder", "vit", "resnet", "resnet_dw"])
     parser.add_argument("--batch", type=int, default=100, help="global mini-batch")
     parser.add_argument("--steps", type=int, default=100, help="timed steps (the mean is amortized over them)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed steps first (plus the interval warm-up)")

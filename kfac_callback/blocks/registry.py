@@ -86,11 +86,15 @@ def build_blocks(model: nn.Module, disable: list[str], weight_sharing: str = "ex
 
 
 def uncovered_layers(model: nn.Module, blocks: dict[str, Block]) -> list[tuple[str, str]]:
-    """``(name, type)`` of every module holding parameters of its own that no block covers
-    (disabled layers included), in model order; the model itself is named ``model``."""
+    """``(name, type)`` of every module holding parameters of its own that no block covers, in
+    model order (not the layers ``kfac.disable_layers`` names: the options line lists those); the
+    model itself is named ``model``."""
     covered = {id(p) for b in blocks.values() for p in b.parameters()}
+    preconditionable = set(preconditionable_layers(model))
     found = []
     for name, module in model.named_modules():
+        if name in preconditionable:
+            continue
         own = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in covered]
         if own:
             found.append((name or "model", type(module).__name__))
