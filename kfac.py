@@ -163,11 +163,14 @@ def resume_source(cfg: DictConfig, overrides: list[str]) -> list[str]:
     as it is: it means the (new) work dir's own checkpoints, found by the ranks.
     """
     from models import build_model
-    from trainer.checkpoint import checked_resume
+    from trainer.resume import checked_resume
 
     if cfg.trainer.resume in (None, "", "auto"):
         return overrides
-    path, _ = checked_resume(cfg, lambda: build_model(cfg.model.name))
+    resumed = checked_resume(cfg, lambda: build_model(cfg.model.name))
+    if resumed.note():
+        print(f"kfac.py: note: {resumed.note()}", file=sys.stderr, flush=True)
+    path = resumed.path
     cfg.trainer.resume = str(path)
     kept = [o for o in overrides if o.lstrip("+~").partition("=")[0] != "trainer.resume"]
     return [*kept, f"trainer.resume={hydra_value(str(path))}"]

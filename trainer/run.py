@@ -15,7 +15,7 @@ from kfac_callback.base import rank0_print
 from launcher.env import RankInfo
 from launcher.workdir import METRICS_FILE, PREEMPTED_FILE
 from models import build_model
-from trainer.checkpoint import CHECKPOINT_DIR, CheckpointPolicy, checked_resume, model_shapes, run_identity
+from trainer.checkpoint import CHECKPOINT_DIR, CheckpointPolicy, model_shapes, run_identity
 from trainer.config import DataConfig, TrainerConfig, section
 from trainer.data.mnist import default_data_dir, ensure_mnist, load_mnist
 from trainer.lr_schedule import describe, learning_rate
@@ -26,6 +26,7 @@ from trainer.preflight import SetupError, problems
 from trainer.ranks.distributed import make_communicator
 from trainer.ranks.placement import gather_placements, placement_lines
 from trainer.ranks.watchdog import StepWatchdog
+from trainer.resume import checked_resume
 from trainer.tasks import make_task
 from trainer.trainer import Trainer
 
@@ -75,7 +76,7 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
     placements = gather_placements(comm, info.local_rank)
     # Before the data: a bad checkpoint is refused at once. A requeued job prefers its own newest.
     # (The model built for its shapes draws from the RNG; the seed is set again below.)
-    resume, state = checked_resume(cfg, lambda: build_model(cfg.model.name), work_dir=output_dir, device=device)
+    resumed = checked_resume(cfg, lambda: build_model(cfg.model.name), work_dir=output_dir, device=device)
     progress = ProgressCallback.from_setting(tcfg.progress, comm.rank)
     log = progress.wrap(rank0_print(comm))  # bar-safe: bars are cleared around each line
     if comm.world_size > 1:
@@ -149,10 +150,12 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
     schedule = describe(ocfg, trainer.epochs * trainer.shape.train_iters)
     if schedule:
         log(schedule)
-    if state is not None:
-        trainer.load_state_dict(state)
-        log(f"resumed from {resume}: step {trainer.step}, epoch {trainer.epoch}, batch {trainer.batch} "
-            f"(written by {state['world_size']} rank(s))")
+    if resumed is not None:
+        if resumed.note():  # a requeued job's own newest checkpoint was damaged (trainer/resume.py)
+            log(f"trainer: note: {resumed.note()}")
+        trainer.load_state_dict(resumed.state)
+        log(f"resumed from {resumed.path}: step {trainer.step}, epoch {trainer.epoch}, batch {trainer.batch} "
+            f"(written by {resumed.state['world_size']} rank(s))")
     return trainer
 
 

@@ -21,12 +21,12 @@ from trainer.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     newest_checkpoint,
-    resolve_resume,
     run_identity,
     save_checkpoint,
 )
 from trainer.data.mnist import epoch_batches
 from trainer.gradients import NonFiniteError
+from trainer.resume import resolve_resume
 from trainer.trainer import Trainer
 
 
