@@ -55,6 +55,7 @@ from launcher.compose import ComposeError, check_group_options, check_keys, comp
 from launcher.config import LauncherConfig, config_groups, group_options
 from launcher.env import inside_slurm_allocation, started_by_torchrun
 from launcher.flags import FlagError, help_text, translate
+from launcher.resumed import carried_overrides, override_key, saved_config_path
 from launcher.workdir import ERR_LOG, choose_work_dir
 
 
@@ -286,6 +287,43 @@ def train_under_torchrun(cfg: DictConfig, output_dir: str) -> None:
         train(cfg, str(work_dir), info)
 
 
+def continue_saved_run(hydra_args: list[str]) -> list[str]:
+    """``trainer.resume`` (not ``auto``): the newest intact checkpoint it names (``trainer/resume.py``)
+    and, under this command line's overrides, the config its run was started with
+    (``launcher/resumed.py``), so ``trainer.resume=<work dir>`` alone continues that run."""
+    overrides, config_dirs, multirun = split_hydra_args(hydra_args)
+    given = [o for o in overrides if override_key(o) == "trainer.resume"]
+    value = given[-1].partition("=")[2].strip("'\"") if given else ""
+    if multirun or value in ("", "auto", "null") or "--cfg" in hydra_args:
+        return hydra_args
+    try:  # a bad override is reported by precompose, with the rest
+        user = compose_points(overrides, config_dirs, False)[0]
+        defaults = compose_points([], config_dirs, False)[0]
+    except ComposeError:
+        return hydra_args
+    from trainer.checkpoint import CheckpointError
+    from trainer.resume import newest_intact, resume_candidates
+
+    try:
+        resumed = newest_intact(resume_candidates(value, experiment_dir=user.launcher.experiment_dir,
+                                                  job_name=user.launcher.job_name))
+    except CheckpointError as err:
+        fail(str(err))
+    speaks = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the job
+    if resumed.note() and speaks:
+        print(f"kfac.py: note: {resumed.note()}", file=sys.stderr, flush=True)
+    saved = saved_config_path(resumed.path)
+    carried = []
+    if saved is not None:
+        as_dict = lambda cfg: OmegaConf.to_container(cfg, resolve=True)  # noqa: E731
+        carried = carried_overrides(as_dict(OmegaConf.load(saved)), as_dict(defaults), as_dict(user), overrides)
+        if speaks:
+            mine = [o for o in overrides if override_key(o) != "trainer.resume"]
+            print(f"resuming with the config of {saved}" + (f", and here: {' '.join(mine)}" if mine else ""), flush=True)
+    rest = [a for a in hydra_args if a not in given]
+    return [*carried, *rest, f"trainer.resume={hydra_value(str(resumed.path))}"]
+
+
 def split_hydra_args(args: list[str]) -> tuple[list[str], list[str], bool]:
     """(overrides, ``--config-dir`` folders, whether ``-m``) from Hydra's command line."""
     overrides, config_dirs, multirun = [], [], False
@@ -326,6 +364,8 @@ def cli(argv: list[str]) -> None:
         show_help()
         return
     register_schema()
+    if not os.environ.get(LAUNCHED):  # a started rank gets the launcher's overrides, already resolved
+        hydra_args = continue_saved_run(hydra_args)
     informational = {"--cfg", "-c", "--info", "-i", "--hydra-help", "--version", "--shell-completion", "-sc",
                      "-cp", "-cn", "--config-path", "--config-name", "--experimental-rerun"}
     if not informational.intersection(a.partition("=")[0] for a in hydra_args):

@@ -53,13 +53,16 @@ class Resume:
 
     path: Path
     state: dict[str, Any]
-    damaged: list[str] = field(default_factory=list)  # load_checkpoint's line for each, newest first
+    damaged: list[tuple[Path, str]] = field(default_factory=list)  # (file, load_checkpoint's line), newest first
 
     def note(self) -> Optional[str]:
         """One line naming the damaged checkpoints and the one used (None: nothing was passed over)."""
         if not self.damaged:
             return None
-        return f"{'; '.join(self.damaged)}; resuming from {self.path}, the newest intact checkpoint"
+        names = ", ".join(str(path) if i == 0 else path.name for i, (path, _) in enumerate(self.damaged))
+        reason = self.damaged[0][1].split(f"{self.damaged[0][0]} ", 1)[-1]  # the first one's, without its path
+        return (f"passed over damaged checkpoint{'s' * (len(self.damaged) > 1)} {names} ({reason}); "
+                f"resuming from {self.path}, the newest intact one")
 
 
 def _newest_first(folder: Path) -> list[Path]:
@@ -124,8 +127,8 @@ def newest_intact(candidates: Candidates, device: str | torch.device = "cpu") ->
         except CheckpointError as err:
             if candidates.named:
                 raise CheckpointError(f"{err}{_intact_beside(path, device)}") from None
-            damaged.append(str(err))
-    raise CheckpointError(f"trainer.resume={candidates.value}: no intact checkpoint: {'; '.join(damaged)}")
+            damaged.append((path.resolve(), str(err)))
+    raise CheckpointError(f"trainer.resume={candidates.value}: no intact checkpoint: {'; '.join(e for _, e in damaged)}")
 
 
 def _intact_beside(path: Path, device: str | torch.device) -> str:
