@@ -56,7 +56,7 @@ from launcher.config import LauncherConfig, config_groups, group_options
 from launcher.env import inside_slurm_allocation, started_by_torchrun
 from launcher.flags import FlagError, help_text, translate
 from launcher.resumed import carried_overrides, override_key, saved_config_path
-from launcher.workdir import ERR_LOG, choose_work_dir
+from launcher.workdir import ERR_LOG, DiskFullError, choose_work_dir
 
 
 def register_schema() -> None:
@@ -70,6 +70,7 @@ def register_schema() -> None:
 # config reaches every rank, and rank 0's one line (which ends the job) is enough. On a loaded
 # machine rank 0 reached the same check more than 5 s after rank 1 (a clean-clone CI run).
 RANK_GRACE_SECONDS = 15.0
+DISK_FULL_STATUS = 4  # a write failed for lack of space: the run stopped, its checkpoints kept
 
 
 def fail(message: str, status: int = 2, kind: str = "error") -> None:
@@ -198,6 +199,8 @@ def main(cfg: DictConfig) -> None:
         launch(cfg)
     except (DataError, CheckpointError, SetupError) as err:
         fail(str(err))
+    except DiskFullError as err:  # a checkpoint, metrics or log write (launcher/workdir.py)
+        fail(str(err), DISK_FULL_STATUS)
     except NonFiniteError as err:
         fail(str(err), 3, "stopped")
 
@@ -229,7 +232,7 @@ def launch(cfg: DictConfig) -> None:
         status = start(run, lambda out: train(cfg, str(out)))
     except (LaunchError, SubmitError) as err:
         fail(str(err))
-    if status in (2, 3):  # the ranks have said why, in one line
+    if status in (2, 3, DISK_FULL_STATUS):  # the ranks have said why, in one line
         sys.exit(status)
     if status:
         print(f"kfac.py: the run ended with status {status}; see {work_dir / ERR_LOG}", file=sys.stderr)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from launcher.workdir import atomic_write_text
+from launcher.workdir import append_text, atomic_write_text
 from trainer.observe.lbann_log import batch_time_stats
 
 
@@ -70,9 +70,7 @@ def periodic_test_record(step: int, epoch: int, epochs_done: float, train_time: 
 
 def append_metrics(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     """Appends one JSON object as a line of ``metrics.jsonl``."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
+    append_text(path, json.dumps(record, sort_keys=True) + "\n")  # whole or not at all (a full disk)
 
 
 def rewrite_metrics(path: str | os.PathLike[str], history: Iterable[dict[str, Any]],
