@@ -29,8 +29,10 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 # ruff: noqa: E402 (the path above must be set before the project's imports)
-from launcher.env import LAUNCHED, rank_info
+from launcher.env import LAUNCHED, apply_thread_policy, rank_info
 from launcher.mpi_start import init_mpi, start_timeout_s
+
+apply_thread_policy()  # OpenMP's passive waits, read when torch loads: a shared CPU does not collapse
 
 
 def join_mpi_first() -> None:

@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf
 
 from kfac_callback.base import rank0_print
-from launcher.env import RankInfo
+from launcher.env import RankInfo, threads_per_rank
 from launcher.workdir import METRICS_FILE, PREEMPTED_FILE
 from models import build_model
 from trainer.checkpoint import CHECKPOINT_DIR, CheckpointPolicy, model_shapes, run_identity
@@ -62,9 +62,10 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
         raise SetupError("; ".join(found))
 
     torch.set_flush_denormal(tcfg.flush_denormal)
-    if tcfg.num_threads or info.local_size > 1:
-        # One thread pool per rank, sized to its share of the cores: oversubscribed ranks thrash.
-        torch.set_num_threads(tcfg.num_threads or max(1, (os.cpu_count() or 1) // info.local_size))
+    if tcfg.num_threads or info.local_size > 1 or "OMP_NUM_THREADS" not in os.environ:
+        # One thread pool per rank, sized to its share of the cores it may use (its CPU affinity):
+        # oversubscribed ranks thrash. OpenMP's passive waits are set before torch loads (kfac.py).
+        torch.set_num_threads(threads_per_rank(tcfg.num_threads, info.local_size))
     device = choose_device(tcfg.device, info.local_rank)
     if tcfg.precision == "fp16" and device.type != "cuda":
         raise SetupError("trainer.precision=fp16: fp16 with a loss scaler is for GPUs, and this node has no CUDA "
