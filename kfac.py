@@ -301,10 +301,14 @@ def continue_saved_run(hydra_args: list[str]) -> list[str]:
     value = given[-1].partition("=")[2].strip("'\"") if given else ""
     if multirun or value in ("", "auto", "null") or "--cfg" in hydra_args:
         return hydra_args
-    try:  # a bad override is reported by precompose, with the rest
+    from trainer.config import validate
+
+    try:  # a bad override or value is reported by precompose, with the rest
         user = compose_points(overrides, config_dirs, False)[0]
         defaults = compose_points([], config_dirs, False)[0]
     except ComposeError:
+        return hydra_args
+    if validate(user):
         return hydra_args
     from trainer.checkpoint import CheckpointError
     from trainer.resume import newest_intact, resume_candidates
