@@ -117,3 +117,22 @@ def test_overrides_beside_the_work_dir_may_change_the_epochs_but_must_agree_on_t
     assert "and here: trainer.epochs=3" in longer.stdout
     recs = records(work_dir_of(longer))
     assert [r["step"] for r in recs] == [5, 10, 15] and without_times(recs[:2]) == without_times(records(done))
+
+
+@pytest.mark.slow  # two 2-rank runs through mpiexec: about a minute on 2 cores
+def test_two_ranks_pass_over_a_damaged_checkpoint_and_end_as_the_uninterrupted_run_float64(tmp_path):
+    two = [*SMALL, "trainer.dtype=float64", "--procs-per-node", "2"]
+    whole = work_dir_of(kfac(*two, f"launcher.experiment_dir={tmp_path / 'whole'}"))
+    killed = copy_run(whole, tmp_path)
+    newest = killed / "checkpoints" / "step_000010.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    result = kfac(f"trainer.resume={killed}")  # its config: float64, 2 ranks
+    assert f"passed over damaged checkpoint {newest.resolve()} (" in result.stderr
+    assert "step 9, epoch 1, batch 4 (written by 2 rank(s))" in result.stdout
+    resumed = work_dir_of(result)
+    final = load_checkpoint(resumed / "checkpoints" / "step_000010.pt")["model"]
+    expected = load_checkpoint(whole / "checkpoints" / "step_000010.pt")["model"]
+    worst = max(float((final[n] - t).norm() / t.norm()) for n, t in expected.items())
+    print(f"2 ranks, resumed past a damaged checkpoint: max relative difference {worst:.2e}")
+    assert worst <= 1e-9
+    assert without_times(records(resumed)) == without_times(records(whole))
