@@ -29,8 +29,10 @@ if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
 # ruff: noqa: E402 (the path above must be set before the project's imports)
-from launcher.env import LAUNCHED, rank_info
+from launcher.env import LAUNCHED, apply_thread_policy, rank_info
 from launcher.mpi_start import init_mpi, start_timeout_s
+
+apply_thread_policy()  # OpenMP's passive waits, read when torch loads: a shared CPU does not collapse
 
 
 def join_mpi_first() -> None:
@@ -55,7 +57,8 @@ from launcher.compose import ComposeError, check_group_options, check_keys, comp
 from launcher.config import LauncherConfig, config_groups, group_options
 from launcher.env import inside_slurm_allocation, started_by_torchrun
 from launcher.flags import FlagError, help_text, translate
-from launcher.workdir import ERR_LOG, choose_work_dir
+from launcher.resumed import carried_overrides, override_key, saved_config_path
+from launcher.workdir import ERR_LOG, DiskFullError, choose_work_dir
 
 
 def register_schema() -> None:
@@ -69,6 +72,7 @@ def register_schema() -> None:
 # config reaches every rank, and rank 0's one line (which ends the job) is enough. On a loaded
 # machine rank 0 reached the same check more than 5 s after rank 1 (a clean-clone CI run).
 RANK_GRACE_SECONDS = 15.0
+DISK_FULL_STATUS = 4  # a write failed for lack of space: the run stopped, its checkpoints kept
 
 
 def fail(message: str, status: int = 2, kind: str = "error") -> None:
@@ -163,11 +167,14 @@ def resume_source(cfg: DictConfig, overrides: list[str]) -> list[str]:
     as it is: it means the (new) work dir's own checkpoints, found by the ranks.
     """
     from models import build_model
-    from trainer.checkpoint import checked_resume
+    from trainer.resume import checked_resume
 
     if cfg.trainer.resume in (None, "", "auto"):
         return overrides
-    path, _ = checked_resume(cfg, lambda: build_model(cfg.model.name))
+    resumed = checked_resume(cfg, lambda: build_model(cfg.model.name))
+    if resumed.note():
+        print(f"kfac.py: note: {resumed.note()}", file=sys.stderr, flush=True)
+    path = resumed.path
     cfg.trainer.resume = str(path)
     kept = [o for o in overrides if o.lstrip("+~").partition("=")[0] != "trainer.resume"]
     return [*kept, f"trainer.resume={hydra_value(str(path))}"]
@@ -194,6 +201,8 @@ def main(cfg: DictConfig) -> None:
         launch(cfg)
     except (DataError, CheckpointError, SetupError) as err:
         fail(str(err))
+    except DiskFullError as err:  # a checkpoint, metrics or log write (launcher/workdir.py)
+        fail(str(err), DISK_FULL_STATUS)
     except NonFiniteError as err:
         fail(str(err), 3, "stopped")
 
@@ -225,7 +234,7 @@ def launch(cfg: DictConfig) -> None:
         status = start(run, lambda out: train(cfg, str(out)))
     except (LaunchError, SubmitError) as err:
         fail(str(err))
-    if status in (2, 3):  # the ranks have said why, in one line
+    if status in (2, 3, DISK_FULL_STATUS):  # the ranks have said why, in one line
         sys.exit(status)
     if status:
         print(f"kfac.py: the run ended with status {status}; see {work_dir / ERR_LOG}", file=sys.stderr)
@@ -283,6 +292,47 @@ def train_under_torchrun(cfg: DictConfig, output_dir: str) -> None:
         train(cfg, str(work_dir), info)
 
 
+def continue_saved_run(hydra_args: list[str]) -> list[str]:
+    """``trainer.resume`` (not ``auto``): the newest intact checkpoint it names (``trainer/resume.py``)
+    and, under this command line's overrides, the config its run was started with
+    (``launcher/resumed.py``), so ``trainer.resume=<work dir>`` alone continues that run."""
+    overrides, config_dirs, multirun = split_hydra_args(hydra_args)
+    given = [o for o in overrides if override_key(o) == "trainer.resume"]
+    value = given[-1].partition("=")[2].strip("'\"") if given else ""
+    if multirun or value in ("", "auto", "null") or "--cfg" in hydra_args:
+        return hydra_args
+    from trainer.config import validate
+
+    try:  # a bad override or value is reported by precompose, with the rest
+        user = compose_points(overrides, config_dirs, False)[0]
+        defaults = compose_points([], config_dirs, False)[0]
+    except ComposeError:
+        return hydra_args
+    if validate(user):
+        return hydra_args
+    from trainer.checkpoint import CheckpointError
+    from trainer.resume import newest_intact, resume_candidates
+
+    try:
+        resumed = newest_intact(resume_candidates(value, experiment_dir=user.launcher.experiment_dir,
+                                                  job_name=user.launcher.job_name))
+    except CheckpointError as err:
+        fail(str(err))
+    speaks = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for the job
+    if resumed.note() and speaks:
+        print(f"kfac.py: note: {resumed.note()}", file=sys.stderr, flush=True)
+    saved = saved_config_path(resumed.path)
+    carried = []
+    if saved is not None:
+        as_dict = lambda cfg: OmegaConf.to_container(cfg, resolve=True)  # noqa: E731
+        carried = carried_overrides(as_dict(OmegaConf.load(saved)), as_dict(defaults), as_dict(user), overrides)
+        if speaks:
+            mine = [o for o in overrides if override_key(o) != "trainer.resume"]
+            print(f"resuming with the config of {saved}" + (f", and here: {' '.join(mine)}" if mine else ""), flush=True)
+    rest = [a for a in hydra_args if a not in given]
+    return [*carried, *rest, f"trainer.resume={hydra_value(str(resumed.path))}"]
+
+
 def split_hydra_args(args: list[str]) -> tuple[list[str], list[str], bool]:
     """(overrides, ``--config-dir`` folders, whether ``-m``) from Hydra's command line."""
     overrides, config_dirs, multirun = [], [], False
@@ -323,6 +373,8 @@ def cli(argv: list[str]) -> None:
         show_help()
         return
     register_schema()
+    if not os.environ.get(LAUNCHED):  # a started rank gets the launcher's overrides, already resolved
+        hydra_args = continue_saved_run(hydra_args)
     informational = {"--cfg", "-c", "--info", "-i", "--hydra-help", "--version", "--shell-completion", "-sc",
                      "-cp", "-cn", "--config-path", "--config-name", "--experimental-rerun"}
     if not informational.intersection(a.partition("=")[0] for a in hydra_args):

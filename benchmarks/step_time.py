@@ -1,6 +1,7 @@
 """Per-step time of SGD, Adam and K-FAC, K-FAC's split into phases, the floor, and bytes sent.
 
     python benchmarks/step_time.py --model mlp                                  # 1 rank
+    python benchmarks/step_time.py --model mlp --device cuda                    # 1 rank on a GPU
     mpiexec -n 4 python -m mpi4py benchmarks/step_time.py --model mlp           # 4 ranks
 
 All optimizers run in the same processes on the same real MNIST batches, taking turns of
@@ -178,10 +179,12 @@ class Runner:
     """One optimizer's model, optimizer and (optional) K-FAC callback, stepped on demand."""
 
     def __init__(self, model_name: str, optimizer_name: str, lr: float, kfac: dict | None, comm, batches,
-                 weight_decay: float = 0.0) -> None:
+                 weight_decay: float = 0.0, device: str | torch.device = "cpu") -> None:
         torch.manual_seed(0)
         self.name = f"{optimizer_name} lr {lr:g}" + (" + K-FAC" if kfac else "")
-        self.model = build_model(model_name)
+        self.model = build_model(model_name).to(device)
+        # A GPU runs ahead of the host: wait for its queue before each clock reading.
+        self.sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
         spec = yaml.safe_load((ROOT / "configs" / "model" / f"{model_name}.yaml").read_text())
         self.task = make_task(spec.get("task", "classification"), float(spec.get("l2", 0.0)))
         self.optimizer = build_optimizer(OptimizerConfig(name=optimizer_name, learning_rate=lr, weight_decay=weight_decay),
@@ -215,6 +218,7 @@ class Runner:
         self.steps += 1
         comm = self.comm
         comm.barrier()
+        self.sync()
         t0 = time.perf_counter()
         logits = self.model(x)
         targets = self.task.targets(x, y)
@@ -223,6 +227,7 @@ class Runner:
             self.cb.sample_fisher(logits)  # fisher=mc's extra backward on factor steps (else nothing)
         self.optimizer.zero_grad(set_to_none=True)
         self.loss.backward()
+        self.sync()
         t1 = time.perf_counter()
         self.phase = "gradient_allreduce"
         if comm.world_size > 1:
@@ -231,11 +236,13 @@ class Runner:
             comm.allreduce_sum_(grads)  # one collective: the communicator packs the list
             for g in grads:
                 g /= comm.world_size
+        self.sync()
         t2 = time.perf_counter()
         if self.cb:
             self.phase = "kfac"  # the callback names its phases itself (cb.clock.phase)
             self.cb.step(learning_rate=self.optimizer.param_groups[0]["lr"], batch=(x, targets))
         self.optimizer.step()
+        self.sync()
         comm.barrier()
         t3 = time.perf_counter()
         if timed:
@@ -270,6 +277,8 @@ def main() -> None:
     parser.add_argument("--kfac-set", action="append", default=[], metavar="KEY=VALUE",
                         help="change one of the experiment's kfac options (YAML value), e.g. "
                              "compute_interval_steps=20; repeatable")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: each rank on the GPU of its local rank (one rank: cuda:0)")
     args = parser.parse_args()
 
     fast_optimizer, fast_lr, fast_decay, fast_options = fast_settings(args.experiment)
@@ -288,13 +297,18 @@ def main() -> None:
     torch.set_flush_denormal(True)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // info.local_size))
     current: dict[str, Runner | None] = {"runner": None}
-    comm = CountingComm(make_communicator(info), lambda: current["runner"])
-    batches = mnist_batches(args.batch, comm.rank, comm.world_size)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA device")
+    device = torch.device("cuda", info.local_rank % torch.cuda.device_count()) if args.device == "cuda" else \
+        torch.device("cpu")
+    comm = CountingComm(make_communicator(info, device_type=device.type), lambda: current["runner"])
+    batches = [(x.to(device), y.to(device)) for x, y in mnist_batches(args.batch, comm.rank, comm.world_size)]
     runners = {
-        "sgd": Runner(args.model, "sgd", 0.1, None, comm, batches),
-        "adam": Runner(args.model, "adam", 1e-4, None, comm, batches),
-        "kfac (README recipe)": Runner(args.model, "sgd", 0.1, dict(RECIPE), comm, batches),
-        f"kfac ({args.experiment})": Runner(args.model, fast_optimizer, fast_lr, fast_options, comm, batches, fast_decay),
+        "sgd": Runner(args.model, "sgd", 0.1, None, comm, batches, device=device),
+        "adam": Runner(args.model, "adam", 1e-4, None, comm, batches, device=device),
+        "kfac (README recipe)": Runner(args.model, "sgd", 0.1, dict(RECIPE), comm, batches, device=device),
+        f"kfac ({args.experiment})": Runner(args.model, fast_optimizer, fast_lr, fast_options, comm, batches, fast_decay,
+                                            device),
     }
     for runner in runners.values():
         current["runner"] = runner
@@ -314,14 +328,15 @@ def main() -> None:
         return
     sgd = results["sgd"]["mean"]
     fast = results[f"kfac ({args.experiment})"]["cb"].config
-    print(f"### {args.model}, {comm.world_size} rank(s), global batch {args.batch}, "
-          f"{torch.get_num_threads()} thread(s)/rank, mean of {args.steps} steps\n")
+    where = f"on {torch.cuda.get_device_name(device)}" if device.type == "cuda" else \
+        f"{torch.get_num_threads()} thread(s)/rank"
+    print(f"### {args.model}, {comm.world_size} rank(s), global batch {args.batch}, {where}, mean of {args.steps} steps\n")
     print(f"{args.experiment}: {fast_optimizer} lr {fast_lr:g}, weight decay {fast_decay:g}, "
           f"update interval {fast.update_interval_init}->"
           f"{fast.update_interval_target} over {fast.update_interval_steps} steps (timed after), compute interval "
           f"{fast.compute_interval_steps}, damping act {fast.damping_act} err {fast.damping_err}\n")
     # The floor counts fully connected layers (Gram products of N rows): the MLP, on one rank.
-    kernels = Kernels() if comm.world_size == 1 and args.model == "mlp" else None
+    kernels = Kernels() if comm.world_size == 1 and args.model == "mlp" and device.type == "cpu" else None
     print("| optimizer | mean step ms | / SGD | floor ms | floor / SGD |\n|---|---:|---:|---:|---:|")
     for name, r in results.items():
         cells = ["", ""]

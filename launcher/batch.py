@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Optional, TextIO
@@ -32,6 +32,8 @@ from launcher.workdir import (
     OUT_LOG,
     PREEMPTED_FILE,
     SCRIPT_NAME,
+    AppendLog,
+    DiskFullError,
     atomic_write_text,
 )
 
@@ -209,13 +211,18 @@ def write_work_dir(work_dir: str | os.PathLike[str], script_text: str, config_ya
     atomic_write_text(path / SCRIPT_NAME, script_text, mode=0o755)
 
 
-def _tee(source: BinaryIO, log: BinaryIO, terminal: TextIO) -> None:
+def _tee(source: BinaryIO, log: AppendLog, terminal: TextIO) -> None:
     # Line by line, so the terminal and the log see each line as soon as the ranks print it.
+    # A full disk stops the log (its lines stay whole), not the echo: said once, on the terminal.
     for line in iter(source.readline, b""):
-        log.write(line)
-        log.flush()
-        terminal.write(line.decode("utf-8", errors="replace"))
+        text = line.decode("utf-8", errors="replace")
+        terminal.write(text)
         terminal.flush()
+        try:
+            log.write(text)
+        except DiskFullError as err:
+            terminal.write(f"kfac.py: error: {err}\n")
+            terminal.flush()
 
 
 @contextmanager
@@ -263,7 +270,7 @@ def run_batch_script(work_dir: str | os.PathLike[str], *, stdout: Optional[TextI
     out_terminal = stdout if stdout is not None else sys.stdout
     err_terminal = stderr if stderr is not None else sys.stderr
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(path / OUT_LOG, "ab") as out_log, open(path / ERR_LOG, "ab") as err_log:
+    with closing(AppendLog(path / OUT_LOG)) as out_log, closing(AppendLog(path / ERR_LOG)) as err_log:
         # In this process's group, so that what ends the group (a Ctrl-C, a kill of the job) ends the script too.
         proc = subprocess.Popen(["bash", SCRIPT_NAME], cwd=path, env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -100,3 +100,39 @@ def rank_info(environ: Mapping[str, str]) -> RankInfo:
 def inside_slurm_allocation(environ: Mapping[str, str]) -> bool:
     """True inside ``salloc``/``sbatch``, where ranks are started with ``srun``."""
     return "SLURM_JOB_ID" in environ
+
+
+# --- threads: how many each rank runs, and how they wait (docs/usage.md, "Threads") -------------
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (what SLURM, taskset or a container
+    gave it), not every core of the machine."""
+    try:
+        import os
+
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # no affinity on this platform
+        import os
+
+        return os.cpu_count() or 1
+
+
+def threads_per_rank(num_threads: int | None, local_size: int, cores: int | None = None) -> int:
+    """``trainer.num_threads`` if set, else this process's cores shared out over its node's ranks."""
+    if num_threads:
+        return num_threads
+    return max(1, (cores or usable_cores()) // max(1, local_size))
+
+
+def apply_thread_policy(environ: dict[str, str] | None = None) -> None:
+    """Sets OpenMP's passive waits unless the user chose: call it before torch is imported.
+
+    A waiting thread then sleeps instead of spinning, so a spinning thread never takes the core
+    its busy sibling (or another job) needs: K-FAC's small parallel regions no longer collapse
+    when another process takes a core (benchmarks/loaded_step.py).
+    """
+    import os
+
+    env = os.environ if environ is None else environ
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")

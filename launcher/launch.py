@@ -27,7 +27,7 @@ from launcher.batch import BatchSpec, SubmitError, render_batch_script, run_batc
 from launcher.commands import script_argv
 from launcher.config import LauncherConfig, requeue_without_slurm
 from launcher.env import LAUNCHED, inside_slurm_allocation
-from launcher.workdir import ERR_LOG, JOB_ID_FILE, OUT_LOG, SCRIPT_NAME, atomic_write_text
+from launcher.workdir import ERR_LOG, JOB_ID_FILE, OUT_LOG, SCRIPT_NAME, AppendLog, DiskFullError, atomic_write_text
 
 
 class LaunchError(RuntimeError):
@@ -115,18 +115,22 @@ def batch_spec(run: Run, scheduler: str, python: str, mpiexec: str = "mpiexec", 
 
 @contextmanager
 def tee_output(work_dir: Path) -> Iterator[None]:
-    """Copies this process's stdout and stderr into the work dir's out.log and err.log."""
+    """Copies this process's stdout and stderr into the work dir's out.log and err.log.
+
+    Each write reaches the log whole or not at all (``AppendLog``): a full disk raises
+    ``DiskFullError`` once and leaves no torn line; the terminal still gets everything.
+    """
 
     class Tee:
-        def __init__(self, stream: TextIO, log: TextIO) -> None:
+        def __init__(self, stream: TextIO, log: AppendLog) -> None:
             self.stream, self.log = stream, log
 
         def write(self, text: str) -> int:
+            written = self.stream.write(text)
             self.log.write(text)
-            return self.stream.write(text)
+            return written
 
         def flush(self) -> None:
-            self.log.flush()
             self.stream.flush()
 
         def isatty(self) -> bool:
@@ -135,15 +139,17 @@ def tee_output(work_dir: Path) -> Iterator[None]:
         def __getattr__(self, name: str) -> object:
             return getattr(self.stream, name)
 
-    with open(work_dir / OUT_LOG, "a", encoding="utf-8") as out, open(work_dir / ERR_LOG, "a", encoding="utf-8") as err:
-        saved = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = Tee(sys.stdout, out), Tee(sys.stderr, err)
-        try:
-            yield
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            sys.stdout, sys.stderr = saved
+    out, err = AppendLog(work_dir / OUT_LOG), AppendLog(work_dir / ERR_LOG)
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = Tee(sys.stdout, out), Tee(sys.stderr, err)
+    try:
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+        sys.stdout.flush()
+        sys.stderr.flush()
+        out.close()
+        err.close()
 
 
 def start(run: Run, train_here: Callable[[Path], None], environ: Optional[Mapping[str, str]] = None) -> int:
@@ -170,7 +176,12 @@ def start(run: Run, train_here: Callable[[Path], None], environ: Optional[Mappin
                           "--setup-only writes the script without running it")
     spec = batch_spec(run, scheduler, sys.executable, mpiexec, flavor)
     existed = run.work_dir.exists()
-    write_work_dir(run.work_dir, render_batch_script(spec), run.config_yaml)
+    try:
+        write_work_dir(run.work_dir, render_batch_script(spec), run.config_yaml)
+    except DiskFullError:
+        if not existed:  # no half-made work dir is left behind
+            shutil.rmtree(run.work_dir, ignore_errors=True)
+        raise
     if not cfg.batch_job or cfg.setup_only:
         print(f"work dir: {run.work_dir}", flush=True)
     if cfg.setup_only:

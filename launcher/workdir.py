@@ -16,9 +16,11 @@ Stdlib only: the launcher, the trainer and the reports all read and write throug
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -91,10 +93,83 @@ def choose_work_dir(experiment_dir: str | os.PathLike[str], job_name: str, now: 
     return candidate
 
 
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class DiskFullError(RuntimeError):
+    """A write failed for lack of space; the message is the one line to show (``no_space_message``)."""
+
+
+def _megabytes(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 100_000 else f"{n / 1e3:.1f} kB"
+
+
+def no_space_message(path: str | os.PathLike[str], needed: Optional[int] = None) -> str:
+    """One line: the file, the free space, what to do (written files before it are kept)."""
+    target = Path(path)
+    folder = next((p for p in target.parents if p.is_dir()), Path("."))
+    work_dir = next((p for p in target.parents if (p / CONFIG_NAME).is_file()), folder)
+    try:
+        free = _megabytes(shutil.disk_usage(folder).free)
+    except OSError:
+        free = "unknown"
+    need = f", {_megabytes(needed)} needed" if needed else ""
+    return (f"no space left on device writing {target} ({free} free there{need}); nothing partial was left and "
+            f"the checkpoints before it are kept: free space there (or move {work_dir} to a disk with room), "
+            f"then continue with trainer.resume={work_dir}")
+
+
+def is_no_space(err: BaseException) -> bool:
+    """Whether ``err`` is a write that failed for lack of space (ENOSPC, or a quota: EDQUOT)."""
+    return isinstance(err, OSError) and err.errno in _NO_SPACE
+
+
+class AppendLog:
+    """A file written by appends, each whole or not at all: a write that fails (a full disk)
+    is cut back off, and a full disk raises ``DiskFullError`` once, after which writes are dropped
+    (so the line that reports it can still be printed)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._fd: Optional[int] = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+
+    def write(self, text: str) -> None:
+        """Appends ``text`` whole, or leaves the file as it was."""
+        if self._fd is None or not text:
+            return
+        data = text.encode("utf-8")
+        size = os.fstat(self._fd).st_size
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError as err:
+            os.ftruncate(self._fd, size)
+            if is_no_space(err):
+                self.close()
+                raise DiskFullError(no_space_message(self.path)) from None
+            raise
+
+    def close(self) -> None:
+        """Closes the file (further writes are dropped)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def append_text(path: str | os.PathLike[str], text: str) -> None:
+    """Appends ``text`` to ``path`` whole or not at all (``AppendLog``)."""
+    log = AppendLog(path)
+    try:
+        log.write(text)
+    finally:
+        log.close()
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: Optional[int] = None) -> None:
     """Writes ``data`` to a temporary file beside ``path``, fsyncs it and renames it over ``path``.
 
-    A reader (or a crash) sees the old file or the new one, never half of one.
+    A reader (or a crash) sees the old file or the new one, never half of one; a full disk
+    leaves the old one and no temporary file, and raises ``DiskFullError``.
 
     Args:
         path: The file to write; its folder must exist.
@@ -111,8 +186,10 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: Optio
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if is_no_space(err):
+            raise DiskFullError(no_space_message(target, len(data))) from None
         raise
     try:  # the rename itself survives a crash only once the folder is synced
         fd = os.open(target.parent, os.O_RDONLY)

@@ -1,4 +1,5 @@
-"""Checkpoints: written atomically, found, checked against the run, and the stop signals.
+"""Checkpoints: written atomically, found, checked against the run (where a run resumes from:
+``trainer/resume.py``).
 
 A run's checkpoints live in ``<work dir>/checkpoints/step_000123.pt``; the trainer decides
 what goes in them (``trainer/state.py``), this file how they are written and read:
@@ -8,7 +9,6 @@ what goes in them (``trainer/state.py``), this file how they are written and rea
 - ``load_checkpoint``: refuses anything that is not a whole checkpoint of ours, in one line.
 - ``run_identity`` / ``check_compatible``: what must match between the checkpoint and the run
   (model, optimizer, K-FAC on/off, parameter shapes, the keys that fix the data order).
-- ``resolve_resume``: ``trainer.resume`` (a file, a work dir, ``latest`` or ``auto``) → a file.
 - ``CheckpointPolicy``: when and where the trainer writes them.
 """
 
@@ -19,14 +19,14 @@ import io
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from launcher.workdir import atomic_write_bytes, parse_work_dir_name
+from launcher.workdir import atomic_write_bytes
 
 CHECKPOINT_DIR = "checkpoints"
 FORMAT = "kfac-mnist-checkpoint"
@@ -166,7 +166,11 @@ def save_checkpoint(state: Mapping[str, Any], directory: str | os.PathLike[str],
     buffer = io.BytesIO()
     torch.save(dict(state), buffer)
     atomic_write_bytes(path, buffer.getvalue())  # a temporary file, fsync, rename, fsync of the folder
-    for old in list_checkpoints(folder)[:-keep]:
+    # A file of a later step is one a resumed run passed over as damaged (trainer/resume.py):
+    # this run's timeline replaces it, so it neither counts as the newest nor survives the pruning.
+    found = list_checkpoints(folder)
+    later = [p for p in found if int(_NAME.match(p.name).group(1)) > step]
+    for old in later + [p for p in found if p not in later][:-keep]:
         old.unlink(missing_ok=True)
     return path
 
@@ -195,84 +199,3 @@ def load_checkpoint(path: str | os.PathLike[str], device: str | torch.device = "
         raise CheckpointError(f"checkpoint {path} has format version {state.get('version')}, this "
                               f"kfac.py reads version {VERSION}")
     return state
-
-
-# --- where to resume from ---------------------------------------------------------------------
-
-
-def resolve_resume(value: Optional[str], *, work_dir: Optional[str | os.PathLike[str]] = None,
-                   experiment_dir: str | os.PathLike[str] = "experiments", job_name: str = "kfac",
-                   prefer_work_dir: bool = False) -> Optional[Path]:
-    """The checkpoint file that ``trainer.resume`` names, or ``None`` for a fresh start.
-
-    Args:
-        value: ``None``/``""`` (fresh), ``auto`` (this work dir's newest checkpoint, if any),
-            ``latest`` (the newest checkpoint of the experiment dir's work dirs of this job
-            name), or a checkpoint file or a work dir (its newest checkpoint).
-        work_dir: This run's work dir (for ``auto`` and ``prefer_work_dir``).
-        experiment_dir: Where ``latest`` looks.
-        job_name: Whose work dirs ``latest`` considers.
-        prefer_work_dir: This work dir's newest checkpoint wins over ``value`` (a requeued job).
-
-    Raises:
-        CheckpointError: ``latest`` or a path that names no checkpoint.
-    """
-    if (prefer_work_dir or value == "auto") and work_dir is not None:
-        own = newest_checkpoint(work_dir)
-        if own is not None:
-            return own.resolve()
-    if value in (None, "", "auto"):
-        return None
-    if value == "latest":
-        return _latest(Path(experiment_dir), job_name)
-    path = Path(value).expanduser()
-    if path.is_dir():
-        found = newest_checkpoint(path)
-        if found is None:
-            raise CheckpointError(f"trainer.resume={value}: no checkpoints in {path} (nor in {path / CHECKPOINT_DIR})")
-        return found.resolve()
-    if not path.exists():
-        raise CheckpointError(f"trainer.resume={value}: no such file or directory")
-    return path.resolve()
-
-
-def checked_resume(cfg: Any, build_model: Callable[[], torch.nn.Module], *, work_dir: Optional[str | os.PathLike[str]] = None,
-                   device: str | torch.device = "cpu") -> tuple[Optional[Path], Optional[dict[str, Any]]]:
-    """The checkpoint this run resumes from, loaded and checked against the run's identity.
-
-    The one resume rule, for the launching process (before any work dir exists, ``work_dir``
-    ``None``) and for each rank (a requeued job prefers its own work dir's newest checkpoint).
-
-    Args:
-        cfg: The composed config (``trainer.resume``, ``launcher.*`` and the identity keys).
-        build_model: Builds a model of this run's architecture (only its parameter shapes
-            are read; called only when there is a checkpoint).
-
-    Returns:
-        ``(path, state)``, or ``(None, None)`` for a fresh start.
-
-    Raises:
-        CheckpointError: For a checkpoint that cannot be found, read, or does not fit this run.
-    """
-    path = resolve_resume(cfg.trainer.resume, work_dir=work_dir, experiment_dir=cfg.launcher.experiment_dir,
-                          job_name=cfg.launcher.job_name, prefer_work_dir=bool(cfg.launcher.requeue))
-    if path is None:
-        return None, None
-    state = load_checkpoint(path, device)
-    check_compatible(state, run_identity(cfg, model_shapes(build_model())), path)
-    return path, state
-
-
-def _latest(experiment_dir: Path, job_name: str) -> Path:
-    candidates = []
-    if experiment_dir.is_dir():
-        for run in experiment_dir.iterdir():
-            parsed = parse_work_dir_name(run.name)
-            if run.is_dir() and parsed is not None and parsed.job_name == job_name:
-                found = newest_checkpoint(run)
-                if found is not None:
-                    candidates.append((found.stat().st_mtime_ns, found))
-    if not candidates:
-        raise CheckpointError(f"trainer.resume=latest: no checkpoints in the work dirs of job {job_name!r} "
-                              f"under {experiment_dir}")
-    return max(candidates)[1].resolve()

@@ -40,3 +40,23 @@ class TrainClock:
         yield
         if running:
             self.start()
+
+
+class WallClock:
+    """Seconds of the run so far by the wall clock (the records' ``wall_time``), tests included.
+
+    A resumed run continues from its checkpoint's count (``resume_at``), so a run's
+    ``wall_time`` only grows; the time it lay stopped is left out.
+    """
+
+    def __init__(self) -> None:
+        self._offset = 0.0
+        self._since = time.time()
+
+    def elapsed(self) -> float:
+        """Seconds since the run began, the stretches before a resume included."""
+        return self._offset + time.time() - self._since
+
+    def resume_at(self, seconds: float) -> None:
+        """Continues from ``seconds`` (a checkpoint's ``wall_time``) from now on."""
+        self._offset, self._since = seconds, time.time()

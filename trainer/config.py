@@ -59,7 +59,7 @@ class TrainerConfig:
     flush_denormal: bool = True
     dtype: str = "float32"
     backend: str = "auto"  # auto | mpi | gloo | nccl (collectives between ranks)
-    num_threads: Optional[int] = None  # None: cores / ranks on this node
+    num_threads: Optional[int] = None  # None: this process's cores (CPU affinity) / ranks on this node
     progress: str = "auto"  # auto | true | false: tqdm bars (auto: rank 0 on a terminal, not in batch jobs)
     tensorboard: bool = False  # also write TensorBoard scalars to <output_dir>/tensorboard (rank 0)
     checkpoint_every_steps: int = 0  # 0: off; checkpoints go to <work dir>/checkpoints

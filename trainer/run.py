@@ -12,10 +12,10 @@ import torch
 from omegaconf import OmegaConf
 
 from kfac_callback.base import rank0_print
-from launcher.env import RankInfo
+from launcher.env import RankInfo, threads_per_rank
 from launcher.workdir import METRICS_FILE, PREEMPTED_FILE
 from models import build_model
-from trainer.checkpoint import CHECKPOINT_DIR, CheckpointPolicy, checked_resume, model_shapes, run_identity
+from trainer.checkpoint import CHECKPOINT_DIR, CheckpointPolicy, model_shapes, run_identity
 from trainer.config import DataConfig, TrainerConfig, section
 from trainer.data.mnist import default_data_dir, ensure_mnist, load_mnist
 from trainer.lr_schedule import describe, learning_rate
@@ -26,6 +26,7 @@ from trainer.preflight import SetupError, problems
 from trainer.ranks.distributed import make_communicator
 from trainer.ranks.placement import gather_placements, placement_lines
 from trainer.ranks.watchdog import StepWatchdog
+from trainer.resume import checked_resume
 from trainer.tasks import make_task
 from trainer.trainer import Trainer
 
@@ -61,9 +62,10 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
         raise SetupError("; ".join(found))
 
     torch.set_flush_denormal(tcfg.flush_denormal)
-    if tcfg.num_threads or info.local_size > 1:
-        # One thread pool per rank, sized to its share of the cores: oversubscribed ranks thrash.
-        torch.set_num_threads(tcfg.num_threads or max(1, (os.cpu_count() or 1) // info.local_size))
+    if tcfg.num_threads or info.local_size > 1 or "OMP_NUM_THREADS" not in os.environ:
+        # One thread pool per rank, sized to its share of the cores it may use (its CPU affinity):
+        # oversubscribed ranks thrash. OpenMP's passive waits are set before torch loads (kfac.py).
+        torch.set_num_threads(threads_per_rank(tcfg.num_threads, info.local_size))
     device = choose_device(tcfg.device, info.local_rank)
     if tcfg.precision == "fp16" and device.type != "cuda":
         raise SetupError("trainer.precision=fp16: fp16 with a loss scaler is for GPUs, and this node has no CUDA "
@@ -75,7 +77,7 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
     placements = gather_placements(comm, info.local_rank)
     # Before the data: a bad checkpoint is refused at once. A requeued job prefers its own newest.
     # (The model built for its shapes draws from the RNG; the seed is set again below.)
-    resume, state = checked_resume(cfg, lambda: build_model(cfg.model.name), work_dir=output_dir, device=device)
+    resumed = checked_resume(cfg, lambda: build_model(cfg.model.name), work_dir=output_dir, device=device)
     progress = ProgressCallback.from_setting(tcfg.progress, comm.rank)
     log = progress.wrap(rank0_print(comm))  # bar-safe: bars are cleared around each line
     if comm.world_size > 1:
@@ -149,10 +151,12 @@ def build_trainer(cfg: Any, output_dir: Optional[str], info: Optional[RankInfo] 
     schedule = describe(ocfg, trainer.epochs * trainer.shape.train_iters)
     if schedule:
         log(schedule)
-    if state is not None:
-        trainer.load_state_dict(state)
-        log(f"resumed from {resume}: step {trainer.step}, epoch {trainer.epoch}, batch {trainer.batch} "
-            f"(written by {state['world_size']} rank(s))")
+    if resumed is not None:
+        if resumed.note():  # a requeued job's own newest checkpoint was damaged (trainer/resume.py)
+            log(f"trainer: note: {resumed.note()}")
+        trainer.load_state_dict(resumed.state)
+        log(f"resumed from {resumed.path}: step {trainer.step}, epoch {trainer.epoch}, batch {trainer.batch} "
+            f"(written by {resumed.state['world_size']} rank(s))")
     return trainer
 
 

@@ -97,6 +97,7 @@ def trainer_state(trainer: Any, epoch_done: bool = False) -> dict[str, Any]:
         "history": json.loads(json.dumps(trainer.history)),
         "test_records": json.loads(json.dumps(trainer.test_records)),
         "train_time": trainer.train_time(),
+        "wall_time": trainer.wall.elapsed(),
         # fp16's loss scale and its growth tracker: a resumed run scales as this one would.
         "grad_scaler": scaler.state_dict() if (scaler := getattr(trainer, "grad_scaler", None)) else None,
     }
@@ -123,6 +124,8 @@ def load_trainer_state(trainer: Any, state: Mapping[str, Any]) -> None:
     trainer.history = list(state["history"])
     trainer.test_records = list(state.get("test_records", []))  # absent from older checkpoints
     trainer.clock.total = float(state.get("train_time", 0.0))
+    # Older checkpoints kept no wall_time: the training time is the closest they hold.
+    trainer.wall.resume_at(float(state.get("wall_time", state.get("train_time", 0.0))))
     scaler = getattr(trainer, "grad_scaler", None)
     if scaler is not None and state.get("grad_scaler"):  # absent from older and fp32/bf16 checkpoints
         scaler.load_state_dict(state["grad_scaler"])

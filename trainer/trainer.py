@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -25,7 +24,7 @@ from torch import nn
 
 from kfac_callback.base import Callback
 from trainer.checkpoint import CheckpointPolicy
-from trainer.clock import TrainClock
+from trainer.clock import TrainClock, WallClock
 from trainer.data.mnist import batch_plan, epoch_batches
 from trainer.evaluate import Evaluator
 from trainer.faults import nonfinite_step, skip_overflow, stop_on_signal, write_checkpoint
@@ -143,7 +142,7 @@ class Trainer:
         self.targets: Optional[torch.Tensor] = None
         self.shape = lbann_log.epoch_shape(self.plan, batch_plan(len(data.test_y), mini_batch_size, comm.world_size),
                                            mini_batch_size, comm.world_size)
-        self._start = time.time()
+        self.wall = WallClock()  # the records' wall_time (a resumed run continues its checkpoint's)
         self._dispatch("on_setup_end")
 
     reached = property(lambda self: self.stop_targets.reached, doc="The accuracy that met stop_at_test_accuracy.")
@@ -369,7 +368,7 @@ class Trainer:
         step, loss, accuracy = self.evaluator.last_test
         if self.test_every_steps and not (self.test_records and self.test_records[-1]["step"] == step):
             record = periodic_test_record(step, self.epoch, self.epoch + self.batch / max(1, self.shape.train_iters),
-                                          self.train_time(), time.time() - self._start, loss, accuracy,
+                                          self.train_time(), self.wall.elapsed(), loss, accuracy,
                                           self.task.metric_key)
             if self.full_train_objective:
                 train_loss, train_accuracy = self.evaluate_train()  # the periodic test's pass, or the final test's
@@ -394,7 +393,7 @@ class Trainer:
 
     def _record(self) -> None:
         record = epoch_record(self.epoch, self.step, self.stats, self.task.metric_key, self.learning_rate(),
-                              time.time() - self._start, self.callbacks)
+                              self.wall.elapsed(), self.callbacks, self.train_time())
         self.history.append(record)
         if self.metrics_path and self.comm.rank == 0:
             append_metrics(self.metrics_path, record)

@@ -1,8 +1,15 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from launcher.env import RankInfo, inside_slurm_allocation, rank_info, started_by_torchrun
+
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 @pytest.mark.parametrize("environ,expected", [
@@ -51,3 +58,24 @@ def test_tasks_on_node_reads_slurms_compressed_counts(text, node, expected):
     from launcher.env import tasks_on_node
 
     assert tasks_on_node(text, node) == expected
+
+
+def test_threads_per_rank_share_the_cores_this_process_may_use():
+    from launcher.env import threads_per_rank, usable_cores
+
+    assert usable_cores() == len(os.sched_getaffinity(0))
+    assert threads_per_rank(None, 1, cores=8) == 8 and threads_per_rank(None, 4, cores=8) == 2
+    assert threads_per_rank(None, 3, cores=2) == 1  # never 0
+    assert threads_per_rank(3, 4, cores=8) == 3  # trainer.num_threads wins
+
+
+def test_kfac_py_sets_passive_openmp_waits_before_torch_unless_the_user_chose():
+    code = ("import os, runpy, sys; sys.argv = ['kfac.py', '--help']; runpy.run_path("
+            f"{str(ROOT / 'kfac.py')!r}, run_name='__main__'); "
+            "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
+    for given, expected in ((None, "PASSIVE False"), ("active", "active False")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if given:
+            env["OMP_WAIT_POLICY"] = given
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+        assert out.stdout.splitlines()[-1] == expected, out.stderr

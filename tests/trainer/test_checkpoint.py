@@ -21,12 +21,12 @@ from trainer.checkpoint import (
     list_checkpoints,
     load_checkpoint,
     newest_checkpoint,
-    resolve_resume,
     run_identity,
     save_checkpoint,
 )
 from trainer.data.mnist import epoch_batches
 from trainer.gradients import NonFiniteError
+from trainer.resume import newest_intact, resolve_resume, resume_candidates
 from trainer.trainer import Trainer
 
 
@@ -244,3 +244,35 @@ def test_a_signal_checkpoints_at_the_next_step_and_resume_ends_bit_for_bit_the_s
         assert torch.equal(v, resumed.model.state_dict()[k])
     records = [line for line in (work / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 3  # epoch 0 from before the signal, then epochs 1 and 2
+
+
+def test_resume_passes_over_damaged_checkpoints_names_them_and_refuses_a_named_one(tmp_path):
+    folder = tmp_path / "20240101_000000_kfac" / "checkpoints"
+    for step in (3, 6, 9, 10):
+        save_checkpoint(state(step), folder, step, keep=10)
+    newest = folder / "step_000010.pt"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # truncated
+    (folder / "step_000009.pt").write_bytes(b"PK\x03\x04" + os.urandom(200))  # damaged
+    found = newest_intact(resume_candidates(str(folder.parent)))
+    assert found.path == folder / "step_000006.pt" and found.state["step"] == 6
+    note = found.note()
+    assert note.startswith(f"passed over damaged checkpoints {newest}, step_000009.pt (is damaged or truncated: ")
+    assert note.endswith(f"resuming from {folder / 'step_000006.pt'}, the newest intact one") and "\n" not in note
+    # trainer.resume=latest does the same; a newer work dir with nothing intact gives way to an older one.
+    broken = tmp_path / "20240102_000000_kfac" / "checkpoints"
+    broken.mkdir(parents=True)
+    (broken / "step_000001.pt").write_bytes(b"")
+    os.utime(broken / "step_000001.pt", (2e9, 2e9))  # written last
+    latest = newest_intact(resume_candidates("latest", experiment_dir=tmp_path, job_name="kfac"))
+    assert latest.path == found.path and [p for p, _ in latest.damaged] == [broken / "step_000001.pt", newest,
+                                                                           folder / "step_000009.pt"]
+    assert newest_intact(resume_candidates(str(folder / "step_000003.pt"))).damaged == []
+    # A file named by the user is that file or nothing: refused, naming the intact one beside it.
+    with pytest.raises(CheckpointError, match=rf"step_000010.pt is damaged or truncated: .*; the newest intact "
+                                              rf"checkpoint beside it is {folder / 'step_000006.pt'}"):
+        newest_intact(resume_candidates(str(newest)))
+    with pytest.raises(CheckpointError, match="no intact checkpoint: checkpoint .*step_000001.pt is not a checkpoint"):
+        newest_intact(resume_candidates(str(broken.parent)))
+    # Continuing from step 6 in the same folder, step 7's checkpoint replaces the passed-over later ones.
+    save_checkpoint(state(7), folder, 7, keep=2)
+    assert [p.name for p in list_checkpoints(folder)] == ["step_000006.pt", "step_000007.pt"]

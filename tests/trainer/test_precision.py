@@ -50,6 +50,7 @@ def test_fp16_needs_a_gpu_and_autocast_float32_weights():
     assert precision_errors("fp32", "float64", "cpu") == precision_errors("bf16", "float32", "cpu") == []
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 autocast with a GradScaler is for GPUs")
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_fp16_with_a_grad_scaler_on_a_gpu(model):

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from launcher.workdir import atomic_write_text
+from launcher.workdir import append_text, atomic_write_text
 from trainer.observe.lbann_log import batch_time_stats
 
 
@@ -32,9 +32,10 @@ class Stats:
 
 
 def epoch_record(epoch: int, step: int, stats: Stats, metric_key: str, learning_rate: float, wall_time: float,
-                 callbacks: Sequence[Any]) -> dict[str, Any]:
+                 callbacks: Sequence[Any], train_time: Optional[float] = None) -> dict[str, Any]:
     """An epoch's record: the epoch's statistics, its test (if one ran) and every callback's
-    ``metrics()`` (K-FAC's dampings, say)."""
+    ``metrics()`` (K-FAC's dampings, say). ``wall_time`` and ``train_time`` (tests left out) are
+    the run's seconds so far; a resumed run continues its checkpoint's."""
     mean, mx, mn, sd = batch_time_stats(stats.batch_times)
     record: dict[str, Any] = {
         "epoch": epoch,
@@ -44,6 +45,7 @@ def epoch_record(epoch: int, step: int, stats: Stats, metric_key: str, learning_
         "learning_rate": learning_rate,
         "run_time": stats.epoch_time,
         "wall_time": wall_time,
+        **({"train_time": train_time} if train_time is not None else {}),
         "minibatch_time": {"mean": mean, "max": mx, "min": mn, "stdev": sd},
     }
     if stats.test_accuracy is not None:
@@ -68,9 +70,7 @@ def periodic_test_record(step: int, epoch: int, epochs_done: float, train_time: 
 
 def append_metrics(path: str | os.PathLike[str], record: dict[str, Any]) -> None:
     """Appends one JSON object as a line of ``metrics.jsonl``."""
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-        f.flush()
+    append_text(path, json.dumps(record, sort_keys=True) + "\n")  # whole or not at all (a full disk)
 
 
 def rewrite_metrics(path: str | os.PathLike[str], history: Iterable[dict[str, Any]],
