@@ -77,9 +77,8 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def slurm():
-    with LocalSlurm() as cluster:
-        yield cluster
+def slurm(slurm_conf):
+    return slurm_conf  # the package's cluster (tests/launcher/conftest.py), SLURM_CONF exported
 
 
 def _run_job(slurm: LocalSlurm, tmp_path: Path, argv: list[str], ntasks: int = 2) -> list[str]:
