@@ -15,7 +15,8 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 
 from models import build_model
-from tests.trainer.test_ranks import COMMON, max_relative_difference, run_job
+from tests.support.jobs import Jobs
+from tests.support.rank_jobs import COMMON, log_of, max_relative_difference, start
 from trainer.checkpoint import load_checkpoint, newest_checkpoint
 from trainer.config import Config, validate
 from trainer.data.mnist import default_data_dir, load_mnist
@@ -96,12 +97,15 @@ def test_four_ranks_give_one_ranks_weights_with_every_rule_on(tmp_path: Path) ->
     overrides = ["model=mlp", *COMMON, "kfac.adapt_learning_rate=true", "kfac.adapt_momentum=true",
                  "kfac.adapt_damping=true", "kfac.use_pi=true", "kfac.damping_adaptation_interval=2",
                  "optimizer.learning_rate=1.0"]
-    run_job(1, tmp_path / "r1", overrides, ["all"])
+    jobs = Jobs(at_once=2)  # independent: side by side
+    start(jobs, tmp_path / "r1", 1, overrides, ["all"])
+    start(jobs, tmp_path / "r4", 4, overrides, ["balanced"])
+    log_of(jobs, tmp_path / "r1")
+    log_of(jobs, tmp_path / "r4")
+    jobs.close()
     reference = torch.load(tmp_path / "r1" / "all.pt")
-    for ranks in (4,):
-        run_job(ranks, tmp_path / f"r{ranks}", overrides, ["balanced"])
-        weights = torch.load(tmp_path / f"r{ranks}" / "balanced.pt")
-        assert max_relative_difference(weights, reference) < 1e-8, ranks
+    weights = torch.load(tmp_path / "r4" / "balanced.pt")
+    assert max_relative_difference(weights, reference) < 1e-8
 
 
 def test_a_training_budget_ends_the_run_with_a_last_test(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
