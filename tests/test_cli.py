@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.jobs import Jobs
+
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["data.max_train_samples=300", "data.max_test_samples=200"]
 
@@ -37,9 +39,19 @@ BAD = [
 ]
 
 
+@pytest.fixture(scope="module")
+def bad_runs():
+    """Every ``BAD`` invocation, run side by side (tests/support/jobs.py): each costs a Python start-up."""
+    jobs = Jobs(at_once=3)
+    for i, (args, _) in enumerate(BAD):
+        jobs.start(str(i), [sys.executable, str(ROOT / "kfac.py"), *args], cwd=ROOT, timeout=300)
+    yield jobs
+    jobs.close()
+
+
 @pytest.mark.parametrize("args,message", BAD)
-def test_bad_input_is_one_line_and_status_2(args, message):
-    result = kfac(*args)
+def test_bad_input_is_one_line_and_status_2(args, message, bad_runs):
+    result = bad_runs.result(str(BAD.index((args, message))))
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr + result.stdout

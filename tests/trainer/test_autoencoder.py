@@ -92,6 +92,10 @@ def test_adaptive_rules_resume_bit_for_bit(tmp_path: Path) -> None:
     assert final["kfac_lm_damping"] == [r for r in records(tmp_path / "straight") if "kind" not in r][-1]["kfac_lm_damping"]
 
 
+# Slow: tests/kfac_callback/test_adaptive.py's 4 thread ranks (real collective semantics, uneven
+# shares) give one rank's weights, λ, α and μ with the rules on, and tests/trainer/test_ranks.py
+# proves the trainer's real MPI path, by default.
+@pytest.mark.slow
 def test_four_ranks_give_one_ranks_weights_with_every_rule_on(tmp_path: Path) -> None:
     """MLP, float64, 10 steps of 100 over 1, 2 and 4 real MPI ranks; the damping adapts every 2 steps."""
     overrides = ["model=mlp", *COMMON, "kfac.adapt_learning_rate=true", "kfac.adapt_momentum=true",
