@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from kfac_callback import KFACCallback
+from tests.support.data import real_mnist
 from tests.support.jobs import Jobs
 from tests.support.rank_jobs import COMMON, MPIEXEC, log_of, max_relative_difference, start
 from tests.support.trainers import make_trainer
-from trainer.data.mnist import load_mnist
 
 TOLERANCE = 1e-9
 
 
 def mnist(n: int = 300):
-    data = load_mnist(None, n, 20, fetch=False)
+    data = real_mnist(n, 20)
     return type(data)(data.train_x.double(), data.train_y, data.test_x.double(), data.test_y)
 
 

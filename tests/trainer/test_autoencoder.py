@@ -15,11 +15,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 
 from models import build_model
+from tests.support.data import real_mnist
 from tests.support.jobs import Jobs
 from tests.support.rank_jobs import COMMON, log_of, max_relative_difference, start
 from trainer.checkpoint import load_checkpoint, newest_checkpoint
 from trainer.config import Config, validate
-from trainer.data.mnist import default_data_dir, load_mnist
 from trainer.run import train
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -58,7 +58,7 @@ def test_autoencoder_lines_records_and_objective_by_hand(tmp_path: Path, capsys:
     # The objective and error of the final weights over the 60 training images, by hand.
     model = build_model("autoencoder")
     model.load_state_dict(load_checkpoint(newest_checkpoint(tmp_path))["model"])
-    data = load_mnist(default_data_dir(), 60, 20, fetch=False)
+    data = real_mnist(60, 20)
     x = data.train_x.flatten(1).double()
     model = model.double().eval()
     with torch.no_grad():

@@ -16,12 +16,12 @@ from kfac_callback.base import Callback
 from launcher.workdir import read_metrics
 from models import build_model
 from tests.support.configs import config_with
+from tests.support.data import real_mnist
 from tests.support.hooks import HookRecorder
 from tests.support.jobs import Jobs
 from tests.support.trainers import make_trainer
 from trainer.checkpoint import load_checkpoint, newest_checkpoint
 from trainer.config import validate
-from trainer.data.mnist import load_mnist
 from trainer.observe.callbacks import TimerCallback
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -167,7 +167,7 @@ def test_kfac_py_measures_real_mnist_and_stops_with_exit_0(ranks, runs):
     assert saved["step"] == 3
     model = build_model("mlp").double()
     model.load_state_dict(saved["model"])
-    data = load_mnist(None, 150, 50, fetch=False)  # where kfac.py finds it
+    data = real_mnist(150, 50)  # the samples kfac.py read
     loss, accuracy = dense(model, data.train_x.double(), data.train_y)
     assert abs(records[0]["train_objective_full"] - loss) <= 1e-12
     assert records[0]["train_accuracy_full"] == pytest.approx(accuracy)
