@@ -8,10 +8,13 @@ import re
 import shlex
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.support.jobs import Jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = ["data.max_train_samples=300", "data.max_test_samples=200"]
@@ -37,9 +40,19 @@ BAD = [
 ]
 
 
+@pytest.fixture(scope="module")
+def bad_runs():
+    """Every ``BAD`` invocation, run side by side (tests/support/jobs.py): each costs a Python start-up."""
+    jobs = Jobs(at_once=3)
+    for i, (args, _) in enumerate(BAD):
+        jobs.start(str(i), [sys.executable, str(ROOT / "kfac.py"), *args], cwd=ROOT, timeout=300)
+    yield jobs
+    jobs.close()
+
+
 @pytest.mark.parametrize("args,message", BAD)
-def test_bad_input_is_one_line_and_status_2(args, message):
-    result = kfac(*args)
+def test_bad_input_is_one_line_and_status_2(args, message, bad_runs):
+    result = bad_runs.result(str(BAD.index((args, message))))
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
     assert "Traceback" not in result.stderr + result.stdout
@@ -134,13 +147,16 @@ def test_a_run_that_cannot_start_for_want_of_slurm_leaves_no_work_dir(tmp_path, 
 
 
 def test_kfac_options_without_kfac_are_named_in_one_note(tmp_path):
-    result = kfac("--kfac-damping-act", "0.1", "kfac.inverse_strategy=root", "--cfg", "job")
-    assert result.returncode == 0
-    result = kfac("--num_epochs", "1", *SMALL, "--kfac-damping-act", "0.1", f"launcher.experiment_dir={tmp_path}")
-    assert result.returncode == 0, result.stderr
-    assert result.stderr.strip() == "kfac.py: note: kfac.damping_act has no effect without --kfac (kfac.enabled=true)"
-    result = kfac("--num_epochs", "1", *SMALL, "--kfac", "--kfac-damping-act", "0.1", f"launcher.experiment_dir={tmp_path}")
-    assert result.returncode == 0 and "note" not in result.stderr, result.stderr
+    with ThreadPoolExecutor(max_workers=3) as pool:  # independent runs: side by side
+        cfg, plain, with_kfac = pool.map(lambda args: kfac(*args), [
+            ["--kfac-damping-act", "0.1", "kfac.inverse_strategy=root", "--cfg", "job"],
+            ["--num_epochs", "1", *SMALL, "--kfac-damping-act", "0.1", f"launcher.experiment_dir={tmp_path / 'plain'}"],
+            ["--num_epochs", "1", *SMALL, "--kfac", "--kfac-damping-act", "0.1",
+             f"launcher.experiment_dir={tmp_path / 'kfac'}"]])
+    assert cfg.returncode == 0
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stderr.strip() == "kfac.py: note: kfac.damping_act has no effect without --kfac (kfac.enabled=true)"
+    assert with_kfac.returncode == 0 and "note" not in with_kfac.stderr, with_kfac.stderr
 
 
 def test_keep_checkpoints_zero_writes_none(tmp_path):
@@ -176,8 +192,8 @@ def test_the_readme_error_examples_are_what_kfac_py_says():
     readme = (ROOT / "README.md").read_text()
     examples = re.findall(r"^\$ python3 kfac\.py (.+?)(?:\s+#.*)?\n(kfac\.py: error: .+)$", readme, flags=re.M)
     assert len(examples) >= 4
-    for args, message in examples:
-        if "cuda" in args and torch.cuda.is_available():
-            continue
-        result = kfac(*shlex.split(args))
+    examples = [(args, message) for args, message in examples if not ("cuda" in args and torch.cuda.is_available())]
+    with ThreadPoolExecutor(max_workers=3) as pool:  # independent runs: side by side
+        results = list(pool.map(lambda example: kfac(*shlex.split(example[0])), examples))
+    for (args, message), result in zip(examples, results, strict=True):
         assert (result.returncode, result.stderr.strip()) == (2, message), args

@@ -13,7 +13,9 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -35,27 +37,51 @@ def started(work_dirs: Path, timeout: float = 120) -> Path:
     raise AssertionError("training did not start")
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_ctrl_c_checkpoints_says_how_to_resume_and_the_resume_finishes(tmp_path, ranks):
-    argv = [sys.executable, str(ROOT / "kfac.py"), *RUN, f"--procs-per-node={ranks}", f"launcher.experiment_dir={tmp_path}"]
+def interrupt(ranks: int, tmp: Path) -> SimpleNamespace:
+    """A run Ctrl-C'ed once its first checkpoint is written; at 1 rank, then resumed to its end."""
+    argv = [sys.executable, str(ROOT / "kfac.py"), *RUN, f"--procs-per-node={ranks}", f"launcher.experiment_dir={tmp}"]
     # A session of its own, as a terminal gives a command: Ctrl-C is SIGINT to its whole group.
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    work_dir = started(tmp_path)
+    try:
+        work_dir = started(tmp)
+    except AssertionError:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
+    stopped_at = newest_checkpoint(work_dir)
+    preempted = (work_dir / "preempted").read_text().strip() if (work_dir / "preempted").exists() else None
+    resumed = None
+    if ranks == 1 and proc.returncode == 0:  # resuming at any rank count is tested in tests/trainer/test_resume.py
+        resumed = subprocess.run([*argv, f"trainer.resume={work_dir}"], capture_output=True, text=True, timeout=600)
+    return SimpleNamespace(tmp=tmp, returncode=proc.returncode, out=out, err=err, work_dir=work_dir,
+                           stopped_at=stopped_at, preempted=preempted, resumed=resumed)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{ranks: the interrupted run} for 1 and 2 ranks, side by side (independent runs)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {ranks: pool.submit(interrupt, ranks, tmp_path_factory.mktemp(f"ranks{ranks}")) for ranks in (1, 2)}
+        return {ranks: future.result() for ranks, future in futures.items()}
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_ctrl_c_checkpoints_says_how_to_resume_and_the_resume_finishes(runs, ranks):
+    run = runs[ranks]
+    out, err, work_dir = run.out, run.err, run.work_dir
+    assert run.returncode == 0, err
     assert "Traceback" not in out + err
     hints = [line for line in out.splitlines() if line.startswith("trainer: stopped by SIGINT")]
     assert len(hints) == 1 and f"resume with trainer.resume={work_dir}" in hints[0], out
     assert err.count("Ctrl-C: ") == 1, err
-    stopped_at = newest_checkpoint(work_dir)
-    assert (work_dir / "preempted").read_text().strip() == str(stopped_at)
+    assert run.preempted == str(run.stopped_at)
 
     if ranks > 1:
         return  # resuming at any rank count is tested in tests/trainer/test_resume.py
-    resumed = subprocess.run([*argv, f"trainer.resume={work_dir}"], capture_output=True, text=True, timeout=600)
+    resumed = run.resumed
     assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed from {stopped_at}" in resumed.stdout
-    (record,) = [json.loads(line) for line in (sorted(tmp_path.iterdir())[-1] / "metrics.jsonl").read_text().splitlines()
+    assert f"resumed from {run.stopped_at}" in resumed.stdout
+    (record,) = [json.loads(line) for line in (sorted(run.tmp.iterdir())[-1] / "metrics.jsonl").read_text().splitlines()
                  if '"kind"' not in line]
     assert record["step"] == 4000 // 20  # the whole epoch, the stopped part and the resumed part

@@ -178,27 +178,40 @@ def run_cli(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
                           cwd=cwd, timeout=180)
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_each_validator_error_is_one_line_and_status_2_through_the_cli(singles, tmp_path, ranks):
+@pytest.fixture(scope="module")
+def cli_runs(singles, tmp_path_factory):
+    """{ranks: [(argv, expected line, result)]} for 1 and 2 ranks, all invocations run side by side."""
     validator_cases, machine_cases, reports, _ = singles
     batches = pack(validator_cases) + pack(machine_cases)
     assert len(batches) <= 10, len(batches)
-    extra = [f"launcher.experiment_dir={tmp_path / 'runs'}"] + (["launcher.procs_per_node=2"] if ranks == 2 else [])
+    tmp = tmp_path_factory.mktemp("cli")
     jobs = []
-    for batch in batches:
-        overrides = [o for c in batch for o in c if not (ranks == 2 and o == "launcher.procs_per_node=2")]
-        argv = [*overrides, *extra]
-        together = messages(argv)
-        # Packed right: the invocation reports exactly what its cases report one by one.
-        assert sorted(together) == sorted(m for c in batch for m in reports[tuple(c)]), batch
-        jobs.append((argv, "kfac.py: error: " + "; ".join(together)))
+    for ranks in (1, 2):
+        extra = [f"launcher.experiment_dir={tmp / 'runs'}"] + (["launcher.procs_per_node=2"] if ranks == 2 else [])
+        for batch in batches:
+            overrides = [o for c in batch for o in c if not (ranks == 2 and o == "launcher.procs_per_node=2")]
+            argv = [*overrides, *extra]
+            together = messages(argv)
+            # Packed right: the invocation reports exactly what its cases report one by one.
+            assert sorted(together) == sorted(m for c in batch for m in reports[tuple(c)]), batch
+            jobs.append((ranks, argv, "kfac.py: error: " + "; ".join(together)))
     with ThreadPoolExecutor(max_workers=4) as pool:
-        results = list(pool.map(lambda job: run_cli(job[0], tmp_path), jobs))
+        results = list(pool.map(lambda job: run_cli(job[1], tmp), jobs))
+    runs = {1: [], 2: []}
+    for (ranks, argv, expected), result in zip(jobs, results, strict=True):
+        runs[ranks].append((argv, expected, result))
+    runs["dir"] = tmp / "runs"
+    return runs
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_each_validator_error_is_one_line_and_status_2_through_the_cli(cli_runs, ranks):
+    assert cli_runs[ranks]
     wrong = [f"{argv}: status {result.returncode}\n  expected {expected}\n  got {result.stderr.strip()}"
-             for (argv, expected), result in zip(jobs, results, strict=True)
+             for argv, expected, result in cli_runs[ranks]
              if result.returncode != 2 or result.stderr.strip() != expected or "Traceback" in result.stdout]
     assert not wrong, "\n".join(wrong)
-    assert not (tmp_path / "runs").exists()  # nothing was started, no work dir made
+    assert not cli_runs["dir"].exists()  # nothing was started, no work dir made
 
 
 def test_a_problem_the_ranks_find_ends_a_two_rank_job_with_one_line(tmp_path):

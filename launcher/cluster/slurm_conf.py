@@ -74,6 +74,9 @@ def _common_lines(paths: SlurmPaths, cluster_name: str, ctld_host: str, ctld_por
         "SelectType=select/cons_tres",
         "SelectTypeParameters=CR_CPU",
         "SchedulerType=sched/builtin",
+        # The main scheduling pass every 2 s, not 60: a requeued job (whose start waits out its
+        # credential) is started by that pass, and would otherwise idle most of a minute.
+        "SchedulerParameters=sched_interval=2",
         "SlurmdParameters=config_overrides",
         "ReturnToService=2",
         "MailProg=/bin/true",

@@ -1,8 +1,8 @@
 """Preemption on a real (private, local) SLURM: USR1 to the job steps, checkpoint, requeue, resume.
 
 ``scancel --signal=USR1`` signals the job steps and not the batch shell, as ``#SBATCH
---signal=USR1@N`` does before the time limit. The local SLURM gets ``cred_expire=5``: a requeued
-job waits that long before it starts again (120 s by default).
+--signal=USR1@N`` does before the time limit. The local SLURM (tests/launcher/conftest.py) has
+``cred_expire=5``: a requeued job waits that long before it starts again (120 s by default).
 """
 
 from __future__ import annotations
@@ -14,12 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from launcher.batch import render_batch_script
-from launcher.cluster import slurm_daemons
-from launcher.cluster.slurm_daemons import LocalSlurm, missing_programs
 from launcher.config import LauncherConfig
 from launcher.launch import Run, batch_spec
 from trainer.checkpoint import list_checkpoints, load_checkpoint, newest_checkpoint
@@ -43,22 +40,8 @@ def test_batch_script_asks_for_usr1_before_the_limit_and_requeues_after_a_stop()
     assert "--signal" not in render_batch_script(batch_spec(untimed, "slurm", "/py"))
 
 
-@pytest.fixture(scope="module")
-def slurm():
-    if missing_programs():
-        pytest.skip("SLURM is not installed (.ci/install-slurm)")
-    render = slurm_daemons.render_slurm_conf
-
-    def quick_requeue(*args, **kwargs):
-        return re.sub(r"^(AuthInfo=\S+)$", r"\1,cred_expire=5", render(*args, **kwargs), flags=re.M)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(slurm_daemons, "render_slurm_conf", quick_requeue)
-        with LocalSlurm(cpus=4) as cluster:
-            yield cluster
-
-
-def test_usr1_checkpoints_requeues_and_the_job_resumes_to_the_same_weights(slurm, tmp_path):
+def test_usr1_checkpoints_requeues_and_the_job_resumes_to_the_same_weights(local_slurm, tmp_path):
+    slurm = local_slurm  # tests/launcher/conftest.py: its credentials expire in 5 s
     result = subprocess.run([sys.executable, str(ROOT / "kfac.py"), "--batch-job", "--job-name", "preempt", *SMALL,
                              "launcher.requeue=true", "trainer.checkpoint_every_steps=2", f"launcher.experiment_dir={tmp_path}"],
                             capture_output=True, text=True, cwd=ROOT, env=slurm.env(), timeout=120)

@@ -18,10 +18,9 @@ SMALL = ["--num_epochs", "1", "data.max_train_samples=400", "data.max_test_sampl
 pytestmark = pytest.mark.skipif(bool(missing_programs()), reason="SLURM is not installed (.ci/install-slurm)")
 
 
-@pytest.fixture(scope="module")
-def slurm():
-    with LocalSlurm(cpus=4) as cluster:
-        yield cluster
+@pytest.fixture
+def slurm(local_slurm):
+    return local_slurm  # tests/launcher/conftest.py
 
 
 def kfac(slurm: LocalSlurm, *args: str) -> subprocess.CompletedProcess:

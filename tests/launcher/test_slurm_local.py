@@ -37,6 +37,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=2
 SlurmdParameters=config_overrides
 ReturnToService=2
 MailProg=/bin/true
@@ -76,9 +77,8 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def slurm():
-    with LocalSlurm() as cluster:
-        yield cluster
+def slurm(slurm_conf):
+    return slurm_conf  # the package's cluster (tests/launcher/conftest.py), SLURM_CONF exported
 
 
 def _run_job(slurm: LocalSlurm, tmp_path: Path, argv: list[str], ntasks: int = 2) -> list[str]:

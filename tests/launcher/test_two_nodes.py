@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -89,15 +90,17 @@ def test_four_ranks_on_two_nodes_equal_one_rank_in_a_batch_job_and_in_an_allocat
     """MPI in a batch job (sbatch, srun inside it); gloo in an allocation (salloc on the login host,
     then kfac.py, which starts the ranks with srun), whose rendezvous is on rank 0's node address."""
     work_dir, job = submit(tmp_path, *RECIPE, "--num_epochs", "1", "trainer.backend=mpi", "launcher.job_name=mpi")
-    allocation = run_or_show(cluster.login_argv([
-        "salloc", "--nodes", "2", "--ntasks-per-node", "2", sys.executable, str(ROOT / "kfac.py"), "--nodes", "2",
-        "--procs-per-node", "2", *RECIPE, "--num_epochs", "1", "trainer.backend=gloo",
-        f"launcher.experiment_dir={tmp_path}", "launcher.job_name=gloo"]),
-        env=cluster.env())
+    with ThreadPoolExecutor(max_workers=1) as pool:  # the reference, independent of the jobs, beside them
+        one = pool.submit(reference, tmp_path / "one", *RECIPE, "--num_epochs", "1")
+        allocation = run_or_show(cluster.login_argv([
+            "salloc", "--nodes", "2", "--ntasks-per-node", "2", sys.executable, str(ROOT / "kfac.py"), "--nodes", "2",
+            "--procs-per-node", "2", *RECIPE, "--num_epochs", "1", "trainer.backend=gloo",
+            f"launcher.experiment_dir={tmp_path}", "launcher.job_name=gloo"]),
+            env=cluster.env())
+        one = one.result()
     assert allocation.returncode == 0, allocation.stdout[-3000:] + allocation.stderr[-3000:]
     runs = {"gloo": Path(re.search(r"work dir: (\S+)", allocation.stdout + allocation.stderr).group(1)),
             "mpi": work_dir}
-    one = reference(tmp_path / "one", *RECIPE, "--num_epochs", "1")
     assert cluster.wait_for_job(job, timeout_s=240) == "COMPLETED", logs(work_dir)
     for backend, run_dir in runs.items():
         out = (run_dir / "out.log").read_text()
@@ -141,11 +144,12 @@ def test_a_lost_node_ends_the_job_with_one_line_and_a_resubmitted_job_finishes(c
     assert ("node2" in errors[0]) if errors else "Node failure on node2" in err, logs(work_dir)
     print(f"node lost: the job ended {ended_after:.1f} s later ({state}): {errors[0] if errors else 'no line of ours'}")
 
-    # The reference trains only now: beside the job it would take the cores, and the job could
-    # finish before the poll above saw its first checkpoint.
-    uninterrupted = reference(tmp_path / "one", *recipe, "--num_epochs", "2")
     cluster.start_node("node2")
     work_dir2, job2 = submit(tmp_path, *args, "trainer.resume=latest")
+    # The reference trains only now, beside the resumed job (independent of it): beside the
+    # first job it would take the cores, and that job could finish before the poll above saw
+    # its first checkpoint.
+    uninterrupted = reference(tmp_path / "one", *recipe, "--num_epochs", "2")
     assert cluster.wait_for_job(job2, timeout_s=240) == "COMPLETED", logs(work_dir2)
     assert "resumed from" in (work_dir2 / "out.log").read_text()
     difference = relative_difference(final_weights(work_dir2), uninterrupted)

@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from kfac_callback import KFACCallback
+from tests.support.data import real_mnist
+from tests.support.jobs import Jobs
+from tests.support.rank_jobs import COMMON, MPIEXEC, log_of, max_relative_difference, start
 from tests.support.trainers import make_trainer
-from tests.trainer.test_ranks import COMMON, MPIEXEC, max_relative_difference, run_job
-from trainer.data.mnist import load_mnist
 
 TOLERANCE = 1e-9
 
 
 def mnist(n: int = 300):
-    data = load_mnist(None, n, 20, fetch=False)
+    data = real_mnist(n, 20)
     return type(data)(data.train_x.double(), data.train_y, data.test_x.double(), data.test_y)
 
 
@@ -47,8 +48,12 @@ def test_micro_batches_with_skip_weight_grad_on_two_ranks_give_one_ranks_weights
     """1030 samples at batch 100: 2 ranks of 50 in micro-batches of 17, 17, 16; the last batch of
     30 in 5s; ip1 and ip2 skip their weight GEMM in every micro-batch."""
     overrides = ["model=mlp", *COMMON, "data.max_train_samples=1030"]
-    run_job(1, tmp_path / "r1", overrides, ["all"])
-    run_job(2, tmp_path / "r2", [*overrides, "trainer.accumulate_steps=3", "kfac.skip_weight_grad=true"], ["balanced"])
+    jobs = Jobs(at_once=2)  # independent: side by side
+    start(jobs, tmp_path / "r1", 1, overrides, ["all"])
+    start(jobs, tmp_path / "r2", 2, [*overrides, "trainer.accumulate_steps=3", "kfac.skip_weight_grad=true"], ["balanced"])
+    log_of(jobs, tmp_path / "r1")
+    log_of(jobs, tmp_path / "r2")
+    jobs.close()
     worst = max_relative_difference(torch.load(tmp_path / "r2" / "balanced.pt"), torch.load(tmp_path / "r1" / "all.pt"))
     print(f"2 ranks x 3 micro-batches, skip_weight_grad vs 1 rank: {worst:.2e}")
     assert worst < TOLERANCE

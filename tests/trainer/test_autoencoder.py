@@ -15,10 +15,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 
 from models import build_model
-from tests.trainer.test_ranks import COMMON, max_relative_difference, run_job
+from tests.support.data import real_mnist
+from tests.support.jobs import Jobs
+from tests.support.rank_jobs import COMMON, log_of, max_relative_difference, start
 from trainer.checkpoint import load_checkpoint, newest_checkpoint
 from trainer.config import Config, validate
-from trainer.data.mnist import default_data_dir, load_mnist
 from trainer.run import train
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -57,7 +58,7 @@ def test_autoencoder_lines_records_and_objective_by_hand(tmp_path: Path, capsys:
     # The objective and error of the final weights over the 60 training images, by hand.
     model = build_model("autoencoder")
     model.load_state_dict(load_checkpoint(newest_checkpoint(tmp_path))["model"])
-    data = load_mnist(default_data_dir(), 60, 20, fetch=False)
+    data = real_mnist(60, 20)
     x = data.train_x.flatten(1).double()
     model = model.double().eval()
     with torch.no_grad():
@@ -91,17 +92,24 @@ def test_adaptive_rules_resume_bit_for_bit(tmp_path: Path) -> None:
     assert final["kfac_lm_damping"] == [r for r in records(tmp_path / "straight") if "kind" not in r][-1]["kfac_lm_damping"]
 
 
+# Slow: tests/kfac_callback/test_adaptive.py's 4 thread ranks (real collective semantics, uneven
+# shares) give one rank's weights, λ, α and μ with the rules on, and tests/trainer/test_ranks.py
+# proves the trainer's real MPI path, by default.
+@pytest.mark.slow
 def test_four_ranks_give_one_ranks_weights_with_every_rule_on(tmp_path: Path) -> None:
     """MLP, float64, 10 steps of 100 over 1, 2 and 4 real MPI ranks; the damping adapts every 2 steps."""
     overrides = ["model=mlp", *COMMON, "kfac.adapt_learning_rate=true", "kfac.adapt_momentum=true",
                  "kfac.adapt_damping=true", "kfac.use_pi=true", "kfac.damping_adaptation_interval=2",
                  "optimizer.learning_rate=1.0"]
-    run_job(1, tmp_path / "r1", overrides, ["all"])
+    jobs = Jobs(at_once=2)  # independent: side by side
+    start(jobs, tmp_path / "r1", 1, overrides, ["all"])
+    start(jobs, tmp_path / "r4", 4, overrides, ["balanced"])
+    log_of(jobs, tmp_path / "r1")
+    log_of(jobs, tmp_path / "r4")
+    jobs.close()
     reference = torch.load(tmp_path / "r1" / "all.pt")
-    for ranks in (4,):
-        run_job(ranks, tmp_path / f"r{ranks}", overrides, ["balanced"])
-        weights = torch.load(tmp_path / f"r{ranks}" / "balanced.pt")
-        assert max_relative_difference(weights, reference) < 1e-8, ranks
+    weights = torch.load(tmp_path / "r4" / "balanced.pt")
+    assert max_relative_difference(weights, reference) < 1e-8
 
 
 def test_a_training_budget_ends_the_run_with_a_last_test(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -16,11 +16,12 @@ from kfac_callback.base import Callback
 from launcher.workdir import read_metrics
 from models import build_model
 from tests.support.configs import config_with
+from tests.support.data import real_mnist
 from tests.support.hooks import HookRecorder
+from tests.support.jobs import Jobs
 from tests.support.trainers import make_trainer
 from trainer.checkpoint import load_checkpoint, newest_checkpoint
 from trainer.config import validate
-from trainer.data.mnist import load_mnist
 from trainer.observe.callbacks import TimerCallback
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -134,21 +135,31 @@ def test_kfac_py_rejects_a_stop_without_the_full_objective_in_one_line():
                                      "those tests)")
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """kfac.py at 1 and 2 ranks, started together (tests/support/jobs.py); ``runs.root / "<ranks>"``: their runs."""
+    root = tmp_path_factory.mktemp("runs")
+    jobs = Jobs(at_once=2, root=root)
+    for ranks in (1, 2) if os.access(MPIEXEC, os.X_OK) else (1,):
+        # 150 samples in batches of 40 (4 steps an epoch, the last of 30; with 2 ranks 20 + 20 and 15 + 15).
+        cmd = [sys.executable, str(ROOT / "kfac.py"), "--procs-per-node", str(ranks), "--num_epochs", "20",
+               "--mini_batch_size", "40", "data.max_train_samples=150", "data.max_test_samples=50",
+               "trainer.dtype=float64", "trainer.num_threads=1", "trainer.progress=false", "--optimizer", "sgd",
+               "--optimizer-learning-rate", "0.05", "trainer.test_every_steps=3", "trainer.full_train_objective=true",
+               "trainer.stop_at_train_objective=100", f"launcher.experiment_dir={root / str(ranks)}"]
+        jobs.start(str(ranks), cmd, cwd=ROOT, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    yield jobs
+    jobs.close()
+
+
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_kfac_py_measures_real_mnist_and_stops_with_exit_0(ranks, tmp_path):
+def test_kfac_py_measures_real_mnist_and_stops_with_exit_0(ranks, runs):
     if ranks > 1 and not os.access(MPIEXEC, os.X_OK):
         pytest.skip("needs the venv's mpiexec")
-    # 150 samples in batches of 40 (4 steps an epoch, the last of 30; with 2 ranks 20 + 20 and 15 + 15).
-    cmd = [sys.executable, str(ROOT / "kfac.py"), "--procs-per-node", str(ranks), "--num_epochs", "20",
-           "--mini_batch_size", "40", "data.max_train_samples=150", "data.max_test_samples=50",
-           "trainer.dtype=float64", "trainer.num_threads=1", "trainer.progress=false", "--optimizer", "sgd",
-           "--optimizer-learning-rate", "0.05", "trainer.test_every_steps=3", "trainer.full_train_objective=true",
-           "trainer.stop_at_train_objective=100", f"launcher.experiment_dir={tmp_path}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=180,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = runs.result(str(ranks))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "<= trainer.stop_at_train_objective=100 at step 3 (epoch 0)" in result.stdout
-    (work_dir,) = tmp_path.iterdir()
+    (work_dir,) = (runs.root / str(ranks)).iterdir()
     records = read_metrics(work_dir / "metrics.jsonl")
     assert [(r.get("kind", "epoch"), r["step"]) for r in records] == [("test", 3), ("epoch", 3)]
     # The final checkpoint holds the weights of step 3: evaluate them densely on the same 150 samples.
@@ -156,7 +167,7 @@ def test_kfac_py_measures_real_mnist_and_stops_with_exit_0(ranks, tmp_path):
     assert saved["step"] == 3
     model = build_model("mlp").double()
     model.load_state_dict(saved["model"])
-    data = load_mnist(None, 150, 50, fetch=False)  # where kfac.py finds it
+    data = real_mnist(150, 50)  # the samples kfac.py read
     loss, accuracy = dense(model, data.train_x.double(), data.train_y)
     assert abs(records[0]["train_objective_full"] - loss) <= 1e-12
     assert records[0]["train_accuracy_full"] == pytest.approx(accuracy)

@@ -14,6 +14,7 @@ import torch
 from launcher.workdir import read_metrics
 from tests.support.configs import config_with
 from tests.support.hooks import HookRecorder
+from tests.support.jobs import Jobs
 from tests.support.trainers import make_trainer
 from trainer.config import validate
 from trainer.observe.callbacks import TimerCallback
@@ -159,20 +160,30 @@ def test_kfac_py_rejects_a_bad_value_in_one_line():
     assert result.stderr.strip().endswith("trainer.test_every_steps: must be >= 0 (0: off), got -5")
 
 
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """kfac.py at 1 and 2 ranks, started together (tests/support/jobs.py); ``runs.root / "<ranks>"``: their runs."""
+    root = tmp_path_factory.mktemp("runs")
+    jobs = Jobs(at_once=2, root=root)
+    for ranks in (1, 2) if os.access(MPIEXEC, os.X_OK) else (1,):
+        cmd = [sys.executable, str(ROOT / "kfac.py"), "--procs-per-node", str(ranks), "--num_epochs", "20",
+               "data.max_train_samples=400", "data.max_test_samples=200", "trainer.num_threads=1",
+               "trainer.test_every_steps=2", "trainer.stop_at_test_accuracy=10", "trainer.progress=false",
+               f"launcher.experiment_dir={root / str(ranks)}"]
+        jobs.start(str(ranks), cmd, cwd=ROOT, timeout=180, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    yield jobs
+    jobs.close()
+
+
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_kfac_py_stops_at_the_target_on_every_rank_with_exit_0(ranks, tmp_path):
+def test_kfac_py_stops_at_the_target_on_every_rank_with_exit_0(ranks, runs):
     if ranks > 1 and not os.access(MPIEXEC, os.X_OK):
         pytest.skip("needs the venv's mpiexec")
-    cmd = [sys.executable, str(ROOT / "kfac.py"), "--procs-per-node", str(ranks), "--num_epochs", "20",
-           "data.max_train_samples=400", "data.max_test_samples=200", "trainer.num_threads=1",
-           "trainer.test_every_steps=2", "trainer.stop_at_test_accuracy=10", "trainer.progress=false",
-           f"launcher.experiment_dir={tmp_path}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = runs.result(str(ranks))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "trainer: test accuracy " in result.stdout
     assert ">= trainer.stop_at_test_accuracy=10 at step 2 (epoch 0)" in result.stdout
-    (work_dir,) = tmp_path.iterdir()
+    (work_dir,) = (runs.root / str(ranks)).iterdir()
     records = read_metrics(work_dir / "metrics.jsonl")
     assert [(r.get("kind", "epoch"), r["step"]) for r in records] == [("test", 2), ("epoch", 2)]
     assert records[0]["test_accuracy"] >= 10 and records[1]["test_accuracy"] == records[0]["test_accuracy"]

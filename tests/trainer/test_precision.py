@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kfac_callback import KFACCallback
+from tests.support.data import real_mnist
 from tests.support.trainers import make_trainer
 from trainer.data.mnist import load_mnist
 from trainer.precision import make_precision, precision_errors
@@ -25,7 +26,7 @@ class Seen(KFACCallback):
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])
 def test_bf16_autocast_trains_with_float32_factors(model, one_thread):
-    data = load_mnist(None, 400, 100, fetch=False)
+    data = real_mnist(400, 100)
     trainer = make_trainer(data=data, batch=50, model=model, optimizer="sgd", precision="bf16", epochs=2,
                            test_every_epoch=True)
     cb = Seen(trainer.model, damping_act=0.01, damping_err=1.0, printer=lambda s: None)

@@ -1,5 +1,9 @@
 """Real MPI ranks: 2, 3 and 4 ranks give 1 rank's weights, with even shares of every batch or
-uneven ones; a failing rank ends the job."""
+uneven ones; a failing rank ends the job.
+
+The equality jobs are independent: the module starts them together (``jobs``) and each test
+checks the results it needs. The failure tests run after them, on a quiet machine.
+"""
 
 from __future__ import annotations
 
@@ -7,56 +11,70 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from launcher.commands import mpiexec_flags
-from launcher.launch import local_mpi_flavor
+from tests.support.jobs import Jobs
+from tests.support.rank_jobs import COMMON, FLAGS, HAVE_MPIEXEC, MPIEXEC, PYTHON, ROOT, log_of, max_relative_difference, start
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-PYTHON = sys.executable
-MPIEXEC = str(Path(PYTHON).parent / "mpiexec")
-# Whatever MPI the venv holds: Open MPI needs leave to oversubscribe the cores and to run as root.
-FLAGS = mpiexec_flags(local_mpi_flavor(MPIEXEC)) if os.access(MPIEXEC, os.X_OK) else []
 STRATEGIES = ["all", "each", "root", "balanced"]
-# 10 K-FAC steps in float64 on a fixed slice of real MNIST.
-COMMON = ["trainer.epochs=1", "trainer.mini_batch_size=100", "data.max_train_samples=1000",
-          "data.max_test_samples=100", "trainer.dtype=float64", "kfac.enabled=true",
-          "optimizer=sgd", "optimizer.learning_rate=0.1", "kfac.damping_act=[0.01]", "kfac.damping_err=[1.0]",
+
+pytestmark = pytest.mark.skipif(not HAVE_MPIEXEC, reason="needs the venv's mpiexec")
+
+
+# Each strategy once on real ranks: "all" (every rank inverts every factor, the costliest) on 2,
+# the strategies that split the inverses among the ranks on 4.
+ON_RANKS = {2: ["all"], 4: ["each", "root", "balanced"]}
+
+
+def start_strategy_jobs(jobs: Jobs, root: Path, model: str) -> None:
+    overrides = [f"model={model}", *COMMON]
+    start(jobs, root / model / "r1", 1, overrides, ["all"])
+    for ranks, strategies in ON_RANKS.items():
+        start(jobs, root / model / f"r{ranks}", ranks, overrides, strategies)
+
+
+UNEVEN = ["experiment=kfac_mlp", "trainer.epochs=1", "trainer.mini_batch_size=100",
+          "data.max_train_samples=1030", "data.max_test_samples=130", "trainer.dtype=float64",
           "kfac.inverse_dtype=float64", "trainer.flush_denormal=false"]
-
-pytestmark = pytest.mark.skipif(not os.access(MPIEXEC, os.X_OK), reason="needs the venv's mpiexec")
-
-
-def run_job(ranks: int, out: Path, overrides: list[str], strategies: list[str]) -> str:
-    out.mkdir(parents=True, exist_ok=True)
-    cmd = [PYTHON, str(ROOT / "tests/trainer/rank_job.py"), str(out), *overrides,
-           "strategies=" + ",".join(strategies)]
-    if ranks > 1:
-        cmd = [MPIEXEC, "-n", str(ranks), *FLAGS, PYTHON, "-m", "mpi4py", *cmd[1:]]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stdout
+ADAM = ["model=mlp", "optimizer=adam", "trainer.epochs=1", "data.max_train_samples=1000",
+        "data.max_test_samples=100", "trainer.dtype=float64"]
 
 
-def max_relative_difference(a: dict, b: dict) -> float:
-    return max(((a[k] - b[k]).norm() / b[k].norm()).item() for k in b)
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """The default tests' jobs, started together (see tests/support/jobs.py); their folders by name."""
+    root = tmp_path_factory.mktemp("ranks")
+    jobs = Jobs(at_once=3, root=root)
+    start_strategy_jobs(jobs, root, "mlp")
+    for ranks in (1, 3, 4):
+        start(jobs, root / "uneven" / f"r{ranks}", ranks, UNEVEN, ["balanced"])
+    start(jobs, root / "adam" / "r1", 1, ADAM, ["all"])
+    for backend in ("mpi", "gloo"):
+        start(jobs, root / "adam" / backend, 2, [*ADAM, f"trainer.backend={backend}"], ["all"])
+    yield jobs
+    jobs.close()
 
 
 @pytest.mark.parametrize("model", ["mlp", pytest.param("cnn", marks=pytest.mark.slow)])
-def test_four_and_two_ranks_give_one_ranks_weights_for_every_owner_strategy(model, tmp_path):
-    overrides = [f"model={model}", *COMMON]
-    run_job(1, tmp_path / "r1", overrides, ["all"])
-    reference = torch.load(tmp_path / "r1" / "all.pt")
-    for ranks in (2, 4):
-        run_job(ranks, tmp_path / f"r{ranks}", overrides, STRATEGIES if ranks == 4 else ["balanced"])
-        for strategy in STRATEGIES if ranks == 4 else ["balanced"]:
-            weights = torch.load(tmp_path / f"r{ranks}" / f"{strategy}.pt")
+def test_four_and_two_ranks_give_one_ranks_weights_for_every_owner_strategy(model, jobs, tmp_path):
+    """Every owner strategy on real ranks (all four on 4 ranks: tests/launcher/test_two_nodes.py, slow)."""
+    if model != "mlp":  # the module's jobs are the default run's; this one starts its own
+        jobs = Jobs(at_once=3, root=tmp_path)
+        start_strategy_jobs(jobs, tmp_path, model)
+    root = jobs.root / model
+    for ranks in (1, 2, 4):
+        log_of(jobs, root / f"r{ranks}")
+    if model != "mlp":
+        jobs.close()
+    reference = torch.load(root / "r1" / "all.pt")
+    assert sorted(sum(ON_RANKS.values(), [])) == sorted(STRATEGIES)
+    for ranks, strategies in ON_RANKS.items():
+        for strategy in strategies:
+            weights = torch.load(root / f"r{ranks}" / f"{strategy}.pt")
             assert max_relative_difference(weights, reference) < 1e-5, (ranks, strategy)
             # The run moved the weights, so the comparison is not vacuous.
     torch.manual_seed(42)
@@ -66,16 +84,14 @@ def test_four_and_two_ranks_give_one_ranks_weights_for_every_owner_strategy(mode
     assert max_relative_difference(initial, reference) > 1e-3
 
 
-def test_uneven_shares_on_three_and_four_ranks_give_one_ranks_weights(tmp_path):
+def test_uneven_shares_on_three_and_four_ranks_give_one_ranks_weights(jobs):
     """The LBANN README's K-FAC recipe at global batch 100 on 1030 samples: 3 ranks hold 34, 33, 33
     of each full batch, 4 ranks 25 each and 8, 8, 7, 7 of the last one (30); the test set
     (130) splits unevenly too. One epoch in float64 (docs/algorithm.md §6)."""
-    overrides = ["experiment=kfac_mlp", "trainer.epochs=1", "trainer.mini_batch_size=100",
-                 "data.max_train_samples=1030", "data.max_test_samples=130", "trainer.dtype=float64",
-                 "kfac.inverse_dtype=float64", "trainer.flush_denormal=false"]
-    logs = {ranks: run_job(ranks, tmp_path / f"r{ranks}", overrides, ["balanced"]) for ranks in (1, 3, 4)}
-    reference = torch.load(tmp_path / "r1" / "balanced.pt")
-    worst = {ranks: max_relative_difference(torch.load(tmp_path / f"r{ranks}" / "balanced.pt"), reference)
+    root = jobs.root / "uneven"
+    logs = {ranks: log_of(jobs, root / f"r{ranks}") for ranks in (1, 3, 4)}
+    reference = torch.load(root / "r1" / "balanced.pt")
+    worst = {ranks: max_relative_difference(torch.load(root / f"r{ranks}" / "balanced.pt"), reference)
              for ranks in (3, 4)}
     print(f"max relative weight difference from 1 rank: {worst}")
     assert max(worst.values()) < 1e-9, worst
@@ -87,22 +103,27 @@ def test_uneven_shares_on_three_and_four_ranks_give_one_ranks_weights(tmp_path):
     assert len(test_lines[1]) == 2 and test_lines[3][-1] == test_lines[4][-1] == test_lines[1][-1]
 
 
-def test_skip_weight_grad_on_four_ranks_gives_one_ranks_plain_weights(tmp_path):
+# Slow: tests/kfac_callback/test_skip_weight_grad.py runs skip_weight_grad on 4 real MPI ranks
+# against the plain 1-rank training, and tests/trainer/test_accumulate.py the trainer's path
+# with it on 2 real ranks, by default.
+@pytest.mark.slow
+def test_skip_weight_grad_on_four_ranks_gives_one_ranks_plain_weights(jobs, tmp_path):
     """The trainer path: ip1 and ip2 leave the gradient all-reduce; K-FAC writes their gradients."""
-    overrides = ["model=mlp", *COMMON]
-    run_job(1, tmp_path / "r1", overrides, ["all"])
-    run_job(4, tmp_path / "r4", [*overrides, "kfac.skip_weight_grad=true"], ["balanced"])
-    reference = torch.load(tmp_path / "r1" / "all.pt")
+    own = Jobs(at_once=1)
+    start(own, tmp_path / "r4", 4, ["model=mlp", *COMMON, "kfac.skip_weight_grad=true"], ["balanced"])
+    log_of(own, tmp_path / "r4")
+    own.close()
+    log_of(jobs, jobs.root / "mlp" / "r1")
+    reference = torch.load(jobs.root / "mlp" / "r1" / "all.pt")
     assert max_relative_difference(torch.load(tmp_path / "r4" / "balanced.pt"), reference) < 1e-5
 
 
 @pytest.mark.parametrize("backend", ["mpi", "gloo"])
-def test_adam_two_ranks_equal_one_rank_with_each_cpu_backend(backend, tmp_path):
-    overrides = ["model=mlp", "optimizer=adam", "trainer.epochs=1", "data.max_train_samples=1000",
-                 "data.max_test_samples=100", "trainer.dtype=float64"]
-    run_job(1, tmp_path / "r1", overrides, ["all"])
-    run_job(2, tmp_path / "r2", [*overrides, f"trainer.backend={backend}"], ["all"])
-    a, b = torch.load(tmp_path / "r1" / "all.pt"), torch.load(tmp_path / "r2" / "all.pt")
+def test_adam_two_ranks_equal_one_rank_with_each_cpu_backend(backend, jobs):
+    root = jobs.root / "adam"
+    log_of(jobs, root / "r1")
+    log_of(jobs, root / backend)
+    a, b = torch.load(root / "r1" / "all.pt"), torch.load(root / backend / "all.pt")
     assert max_relative_difference(b, a) < 1e-9
 
 

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -55,8 +56,11 @@ def real_runs(tmp_path_factory) -> SimpleNamespace:
     """Three tiny real runs of kfac.py, each in its own experiment dir under one parent."""
     parent = tmp_path_factory.mktemp("runs")
     results = {}
-    for name, (flags, _) in RUNS.items():
-        result = kfac(*SMALL, *flags, f"launcher.experiment_dir={parent / name}")
+    with ThreadPoolExecutor(max_workers=len(RUNS)) as pool:  # independent one-thread runs: side by side
+        done = dict(zip(RUNS, pool.map(lambda name: kfac(*SMALL, *RUNS[name][0], f"launcher.experiment_dir={parent / name}"),
+                                       RUNS), strict=True))
+    for name in RUNS:
+        result = done[name]
         assert result.returncode == 0, result.stderr
         (work_dir,) = (parent / name).iterdir()
         results[name] = SimpleNamespace(result=result, work_dir=work_dir,

@@ -20,6 +20,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 
+from tests.support.jobs import Jobs
 from trainer.checkpoint import list_checkpoints, load_checkpoint, newest_checkpoint
 from trainer.config import Config
 from trainer.run import train
@@ -98,11 +99,19 @@ def test_four_ranks_killed_at_a_random_step_resume_with_four_or_two_ranks(tmp_pa
     print(f"killed after the checkpoint of step {killed_at}")
     (killed,) = exp.iterdir()
     worst = {}
+    jobs = Jobs(at_once=2)  # the two resumptions are independent: side by side
     for ranks in (4, 2):
-        work_dir, out = finish(exp, "trainer.dtype=float64", "--procs-per-node", str(ranks), f"trainer.resume={killed}",
-                               "launcher.job_name=resumed")
+        jobs.start(str(ranks), [sys.executable, str(ROOT / "kfac.py"), *SMALL, f"launcher.experiment_dir={exp}",
+                                "trainer.dtype=float64", "--procs-per-node", str(ranks), f"trainer.resume={killed}",
+                                f"launcher.job_name=resumed{ranks}"], cwd=ROOT, timeout=300)
+    for ranks in (4, 2):
+        result = jobs.result(str(ranks))
+        assert result.returncode == 0, result.stdout + result.stderr
+        out = result.stdout
+        work_dir = Path(re.search(r"^work dir: (.+)$", out, re.M).group(1))
         assert f"step {killed_at}, " in out and "written by 4 rank(s)" in out
         final = load_checkpoint(newest_checkpoint(work_dir))
         worst[ranks] = max(float((final["model"][n] - t).abs().max()) for n, t in expected.items())
+    jobs.close()
     print(f"max |difference| from one uninterrupted rank: {worst}")
     assert max(worst.values()) <= 1e-6
