@@ -22,7 +22,8 @@ import pytest
 from trainer.checkpoint import newest_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN = ["--num_epochs", "1", "data.max_train_samples=4000", "data.max_test_samples=100", "trainer.mini_batch_size=20",
+# 600 steps: long enough that the Ctrl-C after the first checkpoint (step 5) lands mid-epoch on a busy machine.
+RUN = ["--num_epochs", "1", "data.max_train_samples=12000", "data.max_test_samples=100", "trainer.mini_batch_size=20",
        "trainer.progress=false", "trainer.checkpoint_every_steps=5", "trainer.num_threads=1"]
 
 
@@ -84,4 +85,4 @@ def test_ctrl_c_checkpoints_says_how_to_resume_and_the_resume_finishes(runs, ran
     assert f"resumed from {run.stopped_at}" in resumed.stdout
     (record,) = [json.loads(line) for line in (sorted(run.tmp.iterdir())[-1] / "metrics.jsonl").read_text().splitlines()
                  if '"kind"' not in line]
-    assert record["step"] == 4000 // 20  # the whole epoch, the stopped part and the resumed part
+    assert record["step"] == 12000 // 20  # the whole epoch, the stopped part and the resumed part

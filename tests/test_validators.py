@@ -78,7 +78,7 @@ def case_lists(tmp: Path) -> tuple[list[list[str]], list[list[str]]]:
         ["kfac.damping_err=[1e6,1e-6]", "kfac.damping_warmup_steps=10"],
         ["kfac.update_interval_init=0"], ["kfac.update_interval_steps=-1"], ["kfac.kronecker_decay=1"],
         ["kfac.inverse_strategy=foo"], ["kfac.inverse_dtype=float16"], ["kfac.learning_rate_factor=0"],
-        ["kfac.factor_batch_size=-1"], ["kfac.fisher=foo"], ["kfac.kl_clip=-1"],
+        ["kfac.factor_batch_size=-1"], ["kfac.fisher=foo"], ["kfac.kl_clip=-1"], ["kfac.weight_sharing=both"],
         ["kfac.enabled=true", "kfac.fisher=mc", "trainer.accumulate_steps=2"],
     ]
     machine_cases = [["kfac.enabled=true", "kfac.disable_layers=[ip9]"], [f"data.dir={a_file}"],

@@ -76,7 +76,7 @@ BAD = [
     (["--mini_batch_size", "0"], "--mini_batch_size: expected an integer >= 1, got 0"),
     (["--optimizer-learning-rate", "abc"], "--optimizer-learning-rate: expected a number, got 'abc'"),
     (["--num_epochs", "-1"], "--num_epochs: expected an integer >= 1, got -1"),
-    (["--optimizer", "lbfgs"], "--optimizer: 'lbfgs' is not one of adagrad, adam, momentum, rmsprop, sgd"),
+    (["--optimizer", "lbfgs"], "--optimizer: 'lbfgs' is not one of adagrad, adam, adamw, momentum, rmsprop, sgd"),
     (["--kfac-damping-act", "0.01,1"], "--kfac-damping-act: init 0.01 < target 1 is not allowed"),
     (["--kfac-damping-act", "1,2,3"], "--kfac-damping-act: expected one value or 'init,target'"),
     (["--kfac-kronecker-decay", "1.5"], "--kfac-kronecker-decay: expected a number in [0, 1)"),

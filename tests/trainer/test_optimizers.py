@@ -24,11 +24,11 @@ def test_lbanns_five_optimizers_with_lbanns_hyperparameters(name, cls, expected)
 
 def test_bad_optimizer_config_names_the_keys():
     assert validate_optimizer(OptimizerConfig(name="lbfgs", learning_rate=0)) == [
-        "optimizer.name: 'lbfgs' is not one of momentum, sgd, adam, adagrad, rmsprop",
+        "optimizer.name: 'lbfgs' is not one of momentum, sgd, adam, adamw, adagrad, rmsprop",
         "optimizer.learning_rate: must be > 0, got 0"]
 
 
-@pytest.mark.parametrize("name", ["momentum", "sgd", "adam", "adagrad", "rmsprop"])
+@pytest.mark.parametrize("name", ["momentum", "sgd", "adam", "adamw", "adagrad", "rmsprop"])
 def test_weight_decay_reaches_every_optimizer_and_defaults_to_none(name):
     param = [torch.nn.Parameter(torch.zeros(2))]
     assert build_optimizer(OptimizerConfig(name=name), param).param_groups[0]["weight_decay"] == 0
