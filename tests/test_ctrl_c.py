@@ -41,7 +41,10 @@ def interrupt(ranks: int, tmp: Path) -> SimpleNamespace:
     """A run Ctrl-C'ed once its first checkpoint is written; at 1 rank, then resumed to its end."""
     argv = [sys.executable, str(ROOT / "kfac.py"), *RUN, f"--procs-per-node={ranks}", f"launcher.experiment_dir={tmp}"]
     # A session of its own, as a terminal gives a command: Ctrl-C is SIGINT to its whole group.
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    # Ctrl-C as a terminal's foreground job has it: a suite started in the background (`make test &`)
+    # ignores SIGINT, and a child would inherit that (kfac.py leaves an ignored Ctrl-C ignored).
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         work_dir = started(tmp)
     except AssertionError:
