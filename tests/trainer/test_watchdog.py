@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
+
+import pytest
 
 from kfac_callback.base import SingleProcess
 from trainer.ranks import watchdog
 from trainer.ranks.placement import Placement, gather_placements, placement_lines, ranks_by_host
 from trainer.ranks.watchdog import StepWatchdog
 
+ROOT = Path(__file__).resolve().parents[2]
 PLACES = [Placement("node1", 0), Placement("node1", 1), Placement("node2", 0), Placement("node2", 1)]
 
 
@@ -20,7 +27,7 @@ def test_placements_lines_and_grouping():
     assert ranks_by_host([1, 3], PLACES) == "1 (node1); 3 (node2)"
 
 
-def test_a_rank_without_progress_is_ended_and_the_lowest_live_rank_names_the_silent_ones(tmp_path, monkeypatch, capsys):
+def test_a_rank_without_progress_is_ended_and_one_survivor_names_the_silent_ones(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(watchdog, "LIVENESS_WAIT_S", 1.5)
     exits: list[tuple[int, int]] = []
     dogs = [StepWatchdog(0.4, r, PLACES, str(tmp_path), exit=lambda status, r=r: exits.append((r, status)))
@@ -30,14 +37,30 @@ def test_a_rank_without_progress_is_ended_and_the_lowest_live_rank_names_the_sil
     dogs[1].start()  # rank 1 lives on (its thread counts up) but, like rank 0, makes no progress
     dogs[0].start()
     deadline = time.monotonic() + 10
-    while len(exits) < 1 and time.monotonic() < deadline:
+    while len(exits) < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(0.2)
-    assert (0, watchdog.EXIT_STATUS) in exits
+    assert sorted(exits) == [(0, watchdog.EXIT_STATUS), (1, watchdog.EXIT_STATUS)]
     line = capsys.readouterr().err.strip().splitlines()
-    assert len(line) == 1, line  # rank 1 stays quiet: rank 0 is alive and speaks for the job
+    assert len(line) == 1, line  # the first to claim the report speaks; the other ends quietly
     assert line[0].startswith("kfac.py: error: no training progress for 0.4 s after step 0")
     assert "lost rank(s) 2, 3 (node2)" in line[0]
+    assert (tmp_path / watchdog.HEARTBEAT_DIR / watchdog.REPORTED_FILE).read_text().strip() in ("0", "1")
+
+
+def test_a_rank_that_left_normally_is_not_lost_and_a_stale_report_is_cleared(tmp_path, monkeypatch):
+    monkeypatch.setattr(watchdog, "LIVENESS_WAIT_S", 0.6)
+    dogs = [StepWatchdog(60, r, PLACES[:3], str(tmp_path), exit=lambda status: None) for r in range(3)]
+    beats = tmp_path / watchdog.HEARTBEAT_DIR
+    beats.mkdir()
+    (beats / watchdog.REPORTED_FILE).write_text("2\n")  # an earlier, requeued run's
+    dogs[0].start()
+    assert not (beats / watchdog.REPORTED_FILE).exists()
+    dogs[1]._heartbeat()
+    dogs[1].stop()  # rank 1 finished its training and left
+    dogs[2]._heartbeat()  # rank 2 went silent
+    assert dogs[0].lost_ranks() == [2]
+    dogs[0].stop()
+    assert (beats / "rank-0").read_text().strip() == watchdog.DONE
 
 
 def test_progress_keeps_it_quiet_and_an_error_with_every_rank_alive_is_left_to_its_traceback(tmp_path):
@@ -57,3 +80,45 @@ def test_progress_keeps_it_quiet_and_an_error_with_every_rank_alive_is_left_to_i
     assert exits == []
     dog.fail_if_ranks_lost(RuntimeError("a bug, not a lost rank"))  # its only rank is alive: returns
     assert exits == []
+
+
+# A rank whose main thread waits in a collective that will never complete (a sleep here), with
+# rank 1's heartbeat stopped or counting; the launcher's SIGTERM must wake the watchdog's thread.
+STUCK_RANK = """
+import os, sys, threading, time
+from trainer.ranks import watchdog
+from trainer.ranks.placement import Placement
+from trainer.ranks.signals import StopSignals
+watchdog.LIVENESS_WAIT_S = 1.0
+work_dir, peer = sys.argv[1], sys.argv[2]
+dog = watchdog.StepWatchdog(600, 0, [Placement("node1", 0), Placement("node2", 0)], work_dir)
+peer_dog = watchdog.StepWatchdog(600, 1, [Placement("node1", 0), Placement("node2", 0)], work_dir)
+peer_dog._heartbeat()
+if peer == "alive":
+    threading.Thread(target=lambda: [peer_dog._heartbeat() or time.sleep(0.2) for _ in range(200)], daemon=True).start()
+signals = StopSignals()
+with signals.installed():
+    dog.start()
+    print("ready", flush=True)
+    time.sleep(3)  # no progress: the collective
+print("still here after", signals.received, flush=True)
+"""
+
+
+@pytest.mark.parametrize("peer", ["lost", "alive"])
+def test_the_launchers_sigterm_wakes_the_watchdog_which_names_a_lost_rank_before_the_sigkill(tmp_path, peer):
+    proc = subprocess.Popen([sys.executable, "-c", STUCK_RANK, str(tmp_path), peer], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == "ready"
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    took = time.monotonic() - sent
+    if peer == "lost":
+        assert proc.returncode == watchdog.EXIT_STATUS, (out, err)
+        assert err.strip().splitlines() == [
+            "kfac.py: error: the launcher sent SIGTERM after step 0 while the ranks waited in a collective: "
+            "lost rank(s) 1 (node2), silent for 1 s; the job ends (resume with trainer.resume=latest)"], err
+        assert took < 5, took  # well within SLURM's KillWait before its SIGKILL
+    else:  # a preemption with every rank alive: the main thread stops at its step as always
+        assert proc.returncode == 0 and "still here after SIGTERM" in out and "kfac.py" not in err, (out, err)

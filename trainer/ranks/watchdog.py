@@ -7,16 +7,26 @@ thread ends the process (status 4) once none came for the timeout, and the launc
 with ``--kill-on-bad-exit``, mpiexec) then ends the job's other ranks.
 
 Which rank was lost: each rank's watchdog thread also counts up a heartbeat file in the work
-dir (a shared file system on a cluster) every second while its process lives, progress or not.
-When the watchdog fires it reads every rank's count, keeps counting for a few seconds, and reads
-again: a rank whose count did not move is lost (counts, not file times, so the nodes' clocks
-need not agree). The lowest-numbered rank still alive prints one line naming the lost ranks and
-their hosts; the other survivors end quietly a moment later.
+dir (a shared file system on a cluster) every second while its process lives, progress or not;
+a rank that leaves normally writes ``done`` there. Before it reports, a rank reads every rank's
+count, keeps counting for a few seconds, and reads again: a rank whose count did not move is
+lost (counts, not file times, so the nodes' clocks need not agree).
+
+One line per job, every time (docs/faults.md): the report is claimed by creating one file
+(``reported``, exclusively) in the heartbeat dir, so whichever survivor knows first speaks and
+every other one ends quietly. A survivor learns of the loss three ways: its collective fails
+(gloo's reset connection: ``fail_if_ranks_lost``), no progress for the timeout, or the launcher
+ending the job step (SIGTERM from srun when SLURM declares the node failed, or when another
+survivor crashed): the main thread is then stuck in the collective, so the stop signals also
+wake this thread (``signal.set_wakeup_fd``), which checks the heartbeats before the launcher's
+SIGKILL follows (SLURM's KillWait, 30 s by default).
 """
 
 from __future__ import annotations
 
 import os
+import select
+import signal
 import sys
 import threading
 import time
@@ -28,10 +38,12 @@ from kfac_callback.base import Callback
 from trainer.ranks.placement import Placement, ranks_by_host
 
 HEARTBEAT_DIR = ".heartbeats"
+REPORTED_FILE = "reported"  # created by the one rank that prints the job's line
+DONE = "done"  # a rank's heartbeat after it left training normally (never "lost")
 EXIT_STATUS = 4
 LIVENESS_WAIT_S = 3.0  # how long the counts are watched before a rank is called lost
-QUIET_GRACE_S = 3.0  # what the other survivors wait, so the line is printed before srun ends the step
-# (the printing rank itself waits LIVENESS_WAIT_S + 1 s, still counting: see fire())
+QUIET_GRACE_S = 1.0  # what a survivor that did not report waits, so the reporter's line is out first
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class StepWatchdog(Callback):
@@ -56,6 +68,10 @@ class StepWatchdog(Callback):
         self._count = 0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+        self._firing = threading.Lock()
+        self._fired = False
+        self._wakeup: Optional[tuple[int, int]] = None  # the pipe the stop signals are written to
+        self._saved_wakeup = -1
 
     # -- progress --------------------------------------------------------------------
 
@@ -65,14 +81,14 @@ class StepWatchdog(Callback):
         if step is not None:
             self.step = step
 
-    def _heartbeat(self) -> None:
+    def _heartbeat(self, text: Optional[str] = None) -> None:
         if self.dir is None:
             return
         self._count += 1
         try:
             self.dir.mkdir(exist_ok=True)
             tmp = self.dir / f".rank-{self.rank}.tmp"
-            tmp.write_text(f"{self._count}\n")
+            tmp.write_text(f"{text or self._count}\n")
             os.replace(tmp, self.dir / f"rank-{self.rank}")  # a reader never sees a half-written count
         except OSError:
             pass  # a full or read-only disk must not end the run; the line then names no rank
@@ -82,7 +98,7 @@ class StepWatchdog(Callback):
         counts: list[Optional[str]] = []
         for r in range(len(self.placements)):
             try:
-                counts.append((self.dir / f"rank-{r}").read_text())
+                counts.append((self.dir / f"rank-{r}").read_text().strip())
             except OSError:
                 counts.append(None)
         return counts
@@ -115,57 +131,139 @@ class StepWatchdog(Callback):
     # -- the thread ------------------------------------------------------------------
 
     def start(self) -> None:
-        """Starts the watching thread (once)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._watch, name="step-watchdog", daemon=True)
-            self._thread.start()
+        """Starts the watching thread (once); from the main thread, the stop signals wake it too."""
+        if self._thread is not None:
+            return
+        if self.rank == 0 and self.dir is not None:  # a requeued job's earlier report is stale
+            (self.dir / REPORTED_FILE).unlink(missing_ok=True)
+        self._heartbeat()  # a count at once: an earlier run's "done" in this dir is not this one's
+        self._listen_for_stop_signals()
+        self._thread = threading.Thread(target=self._watch, name="step-watchdog", daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
-        """Stops watching (the run is over)."""
+        """Stops watching (the run is over): this rank's heartbeat says it left normally."""
+        if self._stop.is_set():
+            return
         self._stop.set()
+        self._heartbeat(DONE)
+        if self._wakeup is not None and threading.current_thread() is threading.main_thread():
+            signal.set_wakeup_fd(self._saved_wakeup)
+            for fd in self._wakeup:
+                os.close(fd)
+            self._wakeup = None
+
+    def _listen_for_stop_signals(self) -> None:
+        """The stop signals' numbers written to a pipe this thread reads (main thread only): a
+        Python handler cannot run while the main thread waits inside a collective."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        read, write = os.pipe()
+        os.set_blocking(read, False)
+        os.set_blocking(write, False)
+        try:
+            self._saved_wakeup = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        except ValueError:
+            os.close(read)
+            os.close(write)
+            return
+        self._wakeup = (read, write)
+
+    def _signalled(self, period: float) -> Optional[str]:
+        """Waits up to ``period`` s; the name of a stop signal that arrived meanwhile, if one did."""
+        if self._wakeup is None:
+            self._stop.wait(period)
+            return None
+        try:
+            ready, _, _ = select.select([self._wakeup[0]], [], [], period)
+            data = os.read(self._wakeup[0], 64) if ready else b""
+        except OSError:  # closed by stop()
+            return None
+        names = [signal.Signals(n).name for n in data if n in STOP_SIGNALS]
+        return names[0] if names else None
 
     def _watch(self) -> None:
         period = min(1.0, self.timeout_s / 4)
-        while not self._stop.wait(period):
+        while not self._stop.is_set():
+            received = self._signalled(period)
+            if self._stop.is_set():
+                return
             self._heartbeat()
+            if received is not None and self._check_after_signal(received):
+                return
             if self._clock() - self._last > self.timeout_s:
                 self.fire()
                 return
 
+    def _check_after_signal(self, name: str) -> bool:
+        """A stop signal: normally the main thread checkpoints at the end of its step. If it made
+        no progress while some rank went silent, the launcher is ending the job for a lost rank:
+        report it now, before the SIGKILL that follows. True when it reported."""
+        last = self._last
+        lost = [r for r in self.lost_ranks() if r != self.rank]
+        if not lost or self._last != last or self._stop.is_set():
+            return False
+        self.fire(f"the launcher sent {name} after step {self.step} while the ranks waited in a collective",
+                  lost=lost)
+        return True
+
     def lost_ranks(self, wait_s: Optional[float] = None) -> list[int]:
-        """Ranks whose heartbeat count did not move in ``wait_s`` seconds (default ``LIVENESS_WAIT_S``)."""
+        """Ranks whose heartbeat count did not move in ``wait_s`` seconds (default ``LIVENESS_WAIT_S``);
+        a rank that left normally (``done``) is not lost."""
         if self.dir is None:
             return []
         wait_s = LIVENESS_WAIT_S if wait_s is None else wait_s
         before = self._counts()
         self._beat_for(wait_s)
         after = self._counts()
-        return [r for r, (b, a) in enumerate(zip(before, after, strict=True)) if a is None or a == b]
+        return [r for r, (b, a) in enumerate(zip(before, after, strict=True)) if a is None or (a == b and a != DONE)]
 
     def message(self, lost: list[int], cause: Optional[str] = None) -> str:
         """The one line: what happened (no progress, or ``cause``), and who went silent."""
         if cause is None:
-            head = (f"kfac.py: error: no training progress for {self.timeout_s:g} s after step {self.step} "
-                    f"(trainer.step_timeout_s={self.timeout_s:g})")
-        else:
-            head = f"kfac.py: error: communication failed after step {self.step} ({cause})"
+            cause = (f"no training progress for {self.timeout_s:g} s after step {self.step} "
+                     f"(trainer.step_timeout_s={self.timeout_s:g})")
+        head = f"kfac.py: error: {cause}"
         if lost:
             return (f"{head}: lost rank(s) {ranks_by_host(lost, self.placements)}, silent for "
                     f"{LIVENESS_WAIT_S:g} s; the job ends (resume with trainer.resume=latest)")
         return f"{head}: a rank or its node was lost, or a collective hangs; the job ends"
 
-    def fire(self, cause: Optional[str] = None) -> None:
-        """Prints the line (if this is the lowest rank still alive) and ends the process."""
-        lost = [r for r in self.lost_ranks() if r != self.rank]
-        alive = [r for r in range(len(self.placements)) if r not in lost]
-        if not alive or alive[0] == self.rank:
+    def fire(self, cause: Optional[str] = None, lost: Optional[list[int]] = None) -> bool:
+        """Prints the job's line (if this rank claims the report first) and ends the process.
+
+        Once per process: a second caller (the main thread's failed collective beside this
+        thread's timeout) returns False at once, and the first one's exit ends them both.
+        """
+        with self._firing:
+            if self._fired:
+                return False
+            self._fired = True
+        if lost is None:
+            lost = [r for r in self.lost_ranks() if r != self.rank]
+        if self._claim(lost):
             print(self.message(lost, cause), file=sys.stderr, flush=True)
-            # Still counting for a while: a survivor whose own watch began late must see this
-            # rank alive, or it would think itself the lowest one left and print a second line.
-            self._beat_for(LIVENESS_WAIT_S + 1.0)
         else:
             time.sleep(QUIET_GRACE_S)
         self._exit(EXIT_STATUS)
+        return True
+
+    def _claim(self, lost: list[int]) -> bool:
+        """True for the one rank of the job that reports: the first to create the report file.
+        Without a heartbeat dir (or where it cannot be written), the lowest rank still alive."""
+        if self.dir is not None:
+            try:
+                fd = os.open(self.dir / REPORTED_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                return False
+            except OSError:
+                pass
+            else:
+                os.write(fd, f"{self.rank}\n".encode())
+                os.close(fd)
+                return True
+        alive = [r for r in range(len(self.placements)) if r not in lost]
+        return not alive or alive[0] == self.rank
 
     def _beat_for(self, seconds: float) -> None:
         deadline = self._clock() + seconds
@@ -179,8 +277,15 @@ class StepWatchdog(Callback):
         Returns (so the caller re-raises ``err``) when every rank is still alive: then the error
         is not a lost rank's, and its own traceback says more.
         """
-        self.stop()
-        if self.dir is None or not self.lost_ranks():
+        if self.dir is None or self._stop.is_set():
+            self.stop()
+            return
+        lost = [r for r in self.lost_ranks() if r != self.rank]
+        if not lost:
+            self.stop()
             return
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        self.fire(f"{type(err).__name__}: {first[:200]}")
+        if not self.fire(f"communication failed after step {self.step} ({type(err).__name__}: {first[:200]})",
+                         lost=lost):
+            # The watchdog's thread is reporting already: its exit ends this process.
+            self._stop.wait(LIVENESS_WAIT_S + 10)
