@@ -35,11 +35,14 @@ data: $(VENV)/.installed
 train: setup
 	$(PY) kfac.py $(ARGS)
 
+# Whole modules on up to 4 workers (pytest-xdist): much of a test's time is waiting on its ranks.
+PYTEST_WORKERS ?= -n auto --maxprocesses 4 --dist loadfile
+
 test: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_WORKERS)
 
 test-all: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PYTEST_WORKERS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .

@@ -46,10 +46,11 @@ class Outcome:
 
     backend: str
     state: str  # SLURM's final job state
-    ended_after_s: float  # from the kill to the job's end
+    ended_after_s: float  # from the fault to the job's end
     ours: list[str]  # the lines of ours (kfac.py: ...) in err.log
     backtrace: bool  # a backtrace (a crash in a library) in err.log
     slurm_line: bool  # SLURM's own "Node failure on node2"
+    fault: str = "kill"  # node2's processes killed, or its link cut
 
     @property
     def one_line(self) -> bool:
@@ -59,7 +60,8 @@ class Outcome:
     def summary(self) -> str:
         what = self.ours[0][:160] if self.ours else "no line of ours"
         extra = ", backtrace" if self.backtrace else ""
-        return f"{self.backend}: {self.state} {self.ended_after_s:.1f} s after the kill, {len(self.ours)} line(s){extra}: {what}"
+        return (f"{self.backend}, {self.fault}: {self.state} {self.ended_after_s:.1f} s after the fault, "
+                f"{len(self.ours)} line(s){extra}: {what}")
 
 
 def kfac(*args: str, env: dict[str, str] | None = None) -> str:
@@ -71,8 +73,9 @@ def kfac(*args: str, env: dict[str, str] | None = None) -> str:
 
 
 def lose_node(cluster: EmulatedCluster, exp: Path, backend: str, name: str, rng: random.Random,
-              env: dict[str, str] | None = None) -> Outcome:
-    """One round: submit, wait for training, kill node2, wait for the end, read err.log."""
+              env: dict[str, str] | None = None, fault: str = "kill") -> Outcome:
+    """One round: submit, wait for training, kill node2 (``fault="cut"``: take its link down),
+    wait for the end, read err.log."""
     out = kfac("--batch-job", *RECIPE, f"trainer.backend={backend}", f"launcher.experiment_dir={exp}",
                f"launcher.job_name={name}", env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
     work_dir = Path(re.search(r"work dir: (\S+)", out).group(1))
@@ -84,23 +87,30 @@ def lose_node(cluster: EmulatedCluster, exp: Path, backend: str, name: str, rng:
         time.sleep(0.2)
     time.sleep(rng.uniform(0.0, 2.0))
     lost_at = time.monotonic()
-    cluster.kill_node(LOST)
-    state = cluster.wait_for_job(job, timeout_s=180)
+    if fault == "kill":
+        cluster.kill_node(LOST)
+        state = cluster.wait_for_job(job, timeout_s=180)
+    else:  # a cut link: node2's ranks live on, out of reach, until SLURM ends the job or the link is back
+        cluster.cut_link(LOST)
+        state = cluster.wait_for_job(job, timeout_s=180)
+        cluster.cut_link(LOST, up=True)
+        cluster.kill_node(LOST)  # node2 starts afresh for the next round
     ended = time.monotonic() - lost_at
     time.sleep(1.0)  # the batch script's last lines
     err = (work_dir / "err.log").read_text(errors="replace")
     return Outcome(backend, state, ended, [ln for ln in err.splitlines() if ln.startswith("kfac.py:")],
                    backtrace=bool(re.search(r"backtrace|Segmentation fault|Traceback", err, re.I)),
-                   slurm_line=f"Node failure on {LOST}" in err)
+                   slurm_line=f"Node failure on {LOST}" in err, fault=fault)
 
 
 def stress(cluster: EmulatedCluster, exp: Path, backend: str, runs: int, seed: int = 0,
-           env: dict[str, str] | None = None) -> list[Outcome]:
-    """``runs`` node losses with ``backend`` (``env``: added to the jobs' environment); node2 back up after each."""
+           env: dict[str, str] | None = None, fault: str = "kill") -> list[Outcome]:
+    """``runs`` node losses with ``backend`` (``env``: added to the jobs' environment; ``fault``: kill
+    or cut, as ``lose_node``); node2 back up after each."""
     rng = random.Random(seed)
     outcomes = []
     for i in range(runs):
-        outcome = lose_node(cluster, exp, backend, f"loss-{backend}-{i}", rng, env)
+        outcome = lose_node(cluster, exp, backend, f"{fault}-{backend}-{i}", rng, env, fault)
         print(f"[{i + 1}/{runs}] {outcome.summary()}", flush=True)
         outcomes.append(outcome)
         cluster.start_node(LOST)
@@ -108,12 +118,12 @@ def stress(cluster: EmulatedCluster, exp: Path, backend: str, runs: int, seed: i
 
 
 def table(outcomes: list[Outcome]) -> str:
-    rows = ["| communicator | node losses | one line naming node2 | no line of ours | more than one | backtrace "
-            "| job ended after the kill (s): median, max |", "|---|---|---|---|---|---|---|"]
-    for backend in dict.fromkeys(o.backend for o in outcomes):
-        mine = [o for o in outcomes if o.backend == backend]
+    rows = ["| communicator | fault | rounds | one line naming node2 | no line of ours | more than one | backtrace "
+            "| job ended after the fault (s): median, max |", "|---|---|---|---|---|---|---|---|"]
+    for backend, fault in dict.fromkeys((o.backend, o.fault) for o in outcomes):
+        mine = [o for o in outcomes if (o.backend, o.fault) == (backend, fault)]
         times = sorted(o.ended_after_s for o in mine)
-        rows.append(f"| {backend} | {len(mine)} | {sum(o.one_line for o in mine)} | {sum(not o.ours for o in mine)} "
+        rows.append(f"| {backend} | {fault} | {len(mine)} | {sum(o.one_line for o in mine)} | {sum(not o.ours for o in mine)} "
                     f"| {sum(len(o.ours) > 1 for o in mine)} | {sum(o.backtrace for o in mine)} "
                     f"| {times[len(times) // 2]:.1f}, {times[-1]:.1f} |")
     return "\n".join(rows) + "\n"
@@ -124,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=20, help="node losses per communicator (default 20)")
     parser.add_argument("--backends", nargs="+", default=["mpi", "gloo"], choices=["mpi", "gloo"])
     parser.add_argument("--out", type=Path, help="write the table (and every round's line) here")
+    parser.add_argument("--fault", choices=["kill", "cut"], default="kill",
+                        help="kill every process of node2 (default), or cut its network link")
     parser.add_argument("--env", nargs="*", default=[], metavar="NAME=VALUE", help="added to the jobs' environment")
     parser.add_argument("--keep", type=Path, help="keep the jobs' work dirs under this folder")
     args = parser.parse_args(argv)
@@ -132,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes: list[Outcome] = []
     with tempfile.TemporaryDirectory(prefix="node-loss-") as tmp, EmulatedCluster(nodes=2, cpus=4, cred_expire_s=5) as cluster:
         for backend in args.backends:
-            outcomes += stress(cluster, args.keep or Path(tmp), backend, args.runs, env=env)
+            outcomes += stress(cluster, args.keep or Path(tmp), backend, args.runs, env=env, fault=args.fault)
     text = table(outcomes)
     print(text)
     if args.out:

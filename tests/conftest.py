@@ -1,4 +1,5 @@
-"""Shared test setup: the repository root on sys.path, and the ``one_thread`` fixture.
+"""Shared test setup: the repository root on sys.path, the ``one_thread`` fixture, and the
+longest modules collected first.
 
 Fake data and tiny trainers are in ``tests/support`` (``data.tiny_data``, ``trainers.make_trainer``,
 ``hooks.HookRecorder``).
@@ -25,3 +26,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# `make test` runs the modules on two workers (pytest-xdist, whole modules each): started first, the
+# longest ones (real ranks, emulated nodes, many-step runs) end beside the short ones, not after them.
+LONGEST_FIRST = ("tests/launcher/test_two_nodes.py", "tests/trainer/test_ranks.py", "tests/trainer/test_resume.py",
+                 "tests/test_ctrl_c.py", "tests/models/test_user_models.py", "tests/test_validators.py",
+                 "tests/launcher/test_preemption.py", "tests/trainer/test_accumulate.py", "tests/test_torchrun.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        path = os.path.relpath(str(item.path), ROOT)
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a module, and of the other modules, stays

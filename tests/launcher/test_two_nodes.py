@@ -116,11 +116,12 @@ def test_four_ranks_on_two_nodes_equal_one_rank_in_a_batch_job_and_in_an_allocat
 
 
 @pytest.mark.parametrize("backend", ["gloo", pytest.param("mpi", marks=pytest.mark.slow)])
-def test_a_lost_node_ends_the_job_with_one_line_and_a_resubmitted_job_finishes(cluster, tmp_path, backend):
-    """gloo's survivors see the connection reset; MPI's mostly wait in the collective until the
-    step watchdog ends them, and the lowest surviving rank names the lost ranks and their node.
-    (MPI is the slow variant: one run in five, UCX segfaulted in a survivor when its peer died,
-    which ends the job but prints UCX's backtrace instead of our line.)"""
+def test_a_lost_node_ends_the_job_in_one_line_and_with_mpi_a_resubmitted_job_finishes(cluster, tmp_path, backend):
+    """gloo's survivors see the connection reset; MPI's wait in the collective until the step
+    watchdog or SLURM's SIGTERM wakes them (or one crashes inside UCX: another then reports), and
+    one survivor names the lost ranks and their node (benchmarks/node_loss.py counts 20 in a row).
+    The resubmission runs with MPI only (slow): resuming is the same whatever the communicator, and
+    tests/trainer/test_resume.py resumes killed 4-rank jobs by default."""
     recipe = [*RECIPE, "data.max_train_samples=1000"]  # 10 steps an epoch
     args = [*recipe, "--num_epochs", "2", "trainer.checkpoint_every_epoch=true", "trainer.step_timeout_s=10",
             f"trainer.backend={backend}", f"launcher.job_name=lost{backend}"]
@@ -136,15 +137,13 @@ def test_a_lost_node_ends_the_job_with_one_line_and_a_resubmitted_job_finishes(c
     ended_after = time.monotonic() - lost_at
     assert ended_after < 60, ended_after
     assert state in ("FAILED", "NODE_FAIL"), state  # SLURM records the failure
-    err = (work_dir / "err.log").read_text()
-    errors = [line for line in err.splitlines() if line.startswith("kfac.py:")]
-    # Our line names the lost node; where a survivor died first (srun then ended the step), SLURM's
-    # own "Node failure on node2" does. Never one line per rank.
-    assert len(errors) <= 1, logs(work_dir)
-    assert ("node2" in errors[0]) if errors else "Node failure on node2" in err, logs(work_dir)
-    print(f"node lost: the job ended {ended_after:.1f} s later ({state}): {errors[0] if errors else 'no line of ours'}")
-
+    errors = [line for line in (work_dir / "err.log").read_text().splitlines() if line.startswith("kfac.py:")]
+    assert len(errors) == 1 and "(node2)" in errors[0], logs(work_dir)  # one line, never one per rank
+    print(f"node lost: the job ended {ended_after:.1f} s later ({state}): {errors[0]}")
     cluster.start_node("node2")
+    if backend != "mpi":
+        return
+
     work_dir2, job2 = submit(tmp_path, *args, "trainer.resume=latest")
     # The reference trains only now, beside the resumed job (independent of it): beside the
     # first job it would take the cores, and that job could finish before the poll above saw

@@ -25,15 +25,17 @@ STRATEGIES = ["all", "each", "root", "balanced"]
 pytestmark = pytest.mark.skipif(not HAVE_MPIEXEC, reason="needs the venv's mpiexec")
 
 
-# Each strategy once on real ranks: "all" (every rank inverts every factor, the costliest) on 2,
-# the strategies that split the inverses among the ranks on 4.
-ON_RANKS = {2: ["all"], 4: ["each", "root", "balanced"]}
+# On real ranks by default: "all" (every rank inverts every factor, the costliest) on 2, "balanced"
+# (the inverses split among the ranks) on 4; "each" and "root" on 4 in the slow set (every
+# strategy against one rank by default: thread ranks in tests/kfac_callback/test_kfac_callback.py).
+ON_RANKS = {2: ["all"], 4: ["balanced"]}
+SLOW_ON_RANKS = {4: ["each", "root"]}
 
 
-def start_strategy_jobs(jobs: Jobs, root: Path, model: str) -> None:
+def start_strategy_jobs(jobs: Jobs, root: Path, model: str, on_ranks: dict[int, list[str]] = ON_RANKS) -> None:
     overrides = [f"model={model}", *COMMON]
     start(jobs, root / model / "r1", 1, overrides, ["all"])
-    for ranks, strategies in ON_RANKS.items():
+    for ranks, strategies in on_ranks.items():
         start(jobs, root / model / f"r{ranks}", ranks, overrides, strategies)
 
 
@@ -59,20 +61,24 @@ def jobs(tmp_path_factory):
     jobs.close()
 
 
-@pytest.mark.parametrize("model", ["mlp", pytest.param("cnn", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("model", ["mlp", pytest.param("cnn", marks=pytest.mark.slow),
+                                   pytest.param("mlp-each-root", marks=pytest.mark.slow)])
 def test_four_and_two_ranks_give_one_ranks_weights_for_every_owner_strategy(model, jobs, tmp_path):
-    """Every owner strategy on real ranks (all four on 4 ranks: tests/launcher/test_two_nodes.py, slow)."""
-    if model != "mlp":  # the module's jobs are the default run's; this one starts its own
+    """The owner strategies on real ranks (all four on 4 ranks: tests/launcher/test_two_nodes.py, slow)."""
+    on_ranks = SLOW_ON_RANKS if model == "mlp-each-root" else ON_RANKS
+    model = model.split("-")[0]
+    own = on_ranks is not ON_RANKS or model != "mlp"  # the module's jobs are the default run's
+    if own:
         jobs = Jobs(at_once=3, root=tmp_path)
-        start_strategy_jobs(jobs, tmp_path, model)
+        start_strategy_jobs(jobs, tmp_path, model, on_ranks)
     root = jobs.root / model
-    for ranks in (1, 2, 4):
+    for ranks in (1, *on_ranks):
         log_of(jobs, root / f"r{ranks}")
-    if model != "mlp":
+    if own:
         jobs.close()
     reference = torch.load(root / "r1" / "all.pt")
-    assert sorted(sum(ON_RANKS.values(), [])) == sorted(STRATEGIES)
-    for ranks, strategies in ON_RANKS.items():
+    assert sorted(sum([*ON_RANKS.values(), *SLOW_ON_RANKS.values()], [])) == sorted(STRATEGIES)
+    for ranks, strategies in on_ranks.items():
         for strategy in strategies:
             weights = torch.load(root / f"r{ranks}" / f"{strategy}.pt")
             assert max_relative_difference(weights, reference) < 1e-5, (ranks, strategy)

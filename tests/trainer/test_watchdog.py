@@ -122,3 +122,32 @@ def test_the_launchers_sigterm_wakes_the_watchdog_which_names_a_lost_rank_before
         assert took < 5, took  # well within SLURM's KillWait before its SIGKILL
     else:  # a preemption with every rank alive: the main thread stops at its step as always
         assert proc.returncode == 0 and "still here after SIGTERM" in out and "kfac.py" not in err, (out, err)
+
+
+def test_a_node_alive_by_its_heartbeat_but_out_of_reach_is_named_from_rank_0s_side_only(tmp_path, monkeypatch, capsys):
+    """A cut link: node2's ranks count on (the file system still works) but take no connection."""
+    monkeypatch.setattr(watchdog, "LIVENESS_WAIT_S", 1.5)  # the threads count once a second
+    places = [Placement("node1", 0), Placement("node2", 0)]
+    exits: list[tuple[int, int]] = []
+    dogs = [StepWatchdog(600, r, places, str(tmp_path), exit=lambda status, r=r: exits.append((r, status)))
+            for r in range(2)]
+    for dog in dogs:
+        dog.start()
+    assert (tmp_path / watchdog.HEARTBEAT_DIR / "addr-1").exists()  # where rank 1 listens
+    assert dogs[0].gone() == ([], [])  # both count, both answer
+    dogs[1]._reach.close()  # node2 out of reach: no connection is taken there
+    dogs[0]._reach.close()
+    dogs[1].fire()  # node2's side cannot reach rank 0's node: it leaves the report to that side
+    assert exits == [(1, watchdog.EXIT_STATUS)] and capsys.readouterr().err == ""
+    dogs[1]._reach = None  # (rank 1's thread still counts: alive by its heartbeat)
+    from trainer.ranks.reach import Reach
+
+    dogs[0]._reach = Reach(dogs[0].dir, 0, places)
+    dogs[0].fire()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["kfac.py: error: no training progress for 600 s after step 0 (trainer.step_timeout_s=600): "
+                   "rank(s) 1 (node2) alive but unreachable over the network (a cut link?); the job ends "
+                   "(resume with trainer.resume=latest)"], err
+    assert exits[-1] == (0, watchdog.EXIT_STATUS)
+    for dog in reversed(dogs):  # the signal wake-up each replaced, restored in turn
+        dog.stop()

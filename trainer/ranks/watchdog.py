@@ -36,6 +36,7 @@ from typing import Any, Optional
 
 from kfac_callback.base import Callback
 from trainer.ranks.placement import Placement, ranks_by_host
+from trainer.ranks.reach import Reach
 
 HEARTBEAT_DIR = ".heartbeats"
 REPORTED_FILE = "reported"  # created by the one rank that prints the job's line
@@ -72,6 +73,7 @@ class StepWatchdog(Callback):
         self._fired = False
         self._wakeup: Optional[tuple[int, int]] = None  # the pipe the stop signals are written to
         self._saved_wakeup = -1
+        self._reach: Optional[Reach] = None  # on several nodes: who is still reachable (trainer/ranks/reach.py)
 
     # -- progress --------------------------------------------------------------------
 
@@ -138,6 +140,7 @@ class StepWatchdog(Callback):
             (self.dir / REPORTED_FILE).unlink(missing_ok=True)
         self._heartbeat()  # a count at once: an earlier run's "done" in this dir is not this one's
         self._listen_for_stop_signals()
+        self._listen_for_peers()
         self._thread = threading.Thread(target=self._watch, name="step-watchdog", daemon=True)
         self._thread.start()
 
@@ -147,8 +150,13 @@ class StepWatchdog(Callback):
             return
         self._stop.set()
         self._heartbeat(DONE)
+        if self._reach is not None:
+            self._reach.close()
         if self._wakeup is not None and threading.current_thread() is threading.main_thread():
-            signal.set_wakeup_fd(self._saved_wakeup)
+            try:
+                signal.set_wakeup_fd(self._saved_wakeup)
+            except (OSError, ValueError):  # the one saved was closed meanwhile
+                signal.set_wakeup_fd(-1)
             for fd in self._wakeup:
                 os.close(fd)
             self._wakeup = None
@@ -169,15 +177,30 @@ class StepWatchdog(Callback):
             return
         self._wakeup = (read, write)
 
+    def _listen_for_peers(self) -> None:
+        """On several nodes, a socket the peers can try to reach (a cut link is named by it)."""
+        if self.dir is None or len({p.host for p in self.placements}) < 2:
+            return
+        from trainer.ranks.host_address import reachable_address
+
+        reach = Reach(self.dir, self.rank, self.placements)
+        try:
+            reach.publish(reachable_address())
+        except (OSError, RuntimeError):
+            reach.close()  # no address for the others: the line then relies on the heartbeats
+            return
+        self._reach = reach
+
     def _signalled(self, period: float) -> Optional[str]:
         """Waits up to ``period`` s; the name of a stop signal that arrived meanwhile, if one did."""
-        if self._wakeup is None:
+        wakeup = self._wakeup  # stop() may close it meanwhile
+        if wakeup is None:
             self._stop.wait(period)
             return None
         try:
-            ready, _, _ = select.select([self._wakeup[0]], [], [], period)
-            data = os.read(self._wakeup[0], 64) if ready else b""
-        except OSError:  # closed by stop()
+            ready, _, _ = select.select([wakeup[0]], [], [], period)
+            data = os.read(wakeup[0], 64) if ready else b""
+        except (OSError, ValueError):  # closed by stop()
             return None
         names = [signal.Signals(n).name for n in data if n in STOP_SIGNALS]
         return names[0] if names else None
@@ -200,11 +223,11 @@ class StepWatchdog(Callback):
         no progress while some rank went silent, the launcher is ending the job for a lost rank:
         report it now, before the SIGKILL that follows. True when it reported."""
         last = self._last
-        lost = [r for r in self.lost_ranks() if r != self.rank]
-        if not lost or self._last != last or self._stop.is_set():
+        gone = self.gone()
+        if not any(gone) or self._last != last or self._stop.is_set():
             return False
         self.fire(f"the launcher sent {name} after step {self.step} while the ranks waited in a collective",
-                  lost=lost)
+                  gone=gone)
         return True
 
     def lost_ranks(self, wait_s: Optional[float] = None) -> list[int]:
@@ -218,18 +241,31 @@ class StepWatchdog(Callback):
         after = self._counts()
         return [r for r, (b, a) in enumerate(zip(before, after, strict=True)) if a is None or (a == b and a != DONE)]
 
-    def message(self, lost: list[int], cause: Optional[str] = None) -> str:
-        """The one line: what happened (no progress, or ``cause``), and who went silent."""
+    def gone(self) -> tuple[list[int], list[int]]:
+        """(the other ranks whose heartbeat stopped, those alive by it but on a node this rank
+        cannot reach over the network)."""
+        silent = [r for r in self.lost_ranks() if r != self.rank]
+        if self._reach is None:
+            return silent, []
+        alive = [r for r in range(len(self.placements)) if r != self.rank and r not in silent]
+        return silent, self._reach.unreachable(alive)
+
+    def message(self, lost: list[int], cause: Optional[str] = None, cut: Optional[list[int]] = None) -> str:
+        """The one line: what happened (no progress, or ``cause``), and who went silent or out of reach."""
         if cause is None:
             cause = (f"no training progress for {self.timeout_s:g} s after step {self.step} "
                      f"(trainer.step_timeout_s={self.timeout_s:g})")
-        head = f"kfac.py: error: {cause}"
+        who = []
         if lost:
-            return (f"{head}: lost rank(s) {ranks_by_host(lost, self.placements)}, silent for "
-                    f"{LIVENESS_WAIT_S:g} s; the job ends (resume with trainer.resume=latest)")
-        return f"{head}: a rank or its node was lost, or a collective hangs; the job ends"
+            who.append(f"lost rank(s) {ranks_by_host(lost, self.placements)}, silent for {LIVENESS_WAIT_S:g} s")
+        if cut:
+            who.append(f"rank(s) {ranks_by_host(cut, self.placements)} alive but unreachable over the network "
+                       "(a cut link?)")
+        if who:
+            return f"kfac.py: error: {cause}: {'; '.join(who)}; the job ends (resume with trainer.resume=latest)"
+        return f"kfac.py: error: {cause}: a rank or its node was lost, or a collective hangs; the job ends"
 
-    def fire(self, cause: Optional[str] = None, lost: Optional[list[int]] = None) -> bool:
+    def fire(self, cause: Optional[str] = None, gone: Optional[tuple[list[int], list[int]]] = None) -> bool:
         """Prints the job's line (if this rank claims the report first) and ends the process.
 
         Once per process: a second caller (the main thread's failed collective beside this
@@ -239,18 +275,20 @@ class StepWatchdog(Callback):
             if self._fired:
                 return False
             self._fired = True
-        if lost is None:
-            lost = [r for r in self.lost_ranks() if r != self.rank]
-        if self._claim(lost):
-            print(self.message(lost, cause), file=sys.stderr, flush=True)
+        lost, cut = self.gone() if gone is None else gone
+        if self._claim(lost, cut):
+            print(self.message(lost, cause, cut), file=sys.stderr, flush=True)
         else:
             time.sleep(QUIET_GRACE_S)
         self._exit(EXIT_STATUS)
         return True
 
-    def _claim(self, lost: list[int]) -> bool:
+    def _claim(self, lost: list[int], cut: list[int]) -> bool:
         """True for the one rank of the job that reports: the first to create the report file.
+        A rank cut off from rank 0's node (where srun prints) leaves it to the ranks there.
         Without a heartbeat dir (or where it cannot be written), the lowest rank still alive."""
+        if 0 in cut:
+            return False
         if self.dir is not None:
             try:
                 fd = os.open(self.dir / REPORTED_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -280,12 +318,12 @@ class StepWatchdog(Callback):
         if self.dir is None or self._stop.is_set():
             self.stop()
             return
-        lost = [r for r in self.lost_ranks() if r != self.rank]
-        if not lost:
+        gone = self.gone()
+        if not any(gone):
             self.stop()
             return
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         if not self.fire(f"communication failed after step {self.step} ({type(err).__name__}: {first[:200]})",
-                         lost=lost):
+                         gone=gone):
             # The watchdog's thread is reporting already: its exit ends this process.
             self._stop.wait(LIVENESS_WAIT_S + 10)
