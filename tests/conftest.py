@@ -15,6 +15,18 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+# As kfac.py does for its ranks (launcher/env.py), before torch loads: OpenMP threads that wait
+# by spinning take the cores from the tests' other processes.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def pytest_configure(config):
+    # On pytest-xdist's workers (`make test`), one torch thread each: the workers and the ranks
+    # they start share the cores already.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture
