@@ -221,9 +221,14 @@ class StepWatchdog(Callback):
     def _check_after_signal(self, name: str) -> bool:
         """A stop signal: normally the main thread checkpoints at the end of its step. If it made
         no progress while some rank went silent, the launcher is ending the job for a lost rank:
-        report it now, before the SIGKILL that follows. True when it reported."""
+        report it now, before the SIGKILL that follows. True when it reported.
+
+        A rank that never counted (still starting: a job cancelled early) is not called lost here.
+        """
         last = self._last
-        gone = self.gone()
+        started = [count is not None for count in self._counts()]
+        silent, cut = self.gone()
+        gone = [r for r in silent if started[r]], cut
         if not any(gone) or self._last != last or self._stop.is_set():
             return False
         self.fire(f"the launcher sent {name} after step {self.step} while the ranks waited in a collective",
