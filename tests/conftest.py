@@ -42,7 +42,8 @@ def one_thread():
 
 # `make test` runs the modules on two workers (pytest-xdist, whole modules each): started first, the
 # longest ones (real ranks, emulated nodes, many-step runs) end beside the short ones, not after them.
-LONGEST_FIRST = ("tests/launcher/test_two_nodes.py", "tests/trainer/test_ranks.py", "tests/trainer/test_resume.py",
+LONGEST_FIRST = ("tests/launcher/test_node_loss.py",
+                 "tests/launcher/test_two_nodes.py", "tests/trainer/test_ranks.py", "tests/trainer/test_resume.py",
                  "tests/test_ctrl_c.py", "tests/models/test_user_models.py", "tests/test_validators.py",
                  "tests/launcher/test_preemption.py", "tests/trainer/test_accumulate.py", "tests/test_torchrun.py")
 

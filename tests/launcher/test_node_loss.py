@@ -2,7 +2,7 @@
 so does a cut link.
 
 benchmarks/node_loss.py does the rounds (submit, train, kill node2, read err.log, node2 back); this
-test runs ``KFAC_NODE_LOSS_RUNS`` of them per communicator (3 by default, to keep ``make test-all``
+test runs ``KFAC_NODE_LOSS_RUNS`` of them per communicator (2 by default, to keep ``make test-all``
 short; the 20 + 20 of docs/faults.md with ``KFAC_NODE_LOSS_RUNS=20``).
 """
 
@@ -20,7 +20,7 @@ from launcher.cluster.slurm_daemons import missing_programs
 reason = ", ".join(missing_programs()) and f"needs SLURM ({', '.join(missing_programs())} missing: .ci/install-slurm)"
 reason = reason or netns.unsupported_reason()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(reason), reason=reason or "")]
-RUNS = int(os.environ.get("KFAC_NODE_LOSS_RUNS", "3"))
+RUNS = int(os.environ.get("KFAC_NODE_LOSS_RUNS", "2"))
 
 
 @pytest.mark.timeout(120 * RUNS * 2 + 120)
