@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
 
+from launcher.workdir import atomic_write_text
 from trainer.ranks.placement import Placement
 
 CONNECT_TIMEOUT_S = 1.0
@@ -39,9 +40,7 @@ class Reach:
         sock.bind((address, 0))
         sock.listen(64)
         self._socket = sock
-        tmp = self.directory / f".addr-{self.rank}.tmp"
-        tmp.write_text(f"{address} {sock.getsockname()[1]}\n")
-        tmp.replace(self.directory / f"addr-{self.rank}")
+        atomic_write_text(self.directory / f"addr-{self.rank}", f"{address} {sock.getsockname()[1]}\n")
 
     def close(self) -> None:
         if self._socket is not None:
