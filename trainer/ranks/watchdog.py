@@ -70,6 +70,7 @@ class StepWatchdog(Callback):
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._firing = threading.Lock()
+        self._writing = threading.Lock()
         self._fired = False
         self._wakeup: Optional[tuple[int, int]] = None  # the pipe the stop signals are written to
         self._saved_wakeup = -1
@@ -86,6 +87,13 @@ class StepWatchdog(Callback):
     def _heartbeat(self, text: Optional[str] = None) -> None:
         if self.dir is None:
             return
+        with self._writing:  # stop()'s "done" and the thread's counts share the temporary file
+            if text is None and self._stop.is_set():
+                return  # a count after "done" would undo it
+            self._write_heartbeat(text)
+
+    def _write_heartbeat(self, text: Optional[str]) -> None:
+        assert self.dir is not None
         self._count += 1
         try:
             self.dir.mkdir(exist_ok=True)
