@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import select
 import signal
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -61,6 +63,26 @@ def test_a_rank_that_left_normally_is_not_lost_and_a_stale_report_is_cleared(tmp
     assert dogs[0].lost_ranks() == [2]
     dogs[0].stop()
     assert (beats / "rank-0").read_text().strip() == watchdog.DONE
+
+
+def test_after_stop_the_thread_reads_none_of_the_main_threads_files(tmp_path, monkeypatch):
+    # The file opened next takes the lowest free descriptor: the signal pipe's, had stop() closed
+    # it while the thread was about to select on it; the thread would then read the file's start.
+    def late_select(*args):
+        time.sleep(0.5)  # the thread, descheduled between taking the pipe and its select
+        return select.select(*args)
+
+    monkeypatch.setattr(watchdog, "select", SimpleNamespace(select=late_select))
+    dog = StepWatchdog(60, 0, PLACES[:1], str(tmp_path), exit=lambda status: None)
+    dog.start()
+    time.sleep(0.1)
+    dog.stop()
+    data = tmp_path / "data.txt"
+    data.write_text("x" * 100)
+    with data.open() as f:
+        time.sleep(1.0)  # past the thread's select
+        assert f.read() == "x" * 100
+    assert not dog._thread.is_alive()
 
 
 def test_progress_keeps_it_quiet_and_an_error_with_every_rank_alive_is_left_to_its_traceback(tmp_path):

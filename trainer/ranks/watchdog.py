@@ -72,6 +72,7 @@ class StepWatchdog(Callback):
         self._firing = threading.Lock()
         self._writing = threading.Lock()
         self._fired = False
+        self._checking = threading.Event()  # set while the main thread checks its peers after an error
         self._wakeup: Optional[tuple[int, int]] = None  # the pipe the stop signals are written to
         self._saved_wakeup = -1
         self._reach: Optional[Reach] = None  # on several nodes: who is still reachable (trainer/ranks/reach.py)
@@ -165,9 +166,24 @@ class StepWatchdog(Callback):
                 signal.set_wakeup_fd(self._saved_wakeup)
             except (OSError, ValueError):  # the one saved was closed meanwhile
                 signal.set_wakeup_fd(-1)
-            for fd in self._wakeup:
-                os.close(fd)
-            self._wakeup = None
+            self._close_pipe_after_thread()
+
+    def _close_pipe_after_thread(self) -> None:
+        """Closes the signal pipe once the thread has left it: closed under a thread still reading
+        it, its descriptor number could be reused by this thread's next open() and read away."""
+        assert self._wakeup is not None
+        read, write = self._wakeup
+        try:
+            os.write(write, b"\0")  # wakes the thread's select (0 is no stop signal)
+        except OSError:
+            pass  # the pipe is full: the thread is awake anyway
+        if self._thread is not None:
+            self._thread.join(timeout=2.0)
+            if self._thread.is_alive():
+                return  # still reporting: it ends the process; two descriptors left open are harmless
+        self._wakeup = None
+        os.close(read)
+        os.close(write)
 
     def _listen_for_stop_signals(self) -> None:
         """The stop signals' numbers written to a pipe this thread reads (main thread only): a
@@ -201,15 +217,12 @@ class StepWatchdog(Callback):
 
     def _signalled(self, period: float) -> Optional[str]:
         """Waits up to ``period`` s; the name of a stop signal that arrived meanwhile, if one did."""
-        wakeup = self._wakeup  # stop() may close it meanwhile
+        wakeup = self._wakeup
         if wakeup is None:
             self._stop.wait(period)
             return None
-        try:
-            ready, _, _ = select.select([wakeup[0]], [], [], period)
-            data = os.read(wakeup[0], 64) if ready else b""
-        except (OSError, ValueError):  # closed by stop()
-            return None
+        ready, _, _ = select.select([wakeup[0]], [], [], period)
+        data = os.read(wakeup[0], 64) if ready else b""  # stop() closes the pipe only after this thread ends
         names = [signal.Signals(n).name for n in data if n in STOP_SIGNALS]
         return names[0] if names else None
 
@@ -222,7 +235,7 @@ class StepWatchdog(Callback):
             self._heartbeat()
             if received is not None and self._check_after_signal(received):
                 return
-            if self._clock() - self._last > self.timeout_s:
+            if self._clock() - self._last > self.timeout_s and not self._checking.is_set():
                 self.fire()
                 return
 
@@ -331,6 +344,7 @@ class StepWatchdog(Callback):
         if self.dir is None or self._stop.is_set():
             self.stop()
             return
+        self._checking.set()  # the main thread is busy with this check, not stuck: no timeout meanwhile
         gone = self.gone()
         if not any(gone):
             self.stop()
