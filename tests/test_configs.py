@@ -80,6 +80,20 @@ def test_help_loads_no_torch():
     assert result.stderr == "", f"--help loaded: {result.stderr}"
 
 
+
+@pytest.mark.parametrize("override", ["trainer.epochs=-2", "optimizer.learning_rate=-1", "trainer.precision=fp8",
+                                      "model.task=ranking", "trainer.backend=carrier-pigeon"])
+def test_a_bad_value_is_refused_in_one_line_before_torch_loads(override):
+    """Validation needs only the names of the models, tasks, communicators and precisions."""
+    code = ("import runpy, sys; sys.argv = ['kfac.py', sys.argv[1]]\n"
+            "try:\n    runpy.run_path('kfac.py', run_name='__main__')\n"
+            "except SystemExit as end:\n    print('exit', end.code, 'torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code, override], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    key = override.partition("=")[0]
+    assert result.stderr.startswith(f"kfac.py: error: {key}") and result.stderr.count("\n") == 1, result.stderr
+    assert result.stdout.strip() == "exit 2 False", result.stdout
+
 def test_help_into_a_closed_pipe_prints_no_traceback():
     result = subprocess.run(f"{sys.executable} kfac.py --help | head -1", shell=True, cwd=ROOT,
                             capture_output=True, text=True, timeout=120)

@@ -2,7 +2,8 @@
 
 Hydra composes ``configs/config.yaml`` onto this schema, so a wrong type or an unknown key is
 refused at compose time; ``validate`` then checks values and reports every problem at once,
-each message naming its key.
+each message naming its key. Neither imports torch (nor does anything imported here at its top):
+a mistyped value is refused in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ from kfac_callback.config import KFACConfig, validate_kfac
 from launcher.config import LauncherConfig, validate_launcher
 from models import MODELS
 from trainer.optimizers import OptimizerConfig, validate_optimizer
-from trainer.precision import precision_errors
-from trainer.ranks.distributed import BACKENDS
-from trainer.tasks import TASKS
 
 DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("auto", "mpi", "gloo", "nccl")  # the communicators (trainer/ranks/distributed.py)
+TASKS = ("classification", "reconstruction")  # trainer/tasks.py
+PRECISIONS = ("fp32", "bf16", "fp16")  # trainer/precision.py
 PROGRESS = ("auto", "true", "false")
 ON_NONFINITE = ("skip", "stop")  # trainer.on_nonfinite: what a step with a NaN/Inf loss or gradient does
 
@@ -175,6 +176,19 @@ def model_errors(cfg: Any) -> list[str]:
         if cfg.trainer.accumulate_steps > 1:
             errors.append("kfac.adapt_learning_rate: not supported with trainer.accumulate_steps > 1")
     return errors
+
+
+def precision_errors(precision: str, dtype: str, device: str) -> list[str]:
+    """What is wrong with ``trainer.precision`` given ``trainer.dtype`` and ``trainer.device``."""
+    if precision not in PRECISIONS:
+        return [f"trainer.precision: {precision!r} is not one of {', '.join(PRECISIONS)}"]
+    if precision != "fp32" and dtype != "float32":
+        return [f"trainer.precision={precision}: autocast needs float32 weights, but trainer.dtype={dtype}; "
+                "use trainer.dtype=float32, or trainer.precision=fp32"]
+    if precision == "fp16" and device == "cpu":
+        return ["trainer.precision=fp16: fp16 with a loss scaler is for GPUs, but trainer.device=cpu; "
+                "use trainer.precision=bf16 (autocast on CPUs) or fp32"]
+    return []
 
 
 def train_objective_errors(t: Any) -> list[str]:

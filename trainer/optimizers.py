@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from trainer.lr_schedule import schedule_errors
+
+if TYPE_CHECKING:
+    import torch
 
 OPTIMIZERS = ("momentum", "sgd", "adam", "adamw", "adagrad", "rmsprop")
 
@@ -51,6 +53,8 @@ def validate_optimizer(cfg: OptimizerConfig) -> list[str]:
 
 def build_optimizer(cfg: OptimizerConfig, params: Iterable[torch.nn.Parameter]) -> torch.optim.Optimizer:
     """Builds the optimizer named by ``cfg.name`` over ``params``."""
+    import torch  # here, not above: the config and its validation run without torch
+
     lr, wd = cfg.learning_rate, cfg.weight_decay
     if cfg.name == "momentum":
         return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=wd, nesterov=cfg.nesterov)

@@ -16,21 +16,9 @@ from typing import Any, Optional
 
 import torch
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+from trainer.config import PRECISIONS
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def precision_errors(precision: str, dtype: str, device: str) -> list[str]:
-    """What is wrong with ``trainer.precision`` given ``trainer.dtype`` and ``trainer.device``."""
-    if precision not in PRECISIONS:
-        return [f"trainer.precision: {precision!r} is not one of {', '.join(PRECISIONS)}"]
-    if precision != "fp32" and dtype != "float32":
-        return [f"trainer.precision={precision}: autocast needs float32 weights, but trainer.dtype={dtype}; "
-                "use trainer.dtype=float32, or trainer.precision=fp32"]
-    if precision == "fp16" and device == "cpu":
-        return ["trainer.precision=fp16: fp16 with a loss scaler is for GPUs, but trainer.device=cpu; "
-                "use trainer.precision=bf16 (autocast on CPUs) or fp32"]
-    return []
 
 
 @dataclass

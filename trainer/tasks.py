@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from kfac_callback.estimation.outputs import Bernoulli, Categorical
-
-TASKS = ("classification", "reconstruction")
+from trainer.config import TASKS
 
 
 @dataclass(frozen=True)

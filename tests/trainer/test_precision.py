@@ -9,8 +9,9 @@ import torch
 from kfac_callback import KFACCallback
 from tests.support.data import real_mnist
 from tests.support.trainers import make_trainer
+from trainer.config import precision_errors
 from trainer.data.mnist import load_mnist
-from trainer.precision import make_precision, precision_errors
+from trainer.precision import make_precision
 
 
 class Seen(KFACCallback):

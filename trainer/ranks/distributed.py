@@ -29,8 +29,6 @@ from kfac_callback.ranks.process_group import unflatten as _unflatten
 from launcher.env import RankInfo
 from trainer.ranks.host_address import reachable_address
 
-BACKENDS = ("auto", "mpi", "gloo", "nccl")
-
 
 class MPIComm:
     """mpi4py collectives on CPU tensors, through numpy views (no copies for one tensor)."""
