@@ -89,10 +89,10 @@ def lose_node(cluster: EmulatedCluster, exp: Path, backend: str, name: str, rng:
     lost_at = time.monotonic()
     if fault == "kill":
         cluster.kill_node(LOST)
-        state = cluster.wait_for_job(job, timeout_s=180)
     else:  # a cut link: node2's ranks live on, out of reach, until SLURM ends the job or the link is back
         cluster.cut_link(LOST)
-        state = cluster.wait_for_job(job, timeout_s=180)
+    state = cluster.wait_for_job(job, timeout_s=180)
+    if fault == "cut":
         cluster.cut_link(LOST, up=True)
         cluster.kill_node(LOST)  # node2 starts afresh for the next round
     ended = time.monotonic() - lost_at

@@ -6,6 +6,7 @@ start their first run.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -68,31 +69,43 @@ def test_every_config_file_composes_and_validates(group, name):
         assert cfg[group].name == name
 
 
-def test_help_loads_no_torch():
-    code = ("import runpy, sys; sys.argv = ['kfac.py', '--help']\n"
-            "try:\n    runpy.run_path('kfac.py', run_name='__main__')\n"
-            "except SystemExit:\n    pass\n"
-            "sys.stderr.write(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
-            "('torch', 'trainer', 'models', 'kfac_callback'))))\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "--kfac-damping-act" in result.stdout and "Powered by Hydra" in result.stdout
-    assert result.stderr == "", f"--help loaded: {result.stderr}"
+# kfac.py in a fresh interpreter, as `python kfac.py ARGS` runs it; its last stdout line then says
+# its exit status and which of the project's packages and torch it had loaded.
+IN_PROCESS = """import json, runpy, sys
+sys.argv = ['kfac.py', *sys.argv[1:]]
+try:
+    runpy.run_path('kfac.py', run_name='__main__')
+except SystemExit as end:
+    status = end.code
+else:
+    status = 0
+loaded = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'trainer', 'models', 'kfac_callback'})
+print(json.dumps({'exit': status, 'loaded': loaded}))
+"""
 
+
+def run_kfac_py(*args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    result = subprocess.run([sys.executable, "-c", IN_PROCESS, *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result, json.loads(result.stdout.splitlines()[-1])
+
+
+def test_help_loads_no_torch():
+    result, end = run_kfac_py("--help")
+    assert "--kfac-damping-act" in result.stdout and "Powered by Hydra" in result.stdout
+    assert result.stderr == "" and end["loaded"] == [], f"--help loaded: {end['loaded']}; {result.stderr}"
 
 
 @pytest.mark.parametrize("override", ["trainer.epochs=-2", "optimizer.learning_rate=-1", "trainer.precision=fp8",
                                       "model.task=ranking", "trainer.backend=carrier-pigeon"])
 def test_a_bad_value_is_refused_in_one_line_before_torch_loads(override):
     """Validation needs only the names of the models, tasks, communicators and precisions."""
-    code = ("import runpy, sys; sys.argv = ['kfac.py', sys.argv[1]]\n"
-            "try:\n    runpy.run_path('kfac.py', run_name='__main__')\n"
-            "except SystemExit as end:\n    print('exit', end.code, 'torch' in sys.modules)\n")
-    result = subprocess.run([sys.executable, "-c", code, override], cwd=ROOT, capture_output=True, text=True,
-                            timeout=120)
+    result, end = run_kfac_py(override)
     key = override.partition("=")[0]
     assert result.stderr.startswith(f"kfac.py: error: {key}") and result.stderr.count("\n") == 1, result.stderr
-    assert result.stdout.strip() == "exit 2 False", result.stdout
+    assert end["exit"] == 2 and "torch" not in end["loaded"], end
+
 
 def test_help_into_a_closed_pipe_prints_no_traceback():
     result = subprocess.run(f"{sys.executable} kfac.py --help | head -1", shell=True, cwd=ROOT,
